@@ -1,0 +1,52 @@
+# vlcompress — all set-up happens here; see README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+EXP ?= default
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv train validate list test lint format clean bench
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setting up $(VENV) (offline-friendly; takes a minute the first time)"
+	@$(PIP) install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	@$(PIP) install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import torch, lightning, vlcompress.callbacks, vlcompress.datamodules" \
+		|| { echo "environment set-up failed: see the pip messages above"; exit 1; }
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create or refresh the virtual environment (.venv)
+
+train: $(STAMP) ## run an experiment: make train EXP=<name> ARGS="key=value ..." (default: MCAN on easy-VQA)
+	$(PY) -m vlcompress train $(EXP) $(ARGS)
+
+validate: $(STAMP) ## validate an experiment's configuration without running it
+	$(PY) -m vlcompress validate $(EXP) $(ARGS)
+
+list: $(STAMP) ## list the available experiments
+	$(PY) -m vlcompress list
+
+lint: $(STAMP) ## ruff check + ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: $(STAMP) lint ## lint, then the test suite (CPU; TRITON_INTERPRET=1)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run the benchmarks in benchmarks/
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean: ## remove the virtual environment and caches (keeps runs/)
+	rm -rf $(VENV) .cache build *.egg-info
