@@ -1,0 +1,303 @@
+"""MCAN (Yu et al., CVPR 2019): Deep Modular Co-Attention Networks, encoder-decoder variant.
+
+Faithful to MILVLG's OpenVQA implementation: question = word embeddings + one LSTM; image =
+region features (+ optional box features) or a grid from raw pixels through a light conv stem;
+``num_layers`` self-attention (SA) encoder layers over the question, ``num_layers``
+self-guided-attention (SGA) decoder layers over the image guided by the final question
+features; attentional reduction (AttFlat) of both streams, sum, LayerNorm, linear classifier.
+Post-norm residual blocks, dropout 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vlcompress.data.batch import VLBatch
+from vlcompress.kernels import attention
+from vlcompress.models.anatomy import Anatomy, AttentionSpec, FFNSpec, LayerSpec, Modality
+
+
+@dataclass(frozen=True)
+class MCANConfig:
+    """Sizes and inputs of an MCAN model (see :data:`MCAN_VARIANTS`)."""
+
+    hidden_size: int = 512
+    num_heads: int = 8
+    ffn_size: int = 2048
+    num_layers: int = 6
+    dropout: float = 0.1
+    flat_mlp_size: int = 512
+    flat_glimpses: int = 1
+    flat_out_size: int = 1024
+    word_dim: int = 300
+    visual_input: Literal["regions", "grid"] = "regions"
+    region_dim: int = 2048
+    use_boxes: bool = False
+    box_dim: int = 1024
+    grid_channels: tuple[int, ...] = (32, 64, 128)
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"MCAN hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
+            )
+        if self.visual_input not in ("regions", "grid"):
+            raise ValueError(f"MCAN visual_input must be 'regions' or 'grid', got {self.visual_input!r}.")
+
+
+MCAN_VARIANTS: dict[str, MCANConfig] = {
+    "small": MCANConfig(),
+    "large": MCANConfig(hidden_size=1024, ffn_size=4096, flat_out_size=2048),
+    "tiny": MCANConfig(
+        hidden_size=32, num_heads=4, ffn_size=64, num_layers=2, flat_mlp_size=32,
+        flat_out_size=64, word_dim=16, region_dim=16, box_dim=8, grid_channels=(8, 16),
+    ),
+}  # fmt: skip
+"""Registered sizes: ``small`` and ``large`` as published, ``tiny`` for tests."""
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with q/k/v/out projections; heads are concatenated head-major."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.dropout = heads, hidden // heads, dropout
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)``; mask True = real."""
+        b, lq, _ = query.shape
+        lk = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q(query).view(b, lq, h, d).transpose(1, 2)
+        k = self.k(key).view(b, lk, h, d).transpose(1, 2)
+        v = self.v(value).view(b, lk, h, d).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        ctx = attention(q, k, v, key_padding_mask=key_mask, dropout_p=p)
+        return self.out(ctx.transpose(1, 2).reshape(b, lq, h * d))
+
+
+class FeedForward(nn.Module):
+    """``down(dropout(relu(up(x))))``."""
+
+    def __init__(self, hidden: int, inner: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden, inner)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.down = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        return self.down(self.drop(self.act(self.up(x))))
+
+
+class SALayer(nn.Module):
+    """Self-attention layer (encoder): post-norm residual attention + FFN."""
+
+    def __init__(self, cfg: MCANConfig) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+        self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
+        """Update ``x (B, L, D)``."""
+        x = self.norm1(x + self.drop1(self.attn(x, x, x, x_mask)))
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
+
+class SGALayer(nn.Module):
+    """Self-guided-attention layer (decoder): self-attention, guided attention to ``y``, FFN."""
+
+    def __init__(self, cfg: MCANConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        self.guided_attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+        self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.hidden_size, eps=1e-6) for _ in range(3))
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None, y_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Update ``x`` (image) guided by ``y`` (question)."""
+        x = self.norm1(x + self.drop1(self.self_attn(x, x, x, x_mask)))
+        x = self.norm2(x + self.drop2(self.guided_attn(x, y, y, y_mask)))
+        return self.norm3(x + self.drop3(self.ffn(x)))
+
+
+class AttFlat(nn.Module):
+    """Attentional reduction: an MLP scores tokens, softmax over valid tokens, weighted sum,
+    linear merge to ``flat_out_size``."""
+
+    def __init__(self, cfg: MCANConfig) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.hidden_size, cfg.flat_mlp_size),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.flat_mlp_size, cfg.flat_glimpses),
+        )
+        self.merge = nn.Linear(cfg.hidden_size * cfg.flat_glimpses, cfg.flat_out_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Reduce ``x (B, L, D)`` to ``(B, flat_out_size)``."""
+        att = self.mlp(x)  # (B, L, G)
+        if mask is not None:
+            att = att.masked_fill(~mask[..., None], -1e9)
+        att = att.softmax(dim=1)
+        pooled = torch.einsum("blg,bld->bgd", att, x).flatten(1)
+        return self.merge(pooled)
+
+
+class GridStem(nn.Module):
+    """Light conv stem for raw images: stride-2 convs, then one token per grid cell."""
+
+    def __init__(self, channels: tuple[int, ...], hidden: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            c_in = c
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Linear(c_in, hidden)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> ``(B, cells, hidden)``."""
+        f = self.convs(pixels * 2.0 - 1.0)
+        return self.proj(f.flatten(2).transpose(1, 2))
+
+
+class RegionInput(nn.Module):
+    """Region features (+ optional 5-d box features ``x1, y1, x2, y2, area``) to the hidden size."""
+
+    def __init__(self, cfg: MCANConfig) -> None:
+        super().__init__()
+        self.box = nn.Linear(5, cfg.box_dim) if cfg.use_boxes else None
+        self.proj = nn.Linear(cfg.region_dim + (cfg.box_dim if cfg.use_boxes else 0), cfg.hidden_size)
+
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """``(B, N, region_dim)`` -> ``(B, N, hidden)``."""
+        if self.box is not None:
+            if boxes is None:
+                raise ValueError("this MCAN uses box features (use_boxes=True) but the batch has no boxes.")
+            area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+            feats = torch.cat([feats, self.box(torch.cat([boxes, area[..., None]], dim=-1))], dim=-1)
+        return self.proj(feats)
+
+
+class MCAN(nn.Module):
+    """MCAN encoder-decoder for VQA; ``forward(VLBatch) -> logits (B, num_answers)``.
+
+    Args:
+        config: sizes and visual input (see :data:`MCAN_VARIANTS`).
+        vocab_size: question vocabulary size (id 0 is padding).
+        num_answers: classifier outputs.
+    """
+
+    def __init__(self, config: MCANConfig, vocab_size: int, num_answers: int) -> None:
+        super().__init__()
+        self.config, self.vocab_size, self.num_answers = config, vocab_size, num_answers
+        c = config
+        self.embedding = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
+        self.lstm = nn.LSTM(c.word_dim, c.hidden_size, batch_first=True)
+        self.visual = GridStem(c.grid_channels, c.hidden_size) if c.visual_input == "grid" else RegionInput(c)
+        self.encoder = nn.ModuleList(SALayer(c) for _ in range(c.num_layers))
+        self.decoder = nn.ModuleList(SGALayer(c) for _ in range(c.num_layers))
+        self.flat_lang = AttFlat(c)
+        self.flat_img = AttFlat(c)
+        self.norm = nn.LayerNorm(c.flat_out_size)
+        self.classifier = nn.Linear(c.flat_out_size, num_answers)
+
+    @classmethod
+    def from_variant(cls, variant: str, vocab_size: int, num_answers: int, **overrides) -> MCAN:
+        """Build a registered variant, with field ``overrides`` (e.g. ``visual_input="grid"``).
+
+        Raises:
+            ValueError: for an unknown variant or override name.
+        """
+        if variant not in MCAN_VARIANTS:
+            raise ValueError(f"unknown MCAN variant {variant!r}; known: {sorted(MCAN_VARIANTS)}.")
+        fields = set(asdict(MCAN_VARIANTS[variant]))
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ValueError(f"unknown MCAN option(s) {bad}; known: {sorted(fields)}.")
+        if "grid_channels" in overrides:
+            overrides["grid_channels"] = tuple(overrides["grid_channels"])
+        return cls(replace(MCAN_VARIANTS[variant], **overrides), vocab_size, num_answers)
+
+    def encode_visual(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Visual tokens ``(B, N, hidden)`` and their mask (None = all real)."""
+        if self.config.visual_input == "grid":
+            if not batch.is_pixels:
+                raise ValueError("this MCAN expects pixels (B, 3, H, W) (visual_input='grid'); got region features.")
+            return self.visual(batch.visual), None
+        if batch.is_pixels:
+            raise ValueError("this MCAN expects region features (B, N, D) (visual_input='regions'); got pixels.")
+        return self.visual(batch.visual, batch.boxes), batch.visual_mask
+
+    def forward(self, batch: VLBatch) -> torch.Tensor:
+        """Answer logits ``(B, num_answers)``."""
+        lang_mask = batch.text_mask.bool()
+        lang, _ = self.lstm(self.embedding(batch.text_ids))
+        img, img_mask = self.encode_visual(batch)
+        for layer in self.encoder:
+            lang = layer(lang, lang_mask)
+        for layer in self.decoder:
+            img = layer(img, lang, img_mask, lang_mask)
+        fused = self.norm(self.flat_lang(lang, lang_mask) + self.flat_img(img, img_mask))
+        return self.classifier(fused)
+
+    def anatomy(self) -> Anatomy:
+        """MCAN's structure: encoder (language), decoder (cross), inputs, head."""
+        c = self.config
+        an = Anatomy()
+
+        def attn(path: str, modality: Modality, kind: str) -> str:
+            an.attentions.append(
+                AttentionSpec(path, c.num_heads, c.head_dim, f"{path}.q", f"{path}.k", f"{path}.v", f"{path}.out", modality, kind)
+            )  # fmt: skip
+            return path
+
+        def ffn(path: str, modality: Modality) -> str:
+            an.ffns.append(FFNSpec(path, f"{path}.up", f"{path}.down", c.ffn_size, modality))
+            return path
+
+        for stack, modality in (("encoder", Modality.LANGUAGE), ("decoder", Modality.CROSS)):
+            an.stacks[stack] = []
+            for i in range(c.num_layers):
+                name = f"{stack}.{i}"
+                if stack == "encoder":
+                    attns = (attn(f"{name}.attn", modality, "self"),)
+                else:
+                    attns = (attn(f"{name}.self_attn", modality, "self"), attn(f"{name}.guided_attn", modality, "cross"))
+                an.layers.append(LayerSpec(name, stack, i, modality, attns, (ffn(f"{name}.ffn", modality),)))
+                an.stacks[stack].append(name)
+                an.readouts[name] = name
+        an.readouts.update({"language_input": "lstm", "vision_input": "visual", "fused": "norm"})
+        vision = [n for n, p in self.visual.named_parameters() if p.dim() >= 2]
+        an.extra_weights = {
+            Modality.LANGUAGE: ["embedding.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"],
+            Modality.VISION: [f"visual.{n}" for n in vision],
+            Modality.CROSS: [f"{m}.{n}" for m in ("flat_lang", "flat_img") for n, p in getattr(self, m).named_parameters() if p.dim() >= 2],
+        }  # fmt: skip
+        an.head_modules = ["classifier"]
+        return an
