@@ -27,6 +27,9 @@ def _mcan(variant: str) -> Callable[..., nn.Module]:
 MODELS: dict[str, Callable[..., nn.Module]] = {f"mcan_{v}": _mcan(v) for v in MCAN_VARIANTS}
 """Registry of named model variants: ``name -> build(vocab_size, num_answers, **options)``."""
 
+MODEL_CONFIGS: dict[str, type] = {f"mcan_{v}": MCANConfig for v in MCAN_VARIANTS}
+"""The dataclass whose fields are each model's valid ``options`` (used by config validation)."""
+
 
 def build_model(name: str, vocab_size: int, num_answers: int, **options) -> nn.Module:
     """Build the registered model ``name``.
@@ -44,6 +47,7 @@ __all__ = [
     "MCAN",
     "MCAN_VARIANTS",
     "MODELS",
+    "MODEL_CONFIGS",
     "Anatomy",
     "AnatomyPatterns",
     "MCANConfig",

@@ -1,0 +1,7 @@
+"""``python -m vlcompress``."""
+
+import sys
+
+from vlcompress.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""``VQATask``: one LightningModule around any base VQA model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from vlcompress.data.batch import VLBatch
+from vlcompress.losses import LOSSES
+from vlcompress.metrics import ANSWER_TYPES, VQAAccuracy
+
+
+class VQATask(L.LightningModule):
+    """Train and evaluate a VQA model: soft-score targets, a loss, the official accuracy.
+
+    Args:
+        model: any module mapping a :class:`VLBatch` to answer logits ``(B, len(answers))``.
+        answers: answer strings in the model's output order.
+        loss: a name in :data:`vlcompress.losses.LOSSES`.
+        optimizer: ``{"name": adam|adamw|sgd, "lr", "weight_decay", "betas", "momentum"}``.
+        scheduler: ``{"name": none|cosine|warmup_cosine|step, "warmup_steps", "milestones",
+            "gamma"}`` (milestones in epochs).
+        answer_types, question_types: categories of the accuracy breakdown.
+
+    Raises:
+        ValueError: for an unknown loss, optimiser or scheduler name.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        answers: Sequence[str],
+        loss: str = "bce",
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        answer_types: Sequence[str] = ANSWER_TYPES,
+        question_types: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; registered: {sorted(LOSSES)}.")
+        self.model = model
+        self.answers = list(answers)
+        self.loss_fn = LOSSES[loss]
+        self.optimizer_cfg = {"name": "adamw", "lr": 1e-4, **(optimizer or {})}
+        self.scheduler_cfg = {"name": "none", **(scheduler or {})}
+        self.val_acc = VQAAccuracy(answer_types, question_types)
+        self.test_acc = VQAAccuracy(answer_types, question_types)
+        self.test_report: dict[str, Any] = {}
+
+    def forward(self, batch: VLBatch) -> torch.Tensor:
+        """Answer logits."""
+        return self.model(batch)
+
+    def decode(self, logits: torch.Tensor) -> list[str]:
+        """Predicted answer strings."""
+        return [self.answers[i] for i in logits.argmax(dim=-1).tolist()]
+
+    def training_step(self, batch: VLBatch, batch_idx: int) -> torch.Tensor:
+        """Loss on one training batch."""
+        loss = self.loss_fn(self(batch), batch.targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def _eval_step(self, batch: VLBatch, metric: VQAAccuracy, stage: str) -> None:
+        logits = self(batch)
+        if batch.targets is not None:
+            self.log(f"{stage}/loss", self.loss_fn(logits, batch.targets), batch_size=len(batch), sync_dist=True)
+        metric.update(self.decode(logits), batch.answers, batch.answer_type, batch.question_type)
+
+    def validation_step(self, batch: VLBatch, batch_idx: int) -> None:
+        """Loss and official accuracy on a validation batch."""
+        self._eval_step(batch, self.val_acc, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log validation accuracy."""
+        self.log("val/acc", self.val_acc.compute(), prog_bar=True, sync_dist=False)
+        self.val_acc.reset()
+
+    def test_step(self, batch: VLBatch, batch_idx: int) -> None:
+        """Loss and official accuracy on a test batch."""
+        self._eval_step(batch, self.test_acc, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Log test accuracy and keep the breakdown by answer / question type."""
+        acc = float(self.test_acc.compute())
+        self.test_report = {"accuracy": acc, **self.test_acc.breakdown()}
+        self.log("test/acc", acc)
+        self.test_acc.reset()
+
+    def configure_optimizers(self) -> Any:
+        """Optimiser and scheduler from the configuration."""
+        o = self.optimizer_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        name = o["name"]
+        if name in ("adam", "adamw"):
+            cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+            opt = cls(params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))), weight_decay=o.get("weight_decay", 0.0))
+        elif name == "sgd":
+            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9), weight_decay=o.get("weight_decay", 0.0))
+        else:
+            raise ValueError(f"unknown optimizer {name!r}; use adam, adamw or sgd.")
+        s = self.scheduler_cfg
+        if s["name"] == "none":
+            return opt
+        if s["name"] == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(s.get("milestones", [])), gamma=s.get("gamma", 0.1))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if s["name"] in ("cosine", "warmup_cosine"):
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warm = int(s.get("warmup_steps", 0)) if s["name"] == "warmup_cosine" else 0
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                progress = min(1.0, (step - warm) / max(1, total - warm))
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        raise ValueError(f"unknown scheduler {s['name']!r}; use none, step, cosine or warmup_cosine.")
