@@ -27,7 +27,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlcompress.data import AnswerVocab, VLBatch, WordVocab, tokenize
 from vlcompress.utils.io import atomic_write_bytes
@@ -109,6 +109,28 @@ class _Split(Dataset):
 
 def _identity(batch: VLBatch) -> VLBatch:
     return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a permutation derived from ``(seed, epoch)`` only.
+
+    Lightning calls :meth:`set_epoch` before each epoch, so a run resumed from a checkpoint sees
+    exactly the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class EasyVQADataModule(L.LightningDataModule):
@@ -329,14 +351,13 @@ class EasyVQADataModule(L.LightningDataModule):
         if not self._ready:
             self.setup()
         bs = self.batch_size if part == "train" else self.eval_batch_size
-        g = torch.Generator().manual_seed(self.seed)
+        rows = self.index[part]
         return DataLoader(
-            _Split(self, self.index[part]),
+            _Split(self, rows),
             batch_size=bs,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(rows), self.seed) if shuffle else None,
             collate_fn=_identity,
             num_workers=self.num_workers,
-            generator=g if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -18,6 +18,7 @@ recognised automatically (:data:`BERT_PATTERNS`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -349,7 +350,8 @@ class AnatomyPatterns:
         num_heads_attr: attribute of the attention module (or of the model config) giving
             the head count.
         modality: ``[(regex, Modality)]``.
-        returns_tuple: layers return tuples.
+        returns_tuple: layers return tuples; ``None`` = read it from the layer's ``forward``
+            return annotation (Hugging Face changed it between major versions).
     """
 
     layer: str
@@ -362,7 +364,7 @@ class AnatomyPatterns:
     ffn_down: str
     num_heads_attr: str = "num_attention_heads"
     modality: tuple[tuple[str, Modality], ...] = ()
-    returns_tuple: bool = False
+    returns_tuple: bool | None = False
 
 
 BERT_PATTERNS = AnatomyPatterns(
@@ -375,7 +377,7 @@ BERT_PATTERNS = AnatomyPatterns(
     ffn_up="intermediate.dense",
     ffn_down="output.dense",
     num_heads_attr="num_attention_heads",
-    returns_tuple=True,
+    returns_tuple=None,
 )
 """Hugging Face BERT-style encoders (BERT, RoBERTa, MiniLM, ...)."""
 
@@ -388,6 +390,11 @@ def _num_heads(model: nn.Module, attention: nn.Module, attr: str) -> int:
         f"cannot find the head count: no integer attribute {attr!r} on the attention module, "
         "its children or model.config; set AnatomyPatterns.num_heads_attr."
     )
+
+
+def _returns_tuple(layer: nn.Module) -> bool:
+    ann = inspect.signature(type(layer).forward).return_annotation
+    return ann is not inspect.Signature.empty and "tuple" in str(ann).lower()
 
 
 def anatomy_from_patterns(model: nn.Module, patterns: AnatomyPatterns) -> Anatomy:
@@ -419,7 +426,7 @@ def anatomy_from_patterns(model: nn.Module, patterns: AnatomyPatterns) -> Anatom
         anatomy.ffns.append(FFNSpec(f"{name}.ffn", p["ffn_up"], p["ffn_down"], modules[p["ffn_up"]].out_features, modality))
         anatomy.layers.append(
             LayerSpec(name, stack, int(m.group("index")), modality, (p["attention"],), (f"{name}.ffn",),
-                      returns_tuple=patterns.returns_tuple)
+                      returns_tuple=_returns_tuple(modules[name]) if patterns.returns_tuple is None else patterns.returns_tuple)
         )  # fmt: skip
         anatomy.stacks.setdefault(stack, []).append(name)
         anatomy.readouts[name] = name

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,6 +94,22 @@ class VQATask(L.LightningModule):
         self.test_report = {"accuracy": acc, **self.test_acc.breakdown()}
         self.log("test/acc", acc)
         self.test_acc.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the global RNG states (dropout etc.) so a resumed run continues exactly."""
+        checkpoint["vlcompress_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states saved by :meth:`on_save_checkpoint`."""
+        rng = checkpoint.get("vlcompress_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
 
     def configure_optimizers(self) -> Any:
         """Optimiser and scheduler from the configuration."""

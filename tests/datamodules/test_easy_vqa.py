@@ -1,0 +1,101 @@
+"""easy-VQA data module on the real data: sizes, batches, targets, the VQA-CP-style split."""
+
+import numpy as np
+import pytest
+import torch
+
+from vlcompress.data import VLBatch
+from vlcompress.datamodules import EasyVQADataModule
+from vlcompress.datamodules.easy_vqa import EpochShuffleSampler, question_type, total_variation
+
+
+def test_standard_split_sizes_and_disjointness(easy_vqa_dm):
+    idx = easy_vqa_dm.index
+    # 38,575 train questions of the package (val carved out, 10%) and its 9,673 test questions.
+    assert len(idx["train"]) + len(idx["val"]) == 38575
+    assert len(idx["val"]) == round(0.1 * 38575)
+    assert len(idx["test"]) == 9673
+    assert not set(idx["train"]) & set(idx["val"])
+    assert len(easy_vqa_dm.answer_vocab) == 13
+
+
+def test_batch_contents(easy_vqa_batch, easy_vqa_dm):
+    b = easy_vqa_batch
+    assert isinstance(b, VLBatch) and len(b) == 16
+    assert b.visual.shape == (16, 3, 64, 64) and b.visual.dtype == torch.float32
+    assert 0.0 <= float(b.visual.min()) and float(b.visual.max()) <= 1.0
+    assert b.text_mask.dtype == torch.bool and torch.equal(b.text_mask, b.text_ids != 0)
+    # One annotator answer repeated -> soft score 1.0 on exactly that answer.
+    assert torch.equal(b.targets.sum(1), torch.ones(16))
+    decoded = easy_vqa_dm.answer_vocab.decode(b.targets)
+    assert decoded == [a[0] for a in b.answers]
+    assert all(len(a) == 10 for a in b.answers)
+    assert set(b.answer_type) <= {"yes/no", "other"}
+
+
+def test_question_type_is_leading_words_without_answer_words():
+    content = frozenset({"red", "circle", "no", "yes"})
+    assert question_type("What color is the circle?", content) == "what color is"
+    assert question_type("is a red shape present?", content) == "is a"
+    assert question_type("is there a circle?", content) == "is there a"
+
+
+@pytest.fixture(scope="module")
+def cp_dm():
+    dm = EasyVQADataModule(split="cp", seed=0)
+    dm.setup()
+    return dm
+
+
+def test_cp_split_shifts_priors(cp_dm, easy_vqa_dm):
+    cp, std = cp_dm.split_report, easy_vqa_dm.split_report
+    assert std["mean_tv_distance"] < 0.1  # the package split keeps priors
+    assert cp["mean_tv_distance"] > 0.9  # the cp split reverses them per question type
+    total = sum(cp["sizes"].values())
+    assert total == 38575 + 9673  # all questions pooled, none lost
+    assert 0.25 < cp["sizes"]["test"] / total < 0.5
+
+
+def test_cp_split_every_test_answer_is_trainable(cp_dm):
+    answers = cp_dm._answers
+    train_answers = {answers[i] for i in cp_dm.index["train"]}
+    assert {answers[i] for i in cp_dm.index["test"]} <= train_answers
+
+
+def test_cp_split_is_deterministic_by_seed(cp_dm):
+    again = EasyVQADataModule(split="cp", seed=0)
+    again.setup()
+    other = EasyVQADataModule(split="cp", seed=1)
+    other.setup()
+    assert np.array_equal(again.index["test"], cp_dm.index["test"])
+    assert not np.array_equal(other.index["test"], cp_dm.index["test"])
+
+
+def test_total_variation():
+    assert total_variation({"a": 1.0}, {"b": 1.0}) == 1.0
+    assert total_variation({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0.0
+
+
+def test_epoch_sampler_depends_only_on_seed_and_epoch():
+    s = EpochShuffleSampler(50, seed=3)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(0)
+    assert list(s) != first
+    s.set_epoch(2)
+    assert list(s) == first and sorted(first) == list(range(50))
+
+
+def test_missing_data_dir_names_path_and_expected_files(tmp_path):
+    dm = EasyVQADataModule(data_dir=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError) as e:
+        dm.prepare_data()
+    msg = str(e.value)
+    assert str(tmp_path / "nope") in msg and "answers.txt" in msg and "train/questions.json" in msg
+    assert "pip install easy-vqa" in msg
+
+
+@pytest.mark.parametrize("kwargs", [{"split": "vqacp"}, {"val_fraction": 0.0}, {"cp_test_fraction": 1.5}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        EasyVQADataModule(**kwargs)

@@ -1,0 +1,83 @@
+"""MCAN: published sizes, forward on both visual inputs, masking, clear errors."""
+
+import pytest
+import torch
+
+from vlcompress.data import VLBatch
+from vlcompress.models import MCAN, build_model
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_small_matches_published_checkpoint_size():
+    # MILVLG's MCAN-small checkpoint: 57,812,491 parameters with a 20,572-word vocabulary
+    # and 3,129 answers (no box features).
+    assert count(MCAN.from_variant("small", 20572, 3129)) == 57_812_491
+
+
+@pytest.mark.slow
+def test_large_size():
+    assert count(MCAN.from_variant("large", 20572, 3129)) == 201_722_891
+
+
+def region_batch(b=3, n=5, t=6, d=16, vocab=30, boxes=True):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (b, t), generator=g)
+    ids[0, 4:] = 0
+    box = torch.rand(b, n, 2, generator=g) * 0.5
+    return VLBatch(
+        text_ids=ids, text_mask=ids != 0, visual=torch.randn(b, n, d, generator=g),
+        visual_mask=torch.ones(b, n, dtype=torch.bool),
+        boxes=torch.cat([box, box + 0.4], -1) if boxes else None,
+    )  # fmt: skip
+
+
+def test_region_forward_and_padding_invariance():
+    torch.manual_seed(0)
+    m = build_model("mcan_tiny", 30, 7, use_boxes=True).eval()
+    b = region_batch()
+    logits = m(b)
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+    # Adding padded regions (masked out) must not change the answer logits.
+    pad = 3
+    padded = VLBatch(
+        text_ids=b.text_ids, text_mask=b.text_mask,
+        visual=torch.cat([b.visual, torch.randn(3, pad, 16)], 1),
+        visual_mask=torch.cat([b.visual_mask, torch.zeros(3, pad, dtype=torch.bool)], 1),
+        boxes=torch.cat([b.boxes, torch.rand(3, pad, 4)], 1),
+    )  # fmt: skip
+    torch.testing.assert_close(m(padded), logits, rtol=1e-5, atol=1e-5)
+    # Padded question tokens likewise.
+    longer = VLBatch(
+        text_ids=torch.cat([b.text_ids, torch.zeros(3, 2, dtype=torch.long)], 1),
+        text_mask=torch.cat([b.text_mask, torch.zeros(3, 2, dtype=torch.bool)], 1),
+        visual=b.visual, visual_mask=b.visual_mask, boxes=b.boxes,
+    )  # fmt: skip
+    torch.testing.assert_close(m(longer), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_forward_on_real_batch_and_backward(easy_vqa_batch, easy_vqa_dm):
+    m = build_model("mcan_tiny", len(easy_vqa_dm.word_vocab), 13, visual_input="grid")
+    logits = m(easy_vqa_batch)
+    assert logits.shape == (16, 13)
+    logits.sum().backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if not n.startswith("embedding"))
+
+
+def test_input_kind_mismatch_is_explained(easy_vqa_batch):
+    m = build_model("mcan_tiny", 50, 13)  # regions
+    with pytest.raises(ValueError, match="expects region features"):
+        m(easy_vqa_batch)
+    with pytest.raises(ValueError, match="uses box features"):
+        build_model("mcan_tiny", 30, 7, use_boxes=True)(region_batch(boxes=False))
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="unknown MCAN option"):
+        build_model("mcan_tiny", 30, 7, hiden_size=3)
+    with pytest.raises(ValueError, match="unknown model 'mcan_huge'"):
+        build_model("mcan_huge", 30, 7)
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("mcan_tiny", 30, 7, hidden_size=30, num_heads=4)
