@@ -28,11 +28,15 @@ class FiniteLossGuard(Callback):
     def __init__(self) -> None:
         self._batch_idx = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Remember the batch index for the error message."""
         self._batch_idx = batch_idx
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         """Check the loss on every rank; raise on all of them if any saw a non-finite value."""
         finite = bool(torch.isfinite(loss.detach()).all())
         if trainer.strategy.reduce_boolean_decision(finite, all=True):

@@ -197,7 +197,13 @@ class EasyVQADataModule(L.LightningDataModule):
 
     def _check_files(self) -> None:
         root = self.root
-        expected = ["answers.txt", "train/questions.json", "test/questions.json", "train/images/", "test/images/"]
+        expected = [
+            "answers.txt",
+            "train/questions.json",
+            "test/questions.json",
+            "train/images/",
+            "test/images/",
+        ]
         missing = [e for e in expected if not (root / e).exists()]
         if missing:
             raise FileNotFoundError(
@@ -247,7 +253,9 @@ class EasyVQADataModule(L.LightningDataModule):
             return
         self._check_files()
         root = self.root
-        answers_list = [a.strip() for a in (root / "answers.txt").read_text().splitlines() if a.strip()]
+        answers_list = [
+            a.strip() for a in (root / "answers.txt").read_text().splitlines() if a.strip()
+        ]
         content = frozenset(answers_list)
         questions, answers, images, parts = [], [], [], []
         image_arrays = []
@@ -267,7 +275,9 @@ class EasyVQADataModule(L.LightningDataModule):
         self._image_index = torch.tensor(images, dtype=torch.long)
         self._answers = answers
         self._qtypes = [question_type(q, content) for q in questions]
-        self._atypes = ["yes/no" if a in YES_NO else ("number" if a.isdigit() else "other") for a in answers]
+        self._atypes = [
+            "yes/no" if a in YES_NO else ("number" if a.isdigit() else "other") for a in answers
+        ]
         self.answer_vocab = AnswerVocab(answers_list)
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in answers])
         parts_arr = np.array(parts)

@@ -38,10 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for configuration errors)."""
     parser = argparse.ArgumentParser(prog="vlcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("train", "train and test an experiment"), ("validate", "only validate an experiment's configuration")):
+    for name, help_ in (
+        ("train", "train and test an experiment"),
+        ("validate", "only validate an experiment's configuration"),
+    ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("exp", nargs="?", default="default", help="experiment name under experiments/ or a YAML path")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=3")
+        p.add_argument(
+            "exp",
+            nargs="?",
+            default="default",
+            help="experiment name under experiments/ or a YAML path",
+        )
+        p.add_argument(
+            "overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=3"
+        )
     sub.add_parser("list", help="list the available experiments")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

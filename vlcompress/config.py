@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str], source: str = "configuration") -> None:
         self.errors = errors
-        super().__init__(f"{source} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+        super().__init__(
+            f"{source} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors)
+        )
 
 
 def _choices(*values: str) -> dict:
@@ -101,7 +103,10 @@ class TrainerConfig:
     devices: Union[int, str] = "auto"  # noqa: UP007 - OmegaConf-friendly
     num_nodes: int = field(default=1, metadata=_range(1))
     strategy: str = "auto"
-    precision: str = field(default="32-true", metadata=_choices("32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"))
+    precision: str = field(
+        default="32-true",
+        metadata=_choices("32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"),
+    )
     log_every_n_steps: int = field(default=50, metadata=_range(1))
     val_check_interval: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     limit_train_batches: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -189,7 +194,9 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
     if not isinstance(data, dict):
-        errors.append(f"{path or 'config'}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        errors.append(
+            f"{path or 'config'}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}"
+        )
         return
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -204,16 +211,24 @@ def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
             _validate(tp, value, f"{where}.", errors)
             continue
         if not _check_type(value, tp):
-            errors.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            errors.append(
+                f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+            )
             continue
         meta = f.metadata
-        choices = meta.get("choices") or (_registry(meta["choices_from"]) if "choices_from" in meta else None)
+        choices = meta.get("choices") or (
+            _registry(meta["choices_from"]) if "choices_from" in meta else None
+        )
         if choices and value not in choices:
-            errors.append(f"{where}: {value!r} is not one of {list(choices)}; {_suggest(str(value), list(choices)).replace('valid keys', 'allowed')}")
+            errors.append(
+                f"{where}: {value!r} is not one of {list(choices)}; {_suggest(str(value), list(choices)).replace('valid keys', 'allowed')}"
+            )
         lo, hi = meta.get("lo"), meta.get("hi")
         if lo is not None and isinstance(value, (int, float)):
             if value < lo or (meta.get("lo_open") and value == lo):
-                errors.append(f"{where}: must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value}")
+                errors.append(
+                    f"{where}: must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value}"
+                )
         if hi is not None and isinstance(value, (int, float)) and value >= hi:
             errors.append(f"{where}: must be < {hi}, got {value}")
 
@@ -235,7 +250,9 @@ def _validate_cross(data: dict, errors: list[str]) -> None:
             if not isinstance(cb, dict) or "name" not in cb:
                 errors.append(f"callbacks[{i}]: expected a mapping with a 'name' key, got {cb!r}")
             elif cb["name"] not in CALLBACKS:
-                errors.append(f"callbacks[{i}].name: unknown callback {cb['name']!r}; {_suggest(cb['name'], sorted(CALLBACKS)).replace('valid keys', 'known')}")
+                errors.append(
+                    f"callbacks[{i}].name: unknown callback {cb['name']!r}; {_suggest(cb['name'], sorted(CALLBACKS)).replace('valid keys', 'known')}"
+                )
 
 
 def _tuples_to_lists(d: dict) -> dict:
@@ -248,7 +265,9 @@ def _build(cls: type, data: dict) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in data:
             tp = hints[f.name]
-            kwargs[f.name] = _build(tp, data[f.name]) if dataclasses.is_dataclass(tp) else data[f.name]
+            kwargs[f.name] = (
+                _build(tp, data[f.name]) if dataclasses.is_dataclass(tp) else data[f.name]
+            )
     return cls(**kwargs)
 
 
@@ -259,7 +278,9 @@ def validate(cfg: DictConfig | dict, source: str = "configuration") -> Experimen
         ConfigError: listing every problem found.
     """
     try:
-        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        data = (
+            OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        )
     except Exception as e:  # interpolation errors and the like
         raise ConfigError([f"cannot resolve the configuration: {e}"], source) from e
     data.pop("defaults", None)
@@ -288,13 +309,17 @@ def list_experiments(root: Path | None = None) -> list[str]:
     """Names of the runnable experiments (base files excluded)."""
     root = root or experiments_dir()
     return sorted(
-        str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if p.relative_to(root).parts[0] != "base"
+        str(p.relative_to(root).with_suffix(""))
+        for p in root.rglob("*.yaml")
+        if p.relative_to(root).parts[0] != "base"
     )
 
 
 def _load_file(path: Path, root: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if path in seen:
-        raise ConfigError([f"circular defaults: {' -> '.join(str(p) for p in (*seen, path))}"], str(path))
+        raise ConfigError(
+            [f"circular defaults: {' -> '.join(str(p) for p in (*seen, path))}"], str(path)
+        )
     cfg = OmegaConf.load(path)
     defaults = cfg.pop("defaults", []) or []
     merged = OmegaConf.create()
@@ -306,7 +331,9 @@ def _load_file(path: Path, root: Path, seen: tuple[Path, ...] = ()) -> DictConfi
     return OmegaConf.merge(merged, cfg)
 
 
-def load_experiment(name: str, overrides: list[str] | None = None, root: Path | None = None) -> tuple[ExperimentConfig, DictConfig]:
+def load_experiment(
+    name: str, overrides: list[str] | None = None, root: Path | None = None
+) -> tuple[ExperimentConfig, DictConfig]:
     """Load experiment ``name`` (or a path to a YAML file), apply ``key=value`` overrides,
     validate. Returns the typed config and the merged OmegaConf tree.
 
@@ -320,13 +347,20 @@ def load_experiment(name: str, overrides: list[str] | None = None, root: Path | 
         avail = list_experiments(root)
         close = difflib.get_close_matches(name, avail, n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError([f"unknown experiment {name!r} (no file {path}).{hint} Available: {', '.join(avail)}"], "EXP")
+        raise ConfigError(
+            [f"unknown experiment {name!r} (no file {path}).{hint} Available: {', '.join(avail)}"],
+            "EXP",
+        )
     cfg = _load_file(path, root)
     bad = [o for o in overrides or [] if "=" not in o or o.startswith("=")]
     if bad:
-        raise ConfigError([f"override {o!r} is not of the form key=value" for o in bad], "command line")
+        raise ConfigError(
+            [f"override {o!r} is not of the form key=value" for o in bad], "command line"
+        )
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     if "name" not in cfg:
-        cfg.name = str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root) else path.stem
+        cfg.name = (
+            str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root) else path.stem
+        )
     return validate(cfg, source=f"experiment {name!r}"), cfg

@@ -48,7 +48,9 @@ def build_datamodule(cfg: DataConfig, seed: int) -> L.LightningDataModule:
 
 def build_task(cfg: ExperimentConfig, dm: Any) -> VQATask:
     """The model named in the config wrapped in a :class:`VQATask`."""
-    model = build_model(cfg.model.name, len(dm.word_vocab), len(dm.answer_vocab), **dict(cfg.model.options))
+    model = build_model(
+        cfg.model.name, len(dm.word_vocab), len(dm.answer_vocab), **dict(cfg.model.options)
+    )
     o = asdict(cfg.optim)
     o.pop("grad_clip")
     return VQATask(
@@ -98,7 +100,11 @@ def resolve_output_dir(cfg: ExperimentConfig) -> Path:
             raise ConfigError(["resume=true needs output_dir=<the run folder to resume>"])
         out = Path("runs") / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
     if cfg.resume and not (out / "checkpoints" / "last.ckpt").is_file():
-        raise ConfigError([f"resume=true but {out / 'checkpoints' / 'last.ckpt'} does not exist; run without resume first"])
+        raise ConfigError(
+            [
+                f"resume=true but {out / 'checkpoints' / 'last.ckpt'} does not exist; run without resume first"
+            ]
+        )
     return out
 
 
@@ -161,14 +167,21 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
             **{k: v for k, v in asdict(t).items()},
             default_root_dir=out,
             callbacks=callbacks,
-            logger=[CSVLogger(out, name="", version=""), TensorBoardLogger(out, name="tensorboard", version="")],
+            logger=[
+                CSVLogger(out, name="", version=""),
+                TensorBoardLogger(out, name="tensorboard", version=""),
+            ],
             plugins=[AtomicCheckpointIO()],
             gradient_clip_val=cfg.optim.grad_clip or None,
             enable_progress_bar=cfg.progress_bar,
             enable_model_summary=False,
         )
         ckpt_path = str(ckpt_dir / "last.ckpt") if cfg.resume else None
-        earlier = _keep_metrics_history(out, Path(ckpt_path) if ckpt_path else None) if trainer.is_global_zero else []
+        earlier = (
+            _keep_metrics_history(out, Path(ckpt_path) if ckpt_path else None)
+            if trainer.is_global_zero
+            else []
+        )
         if trainer.is_global_zero:
             atomic_write_json(out / "data_report.json", getattr(dm, "split_report", {}))
             log.info("run folder: %s", out.resolve())
@@ -186,7 +199,11 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
             results = {
                 "experiment": cfg.name,
                 "model": cfg.model.name,
-                "data": {"name": cfg.data.name, "split": cfg.data.split, **getattr(dm, "split_report", {}).get("sizes", {})},
+                "data": {
+                    "name": cfg.data.name,
+                    "split": cfg.data.split,
+                    **getattr(dm, "split_report", {}).get("sizes", {}),
+                },
                 "test": task.test_report,
                 "best_val_accuracy": float(best_score) if best_score is not None else None,
                 "parameters": count_parameters(task.model),
@@ -206,7 +223,9 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
                 },
             }
             atomic_write_json(out / "results.json", results)
-            plot_training_curves(out / "metrics.csv", out / "curves.png", title=f"{cfg.name} ({cfg.model.name})")
+            plot_training_curves(
+                out / "metrics.csv", out / "curves.png", title=f"{cfg.name} ({cfg.model.name})"
+            )
             log.info("results written to %s", out / "results.json")
         return results
     finally:

@@ -95,7 +95,9 @@ def test_missing_data_dir_names_path_and_expected_files(tmp_path):
     assert "pip install easy-vqa" in msg
 
 
-@pytest.mark.parametrize("kwargs", [{"split": "vqacp"}, {"val_fraction": 0.0}, {"cp_test_fraction": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"split": "vqacp"}, {"val_fraction": 0.0}, {"cp_test_fraction": 1.5}]
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         EasyVQADataModule(**kwargs)

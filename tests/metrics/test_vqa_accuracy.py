@@ -4,14 +4,20 @@ import os
 import socket
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlcompress.metrics import VQAAccuracy, answer_accuracy
 
 PREDS = ["yes", "2", "red", "no", "cat", "blue"]
-ANSWERS = [["yes"] * 10, ["two"] * 4 + ["3"] * 6, ["red"] * 2 + ["blue"] * 8, ["yes"] * 10, ["cat"] * 3 + ["dog"] * 7, ["blue"] * 10]
+ANSWERS = [
+    ["yes"] * 10,
+    ["two"] * 4 + ["3"] * 6,
+    ["red"] * 2 + ["blue"] * 8,
+    ["yes"] * 10,
+    ["cat"] * 3 + ["dog"] * 7,
+    ["blue"] * 10,
+]
 ATYPES = ["yes/no", "number", "other", "yes/no", "other", "other"]
 QTYPES = ["is the", "how many", "what color is", "is the", "what is", "what color is"]
 
@@ -28,7 +34,9 @@ def test_compute_and_breakdown():
     b = m.breakdown()
     assert b["answer_type"]["yes/no"] == pytest.approx(0.5)
     assert b["answer_type"]["number"] == pytest.approx(answer_accuracy("2", ANSWERS[1]))
-    assert b["question_type"]["what color is"] == pytest.approx((answer_accuracy("red", ANSWERS[2]) + 1.0) / 2)
+    assert b["question_type"]["what color is"] == pytest.approx(
+        (answer_accuracy("red", ANSWERS[2]) + 1.0) / 2
+    )
     m.reset()
     assert float(m.compute()) == 0.0
 
@@ -46,7 +54,12 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m = VQAAccuracy(question_types=sorted(set(QTYPES)))
     idx = list(range(rank, len(PREDS), world))  # uneven split across ranks
-    m.update([PREDS[i] for i in idx], [ANSWERS[i] for i in idx], [ATYPES[i] for i in idx], [QTYPES[i] for i in idx])
+    m.update(
+        [PREDS[i] for i in idx],
+        [ANSWERS[i] for i in idx],
+        [ATYPES[i] for i in idx],
+        [QTYPES[i] for i in idx],
+    )
     queue.put((rank, float(m.compute()), m.breakdown()))
     dist.barrier()
     dist.destroy_process_group()

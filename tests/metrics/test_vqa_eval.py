@@ -41,9 +41,22 @@ def test_period_strip_count_quirk():
     assert process_punctuation(text).count(".") == 8
 
 
-@pytest.mark.parametrize(("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize(
+    ("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
 def test_leave_one_out_accuracy(matches, expected):
-    answers = ["cat"] * matches + ["dog", "mouse", "bird", "fish", "cow", "pig", "hen", "owl", "bee", "ant"][: 10 - matches]
+    answers = ["cat"] * matches + [
+        "dog",
+        "mouse",
+        "bird",
+        "fish",
+        "cow",
+        "pig",
+        "hen",
+        "owl",
+        "bee",
+        "ant",
+    ][: 10 - matches]
     assert answer_accuracy("cat", answers) == pytest.approx(expected)
 
 

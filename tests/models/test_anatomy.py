@@ -33,10 +33,19 @@ def test_mcan_anatomy_covers_every_block(mcan):
     layer_modules = {f"encoder.{i}" for i in range(2)} | {f"decoder.{i}" for i in range(2)}
     assert {layer.name for layer in an.layers} == layer_modules
     # Every Linear inside a layer is a q/k/v/out projection or an FFN projection.
-    declared = {p for a in an.attentions for p in (a.q, a.k, a.v, a.out)} | {p for f in an.ffns for p in (f.up, f.down)}
-    inside = {n for n, m in modules.items() if isinstance(m, nn.Linear) and n.split(".")[0] in ("encoder", "decoder")}
+    declared = {p for a in an.attentions for p in (a.q, a.k, a.v, a.out)} | {
+        p for f in an.ffns for p in (f.up, f.down)
+    }
+    inside = {
+        n
+        for n, m in modules.items()
+        if isinstance(m, nn.Linear) and n.split(".")[0] in ("encoder", "decoder")
+    }
     assert inside == declared
-    assert an.stacks == {"encoder": ["encoder.0", "encoder.1"], "decoder": ["decoder.0", "decoder.1"]}
+    assert an.stacks == {
+        "encoder": ["encoder.0", "encoder.1"],
+        "decoder": ["decoder.0", "decoder.1"],
+    }
     assert {a.kind for a in an.attentions if a.name.endswith("guided_attn")} == {"cross"}
 
 
@@ -44,7 +53,11 @@ def test_prunable_weights_per_modality(mcan):
     weights = anatomy_of(mcan).prunable_weights(mcan)
     assert set(weights) == {Modality.LANGUAGE, Modality.VISION, Modality.CROSS}
     lang, vis, cross = weights[Modality.LANGUAGE], weights[Modality.VISION], weights[Modality.CROSS]
-    assert "embedding.weight" in lang and "encoder.0.attn.q.weight" in lang and "encoder.1.ffn.down.weight" in lang
+    assert (
+        "embedding.weight" in lang
+        and "encoder.0.attn.q.weight" in lang
+        and "encoder.1.ffn.down.weight" in lang
+    )
     assert "visual.proj.weight" in vis
     assert "decoder.0.guided_attn.k.weight" in cross
     every = [n for w in weights.values() for n in w]
@@ -58,7 +71,9 @@ def test_switch_off_one_head(mcan, batch):
     an = anatomy_of(mcan)
     spec = an.attention("encoder.0.attn")
     seen = {}
-    hook = mcan.get_submodule(spec.out).register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0].detach()))
+    hook = mcan.get_submodule(spec.out).register_forward_hook(
+        lambda m, a, o: seen.__setitem__("x", a[0].detach())
+    )
     base = mcan(batch)
     assert seen["x"][..., spec.head_dim : 2 * spec.head_dim].abs().sum() > 0
     mask = torch.ones(spec.num_heads)
@@ -85,7 +100,9 @@ def test_mask_ffn_units(mcan, batch):
     an = anatomy_of(mcan)
     spec = an.ffn("encoder.0.ffn")
     out = {}
-    mcan.get_submodule(spec.name).register_forward_hook(lambda m, a, o: out.__setitem__("y", o.detach()))
+    mcan.get_submodule(spec.name).register_forward_hook(
+        lambda m, a, o: out.__setitem__("y", o.detach())
+    )
     an.mask_ffn_units(mcan, {spec.name: torch.zeros(spec.inner_dim)})
     mcan(batch)
     bias = mcan.get_submodule(spec.down).bias.detach()
@@ -100,7 +117,9 @@ def test_bypass_layer_and_restore(mcan, batch):
     original = an.bypass_layer(mcan, "decoder.1")
     with an.capture(mcan, ["decoder.0", "decoder.1"]) as states:
         skipped = mcan(batch)
-    torch.testing.assert_close(states["decoder.1"], states["decoder.0"])  # the layer is an identity now
+    torch.testing.assert_close(
+        states["decoder.1"], states["decoder.0"]
+    )  # the layer is an identity now
     assert not torch.allclose(skipped, base)
     # With an adapter, the bypass routes the hidden states through it.
     adapter = nn.Linear(32, 32)
@@ -137,7 +156,10 @@ class ForeignBlock(nn.Module):
     def forward(self, x):
         b, t, d = x.shape
         h = self.heads
-        q, k, v = (f(x).view(b, t, h, d // h).transpose(1, 2) for f in (self.mix.wq, self.mix.wk, self.mix.wv))
+        q, k, v = (
+            f(x).view(b, t, h, d // h).transpose(1, 2)
+            for f in (self.mix.wq, self.mix.wk, self.mix.wv)
+        )
         a = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, -1) @ v
         x = x + self.mix.proj(a.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp_out(torch.relu(self.mlp_in(x)))
@@ -178,7 +200,13 @@ def test_anatomy_from_patterns_for_a_foreign_model():
 
 def test_huggingface_bert_is_recognised_automatically():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48)
+    cfg = transformers.BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     an = anatomy_of(model)
@@ -189,9 +217,14 @@ def test_huggingface_bert_is_recognised_automatically():
     ids = torch.randint(0, 60, (2, 7))
     base = model(input_ids=ids).last_hidden_state
     lang = an.prunable_weights(model)[Modality.LANGUAGE]
-    assert "encoder.layer.0.attention.self.query.weight" in lang and "encoder.layer.2.output.dense.weight" in lang
+    assert (
+        "encoder.layer.0.attention.self.query.weight" in lang
+        and "encoder.layer.2.output.dense.weight" in lang
+    )
     # Switch off a head: output changes; bypass the last layer: output = layer 1's output.
-    handles = an.mask_heads(model, {"encoder.layer.0.attention": torch.tensor([1.0, 0.0, 1.0, 1.0])})
+    handles = an.mask_heads(
+        model, {"encoder.layer.0.attention": torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    )
     assert not torch.allclose(model(input_ids=ids).last_hidden_state, base)
     for h in handles:
         h.remove()

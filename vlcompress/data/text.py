@@ -34,7 +34,9 @@ class WordVocab:
     def build(cls, texts: Iterable[str], min_count: int = 1) -> WordVocab:
         """Vocabulary of the words seen at least ``min_count`` times, most frequent first."""
         counts = Counter(w for t in texts for w in tokenize(t))
-        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls([PAD, UNK, *kept])
 
     def __len__(self) -> int:

@@ -111,9 +111,7 @@ class VQAAccuracy(Metric):
                 ("question_type", self.question_types, "qt"),
             ):
                 s, c = getattr(self, f"{prefix}_sum"), getattr(self, f"{prefix}_count")
-                out[key] = {
-                    n: float(s[i] / c[i]) for i, n in enumerate(names) if int(c[i]) > 0
-                }
+                out[key] = {n: float(s[i] / c[i]) for i, n in enumerate(names) if int(c[i]) > 0}
         return out
 
     def _should_sync(self) -> bool:

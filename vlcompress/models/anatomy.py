@@ -301,14 +301,20 @@ class Anatomy:
             setattr(parent, child, replacement)
         return original
 
-    def bypass_layer(self, model: nn.Module, name: str, adapter: nn.Module | None = None) -> nn.Module:
+    def bypass_layer(
+        self, model: nn.Module, name: str, adapter: nn.Module | None = None
+    ) -> nn.Module:
         """Skip layer ``name`` (optionally through ``adapter``); returns the original layer."""
         spec = self.layer(name)
-        return self.replace_layer(model, name, LayerBypass(adapter, spec.hidden_arg, spec.returns_tuple))
+        return self.replace_layer(
+            model, name, LayerBypass(adapter, spec.hidden_arg, spec.returns_tuple)
+        )
 
     # ------------------------------------------------------------ distillation
     @contextlib.contextmanager
-    def capture(self, model: nn.Module, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def capture(
+        self, model: nn.Module, names: list[str] | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Context manager collecting the outputs of the read-out points during forward passes.
 
         Example::
@@ -414,16 +420,36 @@ def anatomy_from_patterns(model: nn.Module, patterns: AnatomyPatterns) -> Anatom
         modality = next(
             (mod for pat, mod in patterns.modality if re.search(pat, name)), Modality.LANGUAGE
         )
-        p = {k: f"{name}.{getattr(patterns, k)}" for k in ("attention", "q", "k", "v", "out", "ffn_up", "ffn_down")}
+        p = {
+            k: f"{name}.{getattr(patterns, k)}"
+            for k in ("attention", "q", "k", "v", "out", "ffn_up", "ffn_down")
+        }
         missing = [v for v in p.values() if v not in modules]
         if missing:
             raise ValueError(f"layer {name!r} matches the layer pattern but lacks {missing}")
         heads = _num_heads(model, modules[p["attention"]], patterns.num_heads_attr)
         out = modules[p["out"]]
         anatomy.attentions.append(
-            AttentionSpec(p["attention"], heads, out.in_features // heads, p["q"], p["k"], p["v"], p["out"], modality)
+            AttentionSpec(
+                p["attention"],
+                heads,
+                out.in_features // heads,
+                p["q"],
+                p["k"],
+                p["v"],
+                p["out"],
+                modality,
+            )
         )
-        anatomy.ffns.append(FFNSpec(f"{name}.ffn", p["ffn_up"], p["ffn_down"], modules[p["ffn_up"]].out_features, modality))
+        anatomy.ffns.append(
+            FFNSpec(
+                f"{name}.ffn",
+                p["ffn_up"],
+                p["ffn_down"],
+                modules[p["ffn_up"]].out_features,
+                modality,
+            )
+        )
         anatomy.layers.append(
             LayerSpec(name, stack, int(m.group("index")), modality, (p["attention"],), (f"{name}.ffn",),
                       returns_tuple=_returns_tuple(modules[name]) if patterns.returns_tuple is None else patterns.returns_tuple)
@@ -431,8 +457,10 @@ def anatomy_from_patterns(model: nn.Module, patterns: AnatomyPatterns) -> Anatom
         anatomy.stacks.setdefault(stack, []).append(name)
         anatomy.readouts[name] = name
     if not anatomy.layers:
-        raise ValueError(f"no module of {type(model).__name__} matches the layer pattern {patterns.layer!r}")
-    for stack, names in anatomy.stacks.items():
+        raise ValueError(
+            f"no module of {type(model).__name__} matches the layer pattern {patterns.layer!r}"
+        )
+    for names in anatomy.stacks.values():
         names.sort(key=lambda n: anatomy.layer(n).index)
     return anatomy
 

@@ -51,7 +51,9 @@ class MCANConfig:
                 f"MCAN hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
             )
         if self.visual_input not in ("regions", "grid"):
-            raise ValueError(f"MCAN visual_input must be 'regions' or 'grid', got {self.visual_input!r}.")
+            raise ValueError(
+                f"MCAN visual_input must be 'regions' or 'grid', got {self.visual_input!r}."
+            )
 
 
 MCAN_VARIANTS: dict[str, MCANConfig] = {
@@ -77,7 +79,11 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)``; mask True = real."""
         b, lq, _ = query.shape
@@ -132,10 +138,16 @@ class SGALayer(nn.Module):
         self.guided_attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.hidden_size, eps=1e-6) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (
+            nn.LayerNorm(cfg.hidden_size, eps=1e-6) for _ in range(3)
+        )
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None, y_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_mask: torch.Tensor | None,
+        y_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Update ``x`` (image) guided by ``y`` (question)."""
         x = self.norm1(x + self.drop1(self.self_attn(x, x, x, x_mask)))
@@ -175,7 +187,11 @@ class GridStem(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+            ]
             c_in = c
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in, hidden)
@@ -192,15 +208,21 @@ class RegionInput(nn.Module):
     def __init__(self, cfg: MCANConfig) -> None:
         super().__init__()
         self.box = nn.Linear(5, cfg.box_dim) if cfg.use_boxes else None
-        self.proj = nn.Linear(cfg.region_dim + (cfg.box_dim if cfg.use_boxes else 0), cfg.hidden_size)
+        self.proj = nn.Linear(
+            cfg.region_dim + (cfg.box_dim if cfg.use_boxes else 0), cfg.hidden_size
+        )
 
     def forward(self, feats: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
         """``(B, N, region_dim)`` -> ``(B, N, hidden)``."""
         if self.box is not None:
             if boxes is None:
-                raise ValueError("this MCAN uses box features (use_boxes=True) but the batch has no boxes.")
+                raise ValueError(
+                    "this MCAN uses box features (use_boxes=True) but the batch has no boxes."
+                )
             area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-            feats = torch.cat([feats, self.box(torch.cat([boxes, area[..., None]], dim=-1))], dim=-1)
+            feats = torch.cat(
+                [feats, self.box(torch.cat([boxes, area[..., None]], dim=-1))], dim=-1
+            )
         return self.proj(feats)
 
 
@@ -219,7 +241,9 @@ class MCAN(nn.Module):
         c = config
         self.embedding = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
         self.lstm = nn.LSTM(c.word_dim, c.hidden_size, batch_first=True)
-        self.visual = GridStem(c.grid_channels, c.hidden_size) if c.visual_input == "grid" else RegionInput(c)
+        self.visual = (
+            GridStem(c.grid_channels, c.hidden_size) if c.visual_input == "grid" else RegionInput(c)
+        )
         self.encoder = nn.ModuleList(SALayer(c) for _ in range(c.num_layers))
         self.decoder = nn.ModuleList(SGALayer(c) for _ in range(c.num_layers))
         self.flat_lang = AttFlat(c)
@@ -248,10 +272,14 @@ class MCAN(nn.Module):
         """Visual tokens ``(B, N, hidden)`` and their mask (None = all real)."""
         if self.config.visual_input == "grid":
             if not batch.is_pixels:
-                raise ValueError("this MCAN expects pixels (B, 3, H, W) (visual_input='grid'); got region features.")
+                raise ValueError(
+                    "this MCAN expects pixels (B, 3, H, W) (visual_input='grid'); got region features."
+                )
             return self.visual(batch.visual), None
         if batch.is_pixels:
-            raise ValueError("this MCAN expects region features (B, N, D) (visual_input='regions'); got pixels.")
+            raise ValueError(
+                "this MCAN expects region features (B, N, D) (visual_input='regions'); got pixels."
+            )
         return self.visual(batch.visual, batch.boxes), batch.visual_mask
 
     def forward(self, batch: VLBatch) -> torch.Tensor:
@@ -288,8 +316,13 @@ class MCAN(nn.Module):
                 if stack == "encoder":
                     attns = (attn(f"{name}.attn", modality, "self"),)
                 else:
-                    attns = (attn(f"{name}.self_attn", modality, "self"), attn(f"{name}.guided_attn", modality, "cross"))
-                an.layers.append(LayerSpec(name, stack, i, modality, attns, (ffn(f"{name}.ffn", modality),)))
+                    attns = (
+                        attn(f"{name}.self_attn", modality, "self"),
+                        attn(f"{name}.guided_attn", modality, "cross"),
+                    )
+                an.layers.append(
+                    LayerSpec(name, stack, i, modality, attns, (ffn(f"{name}.ffn", modality),))
+                )
                 an.stacks[stack].append(name)
                 an.readouts[name] = name
         an.readouts.update({"language_input": "lstm", "vision_input": "visual", "fused": "norm"})

@@ -72,7 +72,12 @@ class VQATask(L.LightningModule):
     def _eval_step(self, batch: VLBatch, metric: VQAAccuracy, stage: str) -> None:
         logits = self(batch)
         if batch.targets is not None:
-            self.log(f"{stage}/loss", self.loss_fn(logits, batch.targets), batch_size=len(batch), sync_dist=True)
+            self.log(
+                f"{stage}/loss",
+                self.loss_fn(logits, batch.targets),
+                batch_size=len(batch),
+                sync_dist=True,
+            )
         metric.update(self.decode(logits), batch.answers, batch.answer_type, batch.question_type)
 
     def validation_step(self, batch: VLBatch, batch_idx: int) -> None:
@@ -118,16 +123,28 @@ class VQATask(L.LightningModule):
         name = o["name"]
         if name in ("adam", "adamw"):
             cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-            opt = cls(params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))), weight_decay=o.get("weight_decay", 0.0))
+            opt = cls(
+                params,
+                lr=o["lr"],
+                betas=tuple(o.get("betas", (0.9, 0.999))),
+                weight_decay=o.get("weight_decay", 0.0),
+            )
         elif name == "sgd":
-            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9), weight_decay=o.get("weight_decay", 0.0))
+            opt = torch.optim.SGD(
+                params,
+                lr=o["lr"],
+                momentum=o.get("momentum", 0.9),
+                weight_decay=o.get("weight_decay", 0.0),
+            )
         else:
             raise ValueError(f"unknown optimizer {name!r}; use adam, adamw or sgd.")
         s = self.scheduler_cfg
         if s["name"] == "none":
             return opt
         if s["name"] == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(s.get("milestones", [])), gamma=s.get("gamma", 0.1))
+            sched = torch.optim.lr_scheduler.MultiStepLR(
+                opt, milestones=list(s.get("milestones", [])), gamma=s.get("gamma", 0.1)
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if s["name"] in ("cosine", "warmup_cosine"):
             total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -141,4 +158,6 @@ class VQATask(L.LightningModule):
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        raise ValueError(f"unknown scheduler {s['name']!r}; use none, step, cosine or warmup_cosine.")
+        raise ValueError(
+            f"unknown scheduler {s['name']!r}; use none, step, cosine or warmup_cosine."
+        )

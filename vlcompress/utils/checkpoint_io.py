@@ -14,7 +14,9 @@ from vlcompress.utils.io import atomic_write_bytes
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Serialise to memory, then write through a temporary file and ``os.replace``."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
         """Atomically save ``checkpoint`` to ``path``."""
         buf = io.BytesIO()
         torch.save(checkpoint, buf)

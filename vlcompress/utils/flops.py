@@ -35,7 +35,11 @@ def flops_per_sample(model: nn.Module, batch) -> int:
 
     one = replace(
         batch,
-        **{f.name: getattr(batch, f.name)[:1] for f in fields(batch) if getattr(batch, f.name) is not None},
+        **{
+            f.name: getattr(batch, f.name)[:1]
+            for f in fields(batch)
+            if getattr(batch, f.name) is not None
+        },
     )
     was_training = model.training
     model.eval()

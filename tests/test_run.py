@@ -1,0 +1,108 @@
+"""End to end on real easy-VQA data with a tiny MCAN: run folder, exact resume, NaN guard."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from vlcompress.callbacks import NonFiniteLossError
+from vlcompress.config import load_experiment
+from vlcompress.losses import LOSSES
+from vlcompress.run import run_experiment
+
+TINY = [
+    "model.name=mcan_tiny",
+    "model.options={visual_input: grid, grid_channels: [8, 16, 16, 16]}",
+    "progress_bar=false",
+    "data.batch_size=32",
+    "data.eval_batch_size=256",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=2",
+    "scheduler.name=none",
+]
+
+
+def tiny(tmp_path, *extra):
+    return load_experiment("default", [*TINY, f"output_dir={tmp_path}", *extra])
+
+
+def test_run_folder_contents(tmp_path):
+    cfg, raw = tiny(tmp_path, "trainer.max_epochs=2")
+    results = run_experiment(cfg, raw)
+    for f in (
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "metrics.csv",
+        "results.json",
+        "curves.png",
+        "data_report.json",
+        "run.log",
+    ):
+        assert (tmp_path / f).is_file(), f
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    test = saved["test"]
+    assert 0.0 <= test["accuracy"] <= 1.0
+    assert set(test["answer_type"]) <= {"yes/no", "other"} and test["question_type"]
+    assert saved["parameters"]["total"] > 0 and saved["flops_per_sample"] > 0
+    assert saved["train_wall_time_s"] > 0 and saved["global_steps"] == 12
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert any(r.get("val/acc") for r in rows) and any(r.get("train/loss") for r in rows)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run_experiment(*tiny(straight, "trainer.max_epochs=2"))
+    run_experiment(*tiny(cut, "trainer.max_epochs=1"))
+    run_experiment(*tiny(cut, "trainer.max_epochs=2", "resume=true"))
+    a, b = _weights(straight / "checkpoints/last.ckpt"), _weights(cut / "checkpoints/last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = list(csv.DictReader((cut / "metrics.csv").open()))
+    assert sorted({r["epoch"] for r in rows if r.get("val/acc")}) == ["0", "1"]  # history kept
+
+
+def test_resume_without_checkpoint_is_explained(tmp_path):
+    from vlcompress.config import ConfigError
+
+    cfg, raw = tiny(tmp_path, "resume=true")
+    with pytest.raises(ConfigError, match="last.ckpt does not exist"):
+        run_experiment(cfg, raw)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    bce = LOSSES["bce"]
+
+    def flaky(logits, targets):
+        calls["n"] += 1
+        loss = bce(logits, targets)
+        return loss * float("nan") if calls["n"] == 9 else loss
+
+    monkeypatch.setitem(LOSSES, "nan_at_9", flaky)
+    monkeypatch.setattr(
+        "vlcompress.config._registry",
+        lambda kind: ["bce", "nan_at_9"] if kind == "losses" else ["mcan_tiny"],
+    )
+    cfg, raw = tiny(
+        tmp_path, "trainer.max_epochs=3", "task.loss=nan_at_9", "trainer.limit_val_batches=0"
+    )
+    # limit_val_batches=0: no validation, so the 9th loss call is training step 8 (epoch 1, batch 2).
+    with pytest.raises(NonFiniteLossError, match=r"global step 8 \(epoch 1, batch 2\)"):
+        run_experiment(cfg, raw)
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6  # the end of epoch 0, the last good state
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
