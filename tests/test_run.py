@@ -13,7 +13,7 @@ from vlcompress.run import run_experiment
 
 TINY = [
     "model.name=mcan_tiny",
-    "model.options={visual_input: grid, grid_channels: [8, 16, 16, 16]}",
+    "model.options={visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}",
     "progress_bar=false",
     "data.batch_size=32",
     "data.eval_batch_size=256",

@@ -25,6 +25,13 @@ def results_table(results: dict[str, Any]) -> Table:
             table.add_row(f"  {kind.replace('_', ' ')}: {k}", f"{v:.4f}")
     if results.get("best_val_accuracy") is not None:
         table.add_row("best val accuracy", f"{results['best_val_accuracy']:.4f}")
+    data = results.get("data", {})
+    if data.get("mean_tv_distance") is not None:
+        table.add_row(
+            f"data: {data.get('name')} / {data.get('split')}",
+            f"{data.get('train')}/{data.get('val')}/{data.get('test')} "
+            f"(train-test TV {data['mean_tv_distance']:.2f})",
+        )
     p = results.get("parameters", {})
     table.add_row("parameters", f"{p.get('total', 0):,}")
     table.add_row("FLOPs / sample", f"{results.get('flops_per_sample', 0) / 1e6:,.1f} M")

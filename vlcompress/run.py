@@ -203,6 +203,7 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
                     "name": cfg.data.name,
                     "split": cfg.data.split,
                     **getattr(dm, "split_report", {}).get("sizes", {}),
+                    "mean_tv_distance": getattr(dm, "split_report", {}).get("mean_tv_distance"),
                 },
                 "test": task.test_report,
                 "best_val_accuracy": float(best_score) if best_score is not None else None,

@@ -81,3 +81,14 @@ def test_bad_options_are_named():
         build_model("mcan_huge", 30, 7)
     with pytest.raises(ValueError, match="divisible"):
         build_model("mcan_tiny", 30, 7, hidden_size=30, num_heads=4)
+
+
+def test_grid_cells_mismatch_is_explained(easy_vqa_batch):
+    m = build_model("mcan_tiny", 50, 13, visual_input="grid", grid_cells=16)  # (8, 16) makes 16x16
+    with pytest.raises(ValueError, match="made 256 cells .* position embeddings for 16"):
+        m(easy_vqa_batch)
+
+
+def test_strided_grid_stem(easy_vqa_batch):
+    m = build_model("mcan_tiny", 50, 13, visual_input="grid", grid_pool=False)
+    assert m(easy_vqa_batch).shape == (16, 13)

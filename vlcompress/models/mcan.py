@@ -39,6 +39,9 @@ class MCANConfig:
     use_boxes: bool = False
     box_dim: int = 1024
     grid_channels: tuple[int, ...] = (32, 64, 128)
+    grid_context_layers: int = 2
+    grid_pool: bool = True
+    grid_cells: int = 16
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +64,7 @@ MCAN_VARIANTS: dict[str, MCANConfig] = {
     "large": MCANConfig(hidden_size=1024, ffn_size=4096, flat_out_size=2048),
     "tiny": MCANConfig(
         hidden_size=32, num_heads=4, ffn_size=64, num_layers=2, flat_mlp_size=32,
-        flat_out_size=64, word_dim=16, region_dim=16, box_dim=8, grid_channels=(8, 16),
+        flat_out_size=64, word_dim=16, region_dim=16, box_dim=8, grid_channels=(8, 16), grid_cells=256,
     ),
 }  # fmt: skip
 """Registered sizes: ``small`` and ``large`` as published, ``tiny`` for tests."""
@@ -180,26 +183,48 @@ class AttFlat(nn.Module):
 
 
 class GridStem(nn.Module):
-    """Light conv stem for raw images: stride-2 convs, then one token per grid cell."""
+    """Light conv stem for raw images, one token per cell of the final grid.
 
-    def __init__(self, channels: tuple[int, ...], hidden: int) -> None:
+    Each stage is conv3x3 + BatchNorm + ReLU, then downsampling by 2 (max-pooling when
+    ``pool``, else a stride-2 conv); ``context_layers`` stride-1 convs at the grid resolution
+    widen every cell's view to the whole object; a learned position embedding marks each cell.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...],
+        hidden: int,
+        context_layers: int = 2,
+        pool: bool = True,
+        grid_cells: int = 16,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
+
+        def block(c_in: int, c: int, stride: int) -> list[nn.Module]:
+            conv = nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False)
+            return [conv, nn.BatchNorm2d(c), nn.ReLU()]
+
         for c in channels:
-            layers += [
-                nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(c),
-                nn.ReLU(),
-            ]
+            layers += [*block(c_in, c, 1), nn.MaxPool2d(2)] if pool else block(c_in, c, 2)
             c_in = c
+        for _ in range(context_layers):
+            layers += block(c_in, c_in, 1)
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in, hidden)
+        self.pos = nn.Parameter(torch.zeros(1, grid_cells, hidden))
+        nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, cells, hidden)``."""
-        f = self.convs(pixels * 2.0 - 1.0)
-        return self.proj(f.flatten(2).transpose(1, 2))
+        f = self.convs(pixels * 2.0 - 1.0).flatten(2).transpose(1, 2)
+        if f.shape[1] != self.pos.shape[1]:
+            raise ValueError(
+                f"the grid stem made {f.shape[1]} cells but has position embeddings for "
+                f"{self.pos.shape[1]}; set grid_cells = (image_size / 2**len(grid_channels))**2."
+            )
+        return self.proj(f) + self.pos
 
 
 class RegionInput(nn.Module):
@@ -242,7 +267,11 @@ class MCAN(nn.Module):
         self.embedding = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
         self.lstm = nn.LSTM(c.word_dim, c.hidden_size, batch_first=True)
         self.visual = (
-            GridStem(c.grid_channels, c.hidden_size) if c.visual_input == "grid" else RegionInput(c)
+            GridStem(
+                c.grid_channels, c.hidden_size, c.grid_context_layers, c.grid_pool, c.grid_cells
+            )
+            if c.visual_input == "grid"
+            else RegionInput(c)
         )
         self.encoder = nn.ModuleList(SALayer(c) for _ in range(c.num_layers))
         self.decoder = nn.ModuleList(SGALayer(c) for _ in range(c.num_layers))

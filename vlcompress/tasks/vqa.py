@@ -102,9 +102,16 @@ class VQATask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the global RNG states (dropout etc.) so a resumed run continues exactly."""
-        checkpoint["vlcompress_rng"] = {
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["vlcompress_rng"] = {  # tensors and plain types: loads with weights_only=True
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": [
+                kind,
+                torch.from_numpy(keys.astype(np.int64)),
+                int(pos),
+                int(has_gauss),
+                float(gauss),
+            ],
             "python": random.getstate(),
         }
 
@@ -113,7 +120,8 @@ class VQATask(L.LightningModule):
         rng = checkpoint.get("vlcompress_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(rng["python"])
 
     def configure_optimizers(self) -> Any:
