@@ -1,5 +1,9 @@
-"""Attention kernels and their dispatch: the one entry point every base model's attention uses."""
+"""Attention kernels and their dispatch: the one entry point every base model's attention uses.
 
-from vlcompress.kernels.dispatch import attention
+``flash_attention`` (Triton) is imported lazily so that the package works without Triton.
+"""
 
-__all__ = ["attention"]
+from vlcompress.kernels.dispatch import attention, triton_available
+from vlcompress.kernels.reference import attention_reference
+
+__all__ = ["attention", "attention_reference", "triton_available"]

@@ -1,17 +1,67 @@
 """``attention``: the single attention entry point of every vlcompress model.
 
-Semantics (every backend must match them):
+Semantics (every backend matches :func:`vlcompress.kernels.reference.attention_reference`):
 
 * ``q (B, H, Lq, D)``, ``k, v (B, H, Lk, D)``; scale ``1/sqrt(D)``;
 * ``key_padding_mask (B, Lk)`` bool, True = a real key; padded keys get no weight;
 * ``head_mask (H,)`` or ``(B, H)``, 0/1: dead heads output zeros (and so pass no gradient);
-* a query row whose keys are all padded outputs zeros (not NaN, not a uniform average).
+* ``block_layout`` with ``block_size``: query block i sees key block j only where it is True;
+* a query row whose keys are all masked outputs zeros (not NaN, not a uniform average).
+
+Backends: the Triton kernel on CUDA (when Triton is installed, no attention dropout is asked
+for and the head dim is supported), else torch SDPA. ``backend=`` forces one ("triton" also
+runs on the CPU under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
+
+from vlcompress.kernels.reference import expand_block_layout
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "triton", "sdpa")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (GPU builds of torch ship it; CPU test runs install it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p):
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask.bool()[:, None, None, :]
+    if block_layout is not None:
+        lay = expand_block_layout(block_layout.to(q.device), block_size, b, h, lq, lk)
+        allowed = lay if allowed is None else allowed & lay
+    empty = None
+    if allowed is not None:
+        allowed = allowed.expand(b, h, lq, lk) if allowed.shape[1:3] != (h, lq) else allowed
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, H, Lq, 1) rows with no key
+        if empty.any():
+            allowed = allowed | empty
+        else:
+            empty = None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    if head_mask is not None:
+        hm = head_mask.to(out.dtype)
+        hm = hm[None, :, None, None] if hm.dim() == 1 else hm[:, :, None, None]
+        out = out * hm
+    return out
 
 
 def attention(
@@ -21,21 +71,33 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    block_layout: torch.Tensor | None = None,
+    block_size: int = 64,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Scaled dot-product attention with key padding and dead heads; returns ``(B, H, Lq, D)``."""
-    mask = None
-    empty = None
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.bool()
-        empty = ~kpm.any(dim=-1)  # (B,) rows with no key at all
-        if empty.any():
-            kpm = kpm | empty[:, None]
-        mask = kpm[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    if empty is not None and empty.any():
-        out = out.masked_fill(empty[:, None, None, None], 0.0)
-    if head_mask is not None:
-        hm = head_mask.to(out.dtype)
-        hm = hm[None, :, None, None] if hm.dim() == 1 else hm[:, :, None, None]
-        out = out * hm
-    return out
+    """Scaled dot-product attention with key padding, dead heads and block sparsity.
+
+    Returns ``(B, H, Lq, D)``.
+
+    Raises:
+        ValueError: for an unknown backend, or ``backend="triton"`` with dropout.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        from vlcompress.kernels.flash_attention_limits import HEAD_DIMS
+
+        use_triton = (
+            q.is_cuda and dropout_p == 0.0 and q.shape[-1] in HEAD_DIMS and triton_available()
+        )
+    else:
+        use_triton = backend == "triton"
+    if use_triton:
+        if dropout_p:
+            raise ValueError(
+                "the Triton attention kernel has no attention dropout; use backend='sdpa'"
+            )
+        from vlcompress.kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
+    return _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p)

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,6 +161,16 @@ def _gate_hook(mask: torch.Tensor, group: int) -> Callable:
     return hook
 
 
+class _AttributeHandle:
+    """Undo handle for an attribute set on a module (mirrors ``RemovableHandle.remove``)."""
+
+    def __init__(self, module: nn.Module, name: str, restore: Any) -> None:
+        self.module, self.name, self.restore = module, name, restore
+
+    def remove(self) -> None:
+        setattr(self.module, self.name, self.restore)
+
+
 @dataclass
 class Anatomy:
     """A model's declared structure: layers, attention and FFN blocks, modalities, read-outs.
@@ -256,19 +267,24 @@ class Anatomy:
                 out[modality][n] = params[n]
         return {m: w for m, w in out.items() if w}
 
-    def mask_heads(
-        self, model: nn.Module, masks: dict[str, torch.Tensor]
-    ) -> list[torch.utils.hooks.RemovableHandle]:
+    def mask_heads(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Any]:
         """Switch attention heads off: ``masks[attention_name]`` is a ``(num_heads,)`` 0/1
         tensor. The heads' outputs are zeroed before the output projection (so they get no
-        gradient either). Returns hook handles; ``handle.remove()`` switches them back on."""
-        handles = []
+        gradient either). Attention modules with ``supports_head_mask`` receive the mask
+        themselves (their kernel then skips the dead heads); others get a hook on the output
+        projection. Returns handles; ``handle.remove()`` switches the heads back on."""
+        handles: list[Any] = []
         for name, mask in masks.items():
             spec = self.attention(name)
             if mask.shape != (spec.num_heads,):
                 raise ValueError(
                     f"head mask for {name} must have shape ({spec.num_heads},), got {tuple(mask.shape)}"
                 )
+            module = model.get_submodule(spec.name)
+            if getattr(module, "supports_head_mask", False):
+                module.head_mask = mask
+                handles.append(_AttributeHandle(module, "head_mask", None))
+                continue
             out = model.get_submodule(spec.out)
             handles.append(out.register_forward_pre_hook(_gate_hook(mask, spec.head_dim)))
         return handles

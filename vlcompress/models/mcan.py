@@ -71,10 +71,17 @@ MCAN_VARIANTS: dict[str, MCANConfig] = {
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with q/k/v/out projections; heads are concatenated head-major."""
+    """Multi-head attention with q/k/v/out projections; heads are concatenated head-major.
+
+    ``head_mask`` (``(H,)`` or ``(B, H)``, set through the anatomy) reaches the attention
+    kernel, which then neither loads nor computes the dead heads.
+    """
+
+    supports_head_mask = True
 
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
+        self.head_mask: torch.Tensor | None = None
         self.num_heads, self.head_dim, self.dropout = heads, hidden // heads, dropout
         self.q = nn.Linear(hidden, hidden)
         self.k = nn.Linear(hidden, hidden)
@@ -96,7 +103,7 @@ class MultiHeadAttention(nn.Module):
         k = self.k(key).view(b, lk, h, d).transpose(1, 2)
         v = self.v(value).view(b, lk, h, d).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        ctx = attention(q, k, v, key_padding_mask=key_mask, dropout_p=p)
+        ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=self.head_mask, dropout_p=p)
         return self.out(ctx.transpose(1, 2).reshape(b, lq, h * d))
 
 

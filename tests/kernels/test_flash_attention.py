@@ -1,0 +1,168 @@
+"""Triton attention vs the torch reference (TRITON_INTERPRET=1 on the CPU): outputs and
+gradients of q, k, v over odd shapes and every masking feature, alone and together."""
+
+import os
+
+import pytest
+import torch
+
+from vlcompress.kernels import attention, attention_reference
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from vlcompress.kernels.flash_attention import FlashAttention, flash_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def make(b, h, lq, lk, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype).requires_grad_()
+        for n in (lq, lk, lk)
+    ]
+
+
+def check(b, h, lq, lk, d, block_size=16, dtype=torch.float32, **masks):
+    q, k, v = make(b, h, lq, lk, d, dtype)
+    out = flash_attention(q, k, v, block_size=block_size, **masks)
+    ref = attention_reference(q, k, v, block_size=block_size, **masks)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for name, a, e in zip("qkv", got, want):
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=f"d{name}")
+    return out, got
+
+
+def key_mask(b, lk, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, lk + 1, (b,), generator=g)
+    m = torch.arange(lk)[None, :] < lengths[:, None]
+    m[0, 0] = lk == 1 or bool(m[0, 0])  # keep a real key first ...
+    if lk > 2:
+        m[0, 1] = False  # ... and a hole inside the sequence
+    return m.to(DEVICE)
+
+
+SHAPES = [(1, 1, 5, 7, 16), (2, 3, 20, 37, 16), (1, 2, 33, 17, 32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_plain(shape):
+    check(*shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_key_padding(shape):
+    b, _, _, lk, _ = shape
+    check(*shape, key_padding_mask=key_mask(b, lk))
+
+
+def test_dead_heads_give_zero_output_and_gradient():
+    b, h = 2, 3
+    hm = torch.tensor([[1, 0, 1], [0, 1, 1]], device=DEVICE)
+    out, (dq, dk, dv) = check(b, h, 20, 37, 16, head_mask=hm)
+    dead = hm == 0
+    assert out[dead].abs().max() == 0
+    for grad in (dq, dk, dv):
+        assert grad[dead].abs().max() == 0 and grad[~dead].abs().max() > 0
+    check(b, h, 20, 37, 16, head_mask=torch.tensor([1, 0, 1], device=DEVICE))
+
+
+def test_block_layout_per_head():
+    b, h, lq, lk = 2, 2, 20, 37  # 2 x 3 blocks of 16
+    layout = torch.tensor(
+        [[[1, 0, 1], [0, 1, 1]], [[1, 1, 0], [1, 0, 0]]], dtype=torch.bool, device=DEVICE
+    )
+    check(b, h, lq, lk, 16, block_layout=layout)
+    check(b, h, lq, lk, 16, block_layout=layout[0])  # shared by heads
+
+
+def test_all_features_together():
+    b, h, lq, lk = 3, 2, 18, 45
+    check(
+        b, h, lq, lk, 32,
+        key_padding_mask=key_mask(b, lk, seed=4),
+        head_mask=torch.tensor([[1, 1], [1, 0], [0, 1]], device=DEVICE),
+        block_layout=torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool, device=DEVICE),
+    )  # fmt: skip
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    b, h, lq, lk = 2, 2, 9, 21
+    kpm = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
+    kpm[1] = False  # sequence 1 has no key at all
+    out, grads = check(b, h, lq, lk, 16, key_padding_mask=kpm)
+    assert out[1].abs().max() == 0 and all(torch.isfinite(g).all() for g in grads)
+    # A layout that gives query block 1 no key block: those rows are zero too.
+    out, _ = check(
+        1,
+        1,
+        20,
+        20,
+        16,
+        block_layout=torch.tensor([[1, 1], [0, 0]], dtype=torch.bool, device=DEVICE),
+    )
+    assert out[0, 0, 16:].abs().max() == 0
+
+
+def test_dispatch_matches_on_both_backends():
+    b, h, lq, lk = 2, 2, 11, 23
+    q, k, v = make(b, h, lq, lk, 16)
+    masks = dict(key_padding_mask=key_mask(b, lk), head_mask=torch.tensor([1, 0], device=DEVICE))
+    ref = attention_reference(q, k, v, **masks)
+    torch.testing.assert_close(
+        attention(q, k, v, backend="sdpa", **masks), ref, rtol=2e-5, atol=2e-5
+    )
+    torch.testing.assert_close(
+        attention(q, k, v, backend="triton", block_size=16, **masks), ref, rtol=2e-5, atol=2e-5
+    )
+    lay = torch.tensor([[1, 0]], dtype=torch.bool, device=DEVICE)
+    ref = attention_reference(q, k, v, block_layout=lay, block_size=16, **masks)
+    torch.testing.assert_close(
+        attention(q, k, v, block_layout=lay, block_size=16, backend="sdpa", **masks), ref
+    )
+
+
+def test_module_and_bad_input():
+    q, k, v = make(1, 2, 8, 8, 16)
+    torch.testing.assert_close(FlashAttention(block_size=16)(q, k, v), attention_reference(q, k, v))
+    with pytest.raises(ValueError, match="head dim 24"):
+        flash_attention(*make(1, 1, 4, 4, 24))
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        flash_attention(q, k, v, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_layout must end in"):
+        flash_attention(q, k, v, block_size=16, block_layout=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        FlashAttention(block_size=48)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        attention(q, k, v, dropout_p=0.1, backend="triton")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("lq", "lk"), [(20, 36), (40, 145), (77, 64)])
+def test_larger_shapes(d, lq, lk):
+    b, h = 2, 3
+    check(
+        b,
+        h,
+        lq,
+        lk,
+        d,
+        block_size=32,
+        key_padding_mask=key_mask(b, lk),
+        head_mask=torch.tensor([1, 0, 1], device=DEVICE),
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision runs on the GPU only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_gpu(dtype):
+    check(4, 12, 40, 145, 64, block_size=64, dtype=dtype, key_padding_mask=key_mask(4, 145))
