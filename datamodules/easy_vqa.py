@@ -142,6 +142,10 @@ class EasyVQADataModule(L.LightningDataModule):
         split: ``"standard"`` or ``"cp"`` (VQA-CP-style changing priors).
         val_fraction: share of the training questions held out for validation.
         cp_test_fraction: per question type, the share of questions the ``cp`` split moves to test.
+        cp_leak: share of every (question type, answer) group that crosses to the other split,
+            so each answer stays learnable for each type while the priors are reversed
+            (0 = whole groups, as in VQA-CP; then a yes/no type's test answer never occurs
+            with that type in training).
         seed: seed of every random choice (validation carve-out, ``cp`` assignment).
         batch_size: training batch size.
         eval_batch_size: validation / test batch size.
@@ -161,6 +165,7 @@ class EasyVQADataModule(L.LightningDataModule):
         split: Literal["standard", "cp"] = "standard",
         val_fraction: float = 0.1,
         cp_test_fraction: float = 0.33,
+        cp_leak: float = 0.1,
         seed: int = 0,
         batch_size: int = 128,
         eval_batch_size: int = 512,
@@ -174,6 +179,9 @@ class EasyVQADataModule(L.LightningDataModule):
         for name, v in (("val_fraction", val_fraction), ("cp_test_fraction", cp_test_fraction)):
             if not 0.0 < v < 1.0:
                 raise ValueError(f"easy-VQA {name} must be in (0, 1), got {v}.")
+        if not 0.0 <= cp_leak < 0.5:
+            raise ValueError(f"easy-VQA cp_leak must be in [0, 0.5), got {cp_leak}.")
+        self.cp_leak = cp_leak
         self.data_dir = Path(data_dir) if data_dir else None
         self.split = split
         self.val_fraction = val_fraction
@@ -319,18 +327,23 @@ class EasyVQADataModule(L.LightningDataModule):
             n_test = 0
             for k, ans in enumerate(order):
                 last_left = k == len(order) - 1
+                group = list(by_answer[ans])
+                rng.shuffle(group)
+                n_leak = int(round(self.cp_leak * len(group)))
                 if n_test < self.cp_test_fraction * total and not last_left:
-                    test.extend(by_answer[ans])
-                    n_test += len(by_answer[ans])
+                    test.extend(group[n_leak:])
+                    train.extend(group[:n_leak])
+                    n_test += len(group)
                     chosen[qtype].append(ans)
                 else:
-                    train.extend(by_answer[ans])
+                    train.extend(group[n_leak:])
+                    test.extend(group[:n_leak])
         # As in VQA-CP: every answer tested must be learnable, so an answer no training
         # question has gets its smallest test group moved back to train.
         train_answers = {self._answers[i] for i in train}
         for ans in sorted({self._answers[i] for i in test} - train_answers):
             qtype = min((q for q in chosen if ans in chosen[q]), key=lambda q: len(groups[q][ans]))
-            moved = set(groups[qtype][ans])
+            moved = set(groups[qtype][ans]) - set(train)
             test = [i for i in test if i not in moved]
             train.extend(moved)
         return sorted(train), sorted(test)

@@ -48,6 +48,7 @@ class DataConfig:
     split: str = field(default="standard", metadata=_choices("standard", "cp"))
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
     cp_test_fraction: float = field(default=0.33, metadata=_range(0.0, 1.0, lo_open=True))
+    cp_leak: float = field(default=0.1, metadata=_range(0.0, 0.5))
     batch_size: int = field(default=128, metadata=_range(1))
     eval_batch_size: int = field(default=512, metadata=_range(1))
     max_question_len: int = field(default=14, metadata=_range(1))

@@ -50,10 +50,18 @@ def cp_dm():
 def test_cp_split_shifts_priors(cp_dm, easy_vqa_dm):
     cp, std = cp_dm.split_report, easy_vqa_dm.split_report
     assert std["mean_tv_distance"] < 0.1  # the package split keeps priors
-    assert cp["mean_tv_distance"] > 0.9  # the cp split reverses them per question type
+    assert cp["mean_tv_distance"] > 0.7  # the cp split reverses them per question type
+    for qt, rep in cp["per_question_type"].items():  # ... yet every type keeps its answers in train
+        assert set(rep["test"]) <= set(rep["train"]), qt
     total = sum(cp["sizes"].values())
     assert total == 38575 + 9673  # all questions pooled, none lost
     assert 0.25 < cp["sizes"]["test"] / total < 0.5
+
+
+def test_cp_split_without_leak_moves_whole_groups():
+    dm = EasyVQADataModule(split="cp", cp_leak=0.0)
+    dm.setup()
+    assert dm.split_report["mean_tv_distance"] == 1.0
 
 
 def test_cp_split_every_test_answer_is_trainable(cp_dm):

@@ -1,0 +1,142 @@
+"""Attention benchmark at VL shapes: our Triton kernel vs torch SDPA vs FlexAttention (GPU).
+
+    python benchmarks/attention.py            # full table (needs a CUDA GPU)
+    python benchmarks/attention.py --quick    # fewer shapes
+
+Batch 128, 12 heads, head dim 64, (Lq, Lk) in {(20, 36), (36, 36), (40, 145), (50, 577),
+(577, 577)}; keys padded per sequence (30% on average); 0 / 50 / 75% of (batch, head) pairs
+dead. Every backend gets the equivalent mask: SDPA a boolean mask plus the head mask applied to
+its output, FlexAttention a ``create_block_mask`` over padding and dead heads. Prints times,
+ratios against SDPA and FlexAttention (one run, same process) and TFLOP/s counting only live
+work and all work. Starts with a correctness check against the torch reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vlcompress.kernels.reference import attention_reference
+
+SHAPES = [(20, 36), (36, 36), (40, 145), (50, 577), (577, 577)]
+DEAD = [0.0, 0.5, 0.75]
+
+
+def make_inputs(b, h, lq, lk, d, dead, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (
+        torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g) for n in (lq, lk, lk)
+    )
+    # ~30% of keys padded on average: lengths uniform in [0.4, 1.0] * Lk.
+    lengths = (lk * (0.4 + 0.6 * torch.rand(b, device="cuda", generator=g))).long().clamp(min=1)
+    kpm = torch.arange(lk, device="cuda")[None, :] < lengths[:, None]
+    live = torch.rand(b, h, device="cuda", generator=g) >= dead
+    return q, k, v, kpm, live, lengths
+
+
+def flops(b, h, lq, lk, d, live, lengths):
+    """Forward FLOPs (2 matmuls) counting all work and only live work (live heads, real keys)."""
+    all_work = 4.0 * b * h * lq * lk * d
+    live_work = 4.0 * lq * d * float((live.sum(1) * lengths).sum())
+    return all_work, live_work
+
+
+def backends(q, k, v, kpm, live, hm, attn_mask, flex, block_mask):
+    """The three implementations, each with the equivalent mask."""
+    from vlcompress.kernels.flash_attention import flash_attention
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return {
+        "ours": lambda: flash_attention(q, k, v, kpm, live),
+        "sdpa": lambda: sdpa(q, k, v, attn_mask=attn_mask) * hm,
+        "flex": lambda: flex(q, k, v, block_mask=block_mask),
+    }
+
+
+def bench(fn, backward: bool) -> float:
+    from triton.testing import do_bench
+
+    if not backward:
+        return do_bench(lambda: fn(), warmup=10, rep=50)
+    out = fn()
+    grad = torch.randn_like(out)
+
+    def step():
+        o = fn()
+        o.backward(grad)
+
+    return do_bench(step, warmup=10, rep=50, grad_to_none=None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py needs a CUDA GPU; nothing measured.")
+        return 0
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from vlcompress.kernels.flash_attention import flash_attention
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    flex = torch.compile(flex_attention, dynamic=False)
+    b, h, d = 128, 12, 64
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}")
+
+    # Correctness on the GPU against the fp32 reference, all features at once.
+    q, k, v, kpm, live, _ = make_inputs(4, h, 40, 145, d, 0.5, dtype, seed=1)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = flash_attention(q, k, v, kpm, live)
+    ref = attention_reference(q.float(), k.float(), v.float(), kpm, live)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.float())
+    errs = [float((out.float() - ref).abs().max())] + [
+        float((a.float() - e).abs().max()) for a, e in zip(got, want)
+    ]
+    ok = all(e < 5e-2 for e in errs)
+    print(
+        f"correctness vs reference (max abs err out/dq/dk/dv): {', '.join(f'{e:.2e}' for e in errs)} -> {'OK' if ok else 'FAIL'}"
+    )
+
+    header = f"{'Lq':>4} {'Lk':>4} {'dead':>5} {'pass':>7} | {'ours ms':>8} {'sdpa ms':>8} {'flex ms':>8} | {'/sdpa':>6} {'/flex':>6} | {'TF/s live':>9} {'TF/s all':>8} | {'/all-live':>9}"
+    print(header)
+    print("-" * len(header))
+    for lq, lk in SHAPES[1:3] if args.quick else SHAPES:
+        base_time = {}
+        for dead in DEAD:
+            q, k, v, kpm, live, lengths = make_inputs(b, h, lq, lk, d, dead, dtype)
+            for t in (q, k, v):
+                t.requires_grad_()
+            hm = live.to(dtype)[:, :, None, None]
+            attn_mask = kpm[:, None, None, :]
+
+            def mask_mod(bi, hi, qi, ki, kpm=kpm, live=live):
+                return kpm[bi, ki] & live[bi, hi]
+
+            block_mask = create_block_mask(mask_mod, b, h, lq, lk, device="cuda")
+            fns = backends(q, k, v, kpm, live, hm, attn_mask, flex, block_mask)
+            all_work, live_work = flops(b, h, lq, lk, d, live, lengths)
+            for backward in (False, True):
+                times = {name: bench(fn, backward) for name, fn in fns.items()}
+                mult = 3.5 if backward else 1.0  # backward ~ 2.5x the forward matmul work
+                t = times["ours"]
+                key = "fwd+bwd" if backward else "fwd"
+                base_time.setdefault(key, t)
+                print(
+                    f"{lq:>4} {lk:>4} {dead:>5.0%} {key:>7} | {t:>8.3f} {times['sdpa']:>8.3f} {times['flex']:>8.3f} | "
+                    f"{t / times['sdpa']:>6.2f} {t / times['flex']:>6.2f} | "
+                    f"{mult * live_work / t / 1e9:>9.1f} {mult * all_work / t / 1e9:>8.1f} | {t / base_time[key]:>9.2f}"
+                )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
