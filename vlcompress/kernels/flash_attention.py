@@ -27,6 +27,21 @@ from vlcompress.kernels.flash_attention_limits import BLOCK_SIZES, HEAD_DIMS
 
 
 @triton.jit
+def _load_kv_block(K, V, KMASK, kv_base, b, start_n, Lk, HAS_KMASK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """One block of keys and values, and which of its keys are real."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_range = offs_n < Lk
+    n_valid = in_range
+    if HAS_KMASK:
+        n_valid = n_valid & (tl.load(KMASK + b * Lk + offs_n, mask=in_range, other=0) != 0)
+    kv_off = kv_base + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    k = tl.load(K + kv_off, mask=in_range[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=in_range[:, None], other=0.0)
+    return k, v, n_valid
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, KMASK, KVLEN, HMASK, LAYOUT,
     lay_sb, lay_sh, lay_sq,
@@ -59,15 +74,9 @@ def _fwd_kernel(
         else:
             keep = True
         if keep:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < Lk
-            if HAS_KMASK:
-                n_valid = n_valid & (
-                    tl.load(KMASK + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0
-                )
-            kv_off = kv_base + offs_n[:, None] * BLOCK_D + offs_d[None, :]
-            k = tl.load(K + kv_off, mask=(offs_n < Lk)[:, None], other=0.0)
-            v = tl.load(V + kv_off, mask=(offs_n < Lk)[:, None], other=0.0)
+            k, v, n_valid = _load_kv_block(
+                K, V, KMASK, kv_base, b, start_n, Lk, HAS_KMASK, BLOCK_N, BLOCK_D
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(n_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -177,15 +186,9 @@ def _bwd_dq_kernel(
         else:
             keep = True
         if keep:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < Lk
-            if HAS_KMASK:
-                n_valid = n_valid & (
-                    tl.load(KMASK + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0
-                )
-            kv_off = kv_base + offs_n[:, None] * BLOCK_D + offs_d[None, :]
-            k = tl.load(K + kv_off, mask=(offs_n < Lk)[:, None], other=0.0)
-            v = tl.load(V + kv_off, mask=(offs_n < Lk)[:, None], other=0.0)
+            k, v, n_valid = _load_kv_block(
+                K, V, KMASK, kv_base, b, start_n, Lk, HAS_KMASK, BLOCK_N, BLOCK_D
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(n_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
