@@ -166,3 +166,27 @@ def test_larger_shapes(d, lq, lk):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_gpu(dtype):
     check(4, 12, 40, 145, 64, block_size=64, dtype=dtype, key_padding_mask=key_mask(4, 145))
+
+
+def test_auto_dispatch_falls_back_when_the_kernel_fails(monkeypatch, caplog):
+    import vlcompress.kernels.dispatch as dispatch
+    import vlcompress.kernels.flash_attention as fa
+
+    q, k, v = make(1, 2, 8, 8, 16)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(dispatch, "_TRITON_FAILED", [])
+    monkeypatch.setattr(dispatch, "_use_triton", lambda q, p: not dispatch._TRITON_FAILED)
+    monkeypatch.setattr(fa, "flash_attention", broken)
+    with caplog.at_level("WARNING"):
+        out = attention(q, k, v)
+    torch.testing.assert_close(out, attention_reference(q, k, v))
+    assert calls == [1] and "using torch SDPA" in caplog.text
+    attention(q, k, v)
+    assert calls == [1]  # not tried again
+    with pytest.raises(RuntimeError, match="no kernel"):
+        attention(q, k, v, backend="triton")  # a forced backend reports the failure

@@ -37,6 +37,33 @@ def triton_available() -> bool:
     return True
 
 
+_TRITON_FAILED: list[str] = []
+
+
+def _use_triton(q: torch.Tensor, dropout_p: float) -> bool:
+    """The automatic choice: CUDA, no dropout, a supported head dim, Triton importable and
+    not failed before in this process."""
+    from vlcompress.kernels.flash_attention_limits import HEAD_DIMS
+
+    return (
+        q.is_cuda
+        and dropout_p == 0.0
+        and q.shape[-1] in HEAD_DIMS
+        and not _TRITON_FAILED
+        and triton_available()
+    )
+
+
+def _disable_triton(error: Exception) -> None:
+    """Fall back to SDPA for the rest of the process, saying why once."""
+    _TRITON_FAILED.append(f"{type(error).__name__}: {error}")
+    log.warning(
+        "Triton attention failed (%s: %s); using torch SDPA from now on.",
+        type(error).__name__,
+        error,
+    )
+
+
 def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p):
     b, h, lq, _ = q.shape
     lk = k.shape[2]
@@ -84,14 +111,7 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        from vlcompress.kernels.flash_attention_limits import HEAD_DIMS
-
-        use_triton = (
-            q.is_cuda and dropout_p == 0.0 and q.shape[-1] in HEAD_DIMS and triton_available()
-        )
-    else:
-        use_triton = backend == "triton"
+    use_triton = _use_triton(q, dropout_p) if backend == "auto" else backend == "triton"
     if use_triton:
         if dropout_p:
             raise ValueError(
@@ -99,5 +119,11 @@ def attention(
             )
         from vlcompress.kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
+        args = (q, k, v, key_padding_mask, head_mask, block_layout, block_size)
+        if backend == "triton":
+            return flash_attention(*args)
+        try:
+            return flash_attention(*args)
+        except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
+            _disable_triton(e)
     return _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p)
