@@ -75,8 +75,7 @@ def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropou
         allowed = lay if allowed is None else allowed & lay
     empty = None
     if allowed is not None:
-        allowed = allowed.expand(b, h, lq, lk) if allowed.shape[1:3] != (h, lq) else allowed
-        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, H, Lq, 1) rows with no key
+        empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key (broadcast shape)
         if empty.any():
             allowed = allowed | empty
         else:
