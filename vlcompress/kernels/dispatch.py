@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from vlcompress.kernels.reference import expand_block_layout
+from vlcompress.kernels.reference import apply_head_mask, expand_block_layout
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "sdpa")
@@ -83,11 +83,7 @@ def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropou
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
-    if head_mask is not None:
-        hm = head_mask.to(out.dtype)
-        hm = hm[None, :, None, None] if hm.dim() == 1 else hm[:, :, None, None]
-        out = out * hm
-    return out
+    return apply_head_mask(out, head_mask)
 
 
 def attention(

@@ -250,10 +250,7 @@ def _prepare(q, k, v, key_padding_mask, head_mask, block_layout, block_size):
         while lay.dim() < 4:
             lay = lay.unsqueeze(0)
         lay = (lay != 0).to(torch.int8).expand(b, h, n_qb, n_kb)
-        lay_strides = (lay.stride(0), lay.stride(1), lay.stride(2))
-        if lay.stride(3) != 1:
-            lay = lay.contiguous()
-            lay_strides = (lay.stride(0), lay.stride(1), lay.stride(2))
+        lay_strides = (lay.stride(0), lay.stride(1), lay.stride(2))  # last dim is contiguous
     else:
         lay, lay_strides = torch.ones(1, dtype=torch.int8, device=dev), (0, 0, 0)
     return kmask, kvlen, hmask, lay, lay_strides

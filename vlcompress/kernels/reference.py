@@ -28,6 +28,15 @@ def expand_block_layout(
     return full[:, :, :lq, :lk]
 
 
+def apply_head_mask(out: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the dead heads of ``out (B, H, L, D)``; ``head_mask`` is ``(H,)`` or ``(B, H)``."""
+    if head_mask is None:
+        return out
+    hm = head_mask.to(out.device, out.dtype)
+    hm = hm[None, :, None, None] if hm.dim() == 1 else hm[:, :, None, None]
+    return out * hm
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,8 +60,5 @@ def attention_reference(
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> NaN -> 0
     out = torch.einsum("bhqk,bhkd->bhqd", p, v.float())
-    if head_mask is not None:
-        hm = head_mask.to(out.device, torch.float32)
-        hm = hm[None, :, None, None] if hm.dim() == 1 else hm[:, :, None, None]
-        out = out * hm
+    out = apply_head_mask(out, head_mask)
     return out.to(q.dtype)
