@@ -16,6 +16,7 @@ Images are decoded once into a ``uint8`` cache (``.npy``) and served from memory
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -224,15 +225,14 @@ class EasyVQADataModule(L.LightningDataModule):
         key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:10]
         return self.cache_dir / "easy_vqa" / f"{part}-images-{key}.npy"
 
-    def _decode_images(self, part: str) -> np.ndarray:
-        """``uint8 (num_images, 64, 64, 3)``, decoded once and cached atomically."""
+    def _image_cache(self, part: str) -> Path:
+        """Path of the ``uint8 (num_images, 64, 64, 3)`` cache of ``part``; the PNGs are
+        decoded (once) and the cache written atomically when it is missing or stale."""
         path = self._cache_path(part)
         folder = self.root / part / "images"
         n = sum(1 for f in folder.iterdir() if f.suffix == ".png")
-        if path.exists():
-            arr = np.load(path, mmap_mode="r")
-            if arr.shape[0] == n:
-                return np.asarray(arr)
+        if path.exists() and np.load(path, mmap_mode="r").shape[0] == n:  # header only
+            return path
         from PIL import Image
         from rich.progress import track
 
@@ -240,19 +240,17 @@ class EasyVQADataModule(L.LightningDataModule):
         arr = np.zeros((n, *first.shape), dtype=np.uint8)
         for i in track(range(n), description=f"decoding easy-VQA {part} images", transient=True):
             arr[i] = np.asarray(Image.open(folder / f"{i}.png").convert("RGB"))
-        import io
-
         buf = io.BytesIO()
         np.save(buf, arr)
         atomic_write_bytes(path, buf.getvalue())
         log.info("cached %d decoded %s images at %s", n, part, path)
-        return arr
+        return path
 
     def prepare_data(self) -> None:
         """Check the files and decode the images once (rank 0)."""
         self._check_files()
         for part in ("train", "test"):
-            self._decode_images(part)
+            self._image_cache(part)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
@@ -270,7 +268,7 @@ class EasyVQADataModule(L.LightningDataModule):
         offset = 0
         for part in ("train", "test"):
             rows = json.loads((root / part / "questions.json").read_text())
-            arr = self._decode_images(part)
+            arr = np.load(self._image_cache(part))
             for q, a, img in rows:
                 questions.append(q)
                 answers.append(a)
