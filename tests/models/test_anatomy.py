@@ -232,3 +232,14 @@ def test_huggingface_bert_is_recognised_automatically():
     with an.capture(model, ["encoder.layer.1"]) as states:
         out = model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(out, states["encoder.layer.1"])
+
+
+def test_removing_a_head_mask_restores_the_previous_one(mcan, batch):
+    an = anatomy_of(mcan)
+    first = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    an.mask_heads(mcan, {"encoder.0.attn": first})
+    with_first = mcan(batch)
+    (handle,) = an.mask_heads(mcan, {"encoder.0.attn": torch.tensor([0.0, 1.0, 1.0, 1.0])})
+    assert not torch.allclose(mcan(batch), with_first)
+    handle.remove()
+    torch.testing.assert_close(mcan(batch), with_first)  # the first mask is back, not "no mask"

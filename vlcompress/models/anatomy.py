@@ -282,8 +282,8 @@ class Anatomy:
                 )
             module = model.get_submodule(spec.name)
             if getattr(module, "supports_head_mask", False):
+                handles.append(_AttributeHandle(module, "head_mask", module.head_mask))
                 module.head_mask = mask
-                handles.append(_AttributeHandle(module, "head_mask", None))
                 continue
             out = model.get_submodule(spec.out)
             handles.append(out.register_forward_pre_hook(_gate_hook(mask, spec.head_dim)))
