@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "setting up $(VENV) (offline-friendly; takes a minute the first time)"
 	@$(PIP) install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
