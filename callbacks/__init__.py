@@ -1,12 +1,26 @@
 """Lightning callbacks (installed as ``vlcompress.callbacks``): compression methods and guards.
 
-Every callback talks to models only through :mod:`vlcompress.models.anatomy`, so it works in
-other people's Lightning projects too.
+Every callback derives from :class:`CompressionCallback` and talks to models only through
+:mod:`vlcompress.models.anatomy`, so it works in other people's Lightning projects too, under
+``lightning.pytorch`` and ``pytorch_lightning`` Trainers alike.
 """
 
+from vlcompress.callbacks.base import (
+    CompressionCallback,
+    collect_report_rows,
+    collect_reports,
+)
 from vlcompress.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
 
 CALLBACKS: dict[str, type] = {"finite_loss_guard": FiniteLossGuard}
-"""Callbacks an experiment may list under ``callbacks:`` by name."""
+"""Callbacks an experiment may list under ``callbacks:`` by name (being replaced by
+``vlcompress.registry.components("callback")``)."""
 
-__all__ = ["CALLBACKS", "FiniteLossGuard", "NonFiniteLossError"]
+__all__ = [
+    "CALLBACKS",
+    "CompressionCallback",
+    "FiniteLossGuard",
+    "NonFiniteLossError",
+    "collect_report_rows",
+    "collect_reports",
+]
