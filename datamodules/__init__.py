@@ -1,7 +1,9 @@
-"""LightningDataModules, one per benchmark (installed as ``vlcompress.datamodules``)."""
+"""LightningDataModules, one per benchmark (installed as ``vlcompress.datamodules``).
 
-from vlcompress.datamodules.easy_vqa import EasyVQADataModule
+Each module registers itself (``@register("datamodule", name, options=...)``) and fulfils the
+data contract of :mod:`vlcompress.data.contract`.
+"""
 
-DATAMODULES = {"easy_vqa": EasyVQADataModule}
+from vlcompress.datamodules.easy_vqa import EasyVQADataModule, EasyVQAOptions
 
-__all__ = ["DATAMODULES", "EasyVQADataModule"]
+__all__ = ["EasyVQADataModule", "EasyVQAOptions"]

@@ -1,14 +1,13 @@
-"""easy-VQA (the real data of the ``easy-vqa`` package) as a LightningDataModule.
+"""easy-VQA (the real data of the ``easy-vqa`` package) as a :class:`VQADataModule`.
 
-Two splits:
+Two splits (shared with every VQA benchmark, see :mod:`vlcompress.data.contract`):
 
 * ``standard`` — the package's own train / test questions (a validation set is carved from
   train);
-* ``cp`` — a VQA-CP-style re-split, built as VQA-CP v2 was built from VQA v2: all questions are
-  pooled, grouped by question type (its leading words) and answer, and whole (type, answer)
-  groups are assigned to test until the type's test share reaches ``cp_test_fraction``, so that
-  per question type the train and test answer distributions differ strongly. Deterministic by
-  ``seed``.
+* ``cp`` — a VQA-CP-style re-split (:func:`vlcompress.data.changing_priors_split`): all
+  questions are pooled, grouped by question type (its leading words) and answer, and groups
+  are assigned to test per type, so that the train and test answer priors differ strongly.
+  Deterministic by ``seed``.
 
 Images are decoded once into a ``uint8`` cache (``.npy``) and served from memory.
 """
@@ -20,22 +19,32 @@ import io
 import json
 import logging
 import os
-import random
-from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from vlcompress.data import AnswerVocab, VLBatch, WordVocab, tokenize
+from vlcompress.data import (
+    AnswerVocab,
+    EpochShuffleSampler,
+    VLBatch,
+    VQADataModule,
+    VQADataOptions,
+    WordVocab,
+    question_type_prior,
+    tokenize,
+)
+from vlcompress.data.resplit import total_variation
+from vlcompress.registry import register
 from vlcompress.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("standard", "cp")
+__all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type", "total_variation"]
+
 YES_NO = frozenset({"yes", "no"})
 NUM_ANNOTATORS = 10
 
@@ -48,7 +57,7 @@ def default_data_dir() -> Path:
         raise FileNotFoundError(
             "easy-VQA data not found: the `easy-vqa` package is not installed. "
             "Install it with `pip install easy-vqa` (make train/make test do), or set "
-            "data.data_dir to a folder holding answers.txt, train/ and test/."
+            "data.options.data_dir to a folder holding answers.txt, train/ and test/."
         ) from e
     return Path(easy_vqa.__file__).parent / "data"
 
@@ -68,14 +77,10 @@ def question_type(question: str, content_words: frozenset[str], max_words: int =
     return " ".join(prefix) or words[0]
 
 
-def _distribution(counter: Counter) -> dict[str, float]:
-    total = sum(counter.values())
-    return {k: v / total for k, v in counter.items()} if total else {}
-
-
-def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
-    """Total-variation distance between two answer distributions (0 = same, 1 = disjoint)."""
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+@dataclass(frozen=True)
+class EasyVQAOptions(VQADataOptions):
+    """easy-VQA options: those of every VQA benchmark (:class:`VQADataOptions`); ``data_dir``
+    defaults to the data shipped with the ``easy-vqa`` package."""
 
 
 class _Split(Dataset):
@@ -103,6 +108,7 @@ class _Split(Dataset):
             targets=dm._targets[r],
             question_id=r.clone(),
             question_type=[dm._qtypes[i] for i in r.tolist()],
+            question_type_id=dm._qtype_ids[r],
             answer_type=[dm._atypes[i] for i in r.tolist()],
             answers=[[a] * NUM_ANNOTATORS for a in answers],
         )
@@ -112,90 +118,44 @@ def _identity(batch: VLBatch) -> VLBatch:
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffles with a permutation derived from ``(seed, epoch)`` only.
-
-    Lightning calls :meth:`set_epoch` before each epoch, so a run resumed from a checkpoint sees
-    exactly the batches the uninterrupted run would have seen.
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-class EasyVQADataModule(L.LightningDataModule):
-    """easy-VQA: 64x64 images of one shape in one colour, 13 answers.
+@register("datamodule", "easy_vqa", options=EasyVQAOptions, context=("seed",))
+class EasyVQADataModule(VQADataModule):
+    """easy-VQA: 64x64 images of one shape in one colour, 13 answers (pixels in, word ids).
 
     Args:
-        data_dir: folder with ``answers.txt``, ``{train,test}/questions.json`` and
-            ``{train,test}/images/<id>.png``; default: the installed package's data.
-        split: ``"standard"`` or ``"cp"`` (VQA-CP-style changing priors).
-        val_fraction: share of the training questions held out for validation.
-        cp_test_fraction: per question type, the share of questions the ``cp`` split moves to test.
-        cp_leak: share of every (question type, answer) group that crosses to the other split,
-            so each answer stays learnable for each type while the priors are reversed
-            (0 = whole groups, as in VQA-CP; then a yes/no type's test answer never occurs
-            with that type in training).
-        seed: seed of every random choice (validation carve-out, ``cp`` assignment).
-        batch_size: training batch size.
-        eval_batch_size: validation / test batch size.
-        max_question_len: question tokens kept (MCAN uses 14).
-        cache_dir: where decoded images are cached (default ``$VLCOMPRESS_CACHE`` or
-            ``~/.cache/vlcompress``).
-        num_workers: data-loader workers (0 is fastest: batches are tensor slices).
+        options: :class:`EasyVQAOptions` (split, fractions, batch sizes, folders).
+        seed: seed of every random choice (validation carve-out, ``cp`` assignment, shuffling).
+        **overrides: option fields given directly, e.g. ``EasyVQADataModule(split="cp")``.
 
     Raises:
-        ValueError: for a bad split name or fractions outside (0, 1).
+        ValueError: for a bad split name or fractions out of range.
         FileNotFoundError: when ``data_dir`` lacks the expected files.
+
+    Example::
+
+        dm = EasyVQADataModule(split="cp", batch_size=64)
+        dm.prepare_data(); dm.setup()
+        dm.question_type_prior().shape  # (question types, 13 answers)
     """
 
+    text_encoding = "words"
+    visual_input = "pixels"
+
     def __init__(
-        self,
-        data_dir: str | None = None,
-        split: Literal["standard", "cp"] = "standard",
-        val_fraction: float = 0.1,
-        cp_test_fraction: float = 0.33,
-        cp_leak: float = 0.1,
-        seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        max_question_len: int = 14,
-        cache_dir: str | None = None,
-        num_workers: int = 0,
+        self, options: EasyVQAOptions | None = None, seed: int = 0, **overrides: Any
     ) -> None:
-        super().__init__()
-        if split not in SPLITS:
-            raise ValueError(f"easy-VQA split must be one of {SPLITS}, got {split!r}.")
-        for name, v in (("val_fraction", val_fraction), ("cp_test_fraction", cp_test_fraction)):
-            if not 0.0 < v < 1.0:
-                raise ValueError(f"easy-VQA {name} must be in (0, 1), got {v}.")
-        if not 0.0 <= cp_leak < 0.5:
-            raise ValueError(f"easy-VQA cp_leak must be in [0, 0.5), got {cp_leak}.")
-        self.cp_leak = cp_leak
-        self.data_dir = Path(data_dir) if data_dir else None
-        self.split = split
-        self.val_fraction = val_fraction
-        self.cp_test_fraction = cp_test_fraction
-        self.seed = seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.max_question_len = max_question_len
+        options = options or EasyVQAOptions()
+        if overrides:
+            options = replace(options, **overrides)
+        super().__init__(options, seed)
+        self.data_dir = Path(options.data_dir) if options.data_dir else None
+        self.split = options.split
+        self.batch_size = options.batch_size
+        self.eval_batch_size = options.eval_batch_size
         self.cache_dir = Path(
-            cache_dir or os.environ.get("VLCOMPRESS_CACHE", Path.home() / ".cache" / "vlcompress")
+            options.cache_dir
+            or os.environ.get("VLCOMPRESS_CACHE", Path.home() / ".cache" / "vlcompress")
         )
-        self.num_workers = num_workers
-        self.split_report: dict[str, Any] = {}
         self._ready = False
 
     # ------------------------------------------------------------------ files
@@ -276,7 +236,6 @@ class EasyVQADataModule(L.LightningDataModule):
                 parts.append(part)
             image_arrays.append(arr)
             offset += arr.shape[0]
-        n = len(questions)
         self._images = torch.from_numpy(np.concatenate(image_arrays))
         self._image_index = torch.tensor(images, dtype=torch.long)
         self._answers = answers
@@ -286,86 +245,31 @@ class EasyVQADataModule(L.LightningDataModule):
         ]
         self.answer_vocab = AnswerVocab(answers_list)
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in answers])
-        parts_arr = np.array(parts)
-        rng = random.Random(self.seed)
-        if self.split == "standard":
-            train_all = np.flatnonzero(parts_arr == "train")
-            test = np.flatnonzero(parts_arr == "test")
-        else:
-            train_all, test = self._cp_split(n, rng)
-        train_all = np.array(train_all)
-        perm = np.array(rng.sample(range(len(train_all)), len(train_all)), dtype=np.int64)
-        n_val = max(1, int(round(self.val_fraction * len(train_all))))
-        val, train = np.sort(train_all[perm[:n_val]]), np.sort(train_all[perm[n_val:]])
+        self.index = self.split_indices(parts, self._qtypes, answers)
+        train = self.index["train"]
         self.word_vocab = WordVocab.build(questions[i] for i in train)
-        self._text_ids = self.word_vocab.encode(questions, self.max_question_len)
-        self.index = {"train": train, "val": val, "test": np.sort(np.asarray(test))}
+        self._text_ids = self.word_vocab.encode(questions, self.options.max_question_len)
         self.question_types = sorted(set(self._qtypes))
+        qt_index = {q: i for i, q in enumerate(self.question_types)}
+        self._qtype_ids = torch.tensor([qt_index[q] for q in self._qtypes], dtype=torch.long)
         self.answer_types = ["yes/no", "number", "other"]
-        self.split_report = self._report()
+        self.split_report = self.split_report_for(self._qtypes, answers, self.index)
         log.info(
             "easy-VQA %s split: %d train / %d val / %d test questions; %d question types; "
             "mean per-type train-vs-test answer TV distance %.3f",
-            self.split, len(train), len(val), len(test), len(self.question_types),
-            self.split_report["mean_tv_distance"],
+            self.split, len(train), len(self.index["val"]), len(self.index["test"]),
+            len(self.question_types), self.split_report["mean_tv_distance"],
         )  # fmt: skip
         self._ready = True
 
-    def _cp_split(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
-        groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-        for i in range(n):
-            groups[self._qtypes[i]][self._answers[i]].append(i)
-        train, test = [], []
-        chosen: dict[str, list[str]] = defaultdict(list)
-        for qtype in sorted(groups):
-            by_answer = groups[qtype]
-            order = sorted(by_answer)
-            rng.shuffle(order)
-            total = sum(len(v) for v in by_answer.values())
-            n_test = 0
-            for k, ans in enumerate(order):
-                last_left = k == len(order) - 1
-                group = list(by_answer[ans])
-                rng.shuffle(group)
-                n_leak = int(round(self.cp_leak * len(group)))
-                if n_test < self.cp_test_fraction * total and not last_left:
-                    test.extend(group[n_leak:])
-                    train.extend(group[:n_leak])
-                    n_test += len(group)
-                    chosen[qtype].append(ans)
-                else:
-                    train.extend(group[n_leak:])
-                    test.extend(group[:n_leak])
-        # As in VQA-CP: every answer tested must be learnable, so an answer no training
-        # question has gets its smallest test group moved back to train.
-        train_answers = {self._answers[i] for i in train}
-        for ans in sorted({self._answers[i] for i in test} - train_answers):
-            qtype = min((q for q in chosen if ans in chosen[q]), key=lambda q: len(groups[q][ans]))
-            moved = set(groups[qtype][ans]) - set(train)
-            test = [i for i in test if i not in moved]
-            train.extend(moved)
-        return sorted(train), sorted(test)
-
-    def _report(self) -> dict[str, Any]:
-        """Per question type: answer distributions of train and test, and their TV distance."""
-        per_type: dict[str, Any] = {}
-        for qt in self.question_types:
-            dist = {}
-            for part in ("train", "test"):
-                c = Counter(self._answers[i] for i in self.index[part] if self._qtypes[i] == qt)
-                dist[part] = _distribution(c)
-            per_type[qt] = {
-                "tv_distance": total_variation(dist["train"], dist["test"]),
-                "train": dist["train"],
-                "test": dist["test"],
-            }
-        tvs = [v["tv_distance"] for v in per_type.values()]
-        return {
-            "split": self.split,
-            "sizes": {k: int(len(v)) for k, v in self.index.items()},
-            "mean_tv_distance": float(np.mean(tvs)) if tvs else 0.0,
-            "per_question_type": per_type,
-        }
+    def question_type_prior(self) -> torch.Tensor:
+        """Per question type, the mean soft score of each answer over the training questions."""
+        if not self._ready:
+            self.setup()
+        train = torch.as_tensor(self.index["train"])
+        return question_type_prior(
+            self._targets[train], self._qtype_ids[train], len(self.question_types)
+        )
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, part: str, shuffle: bool) -> DataLoader:
@@ -378,8 +282,8 @@ class EasyVQADataModule(L.LightningDataModule):
             batch_size=bs,
             sampler=EpochShuffleSampler(len(rows), self.seed) if shuffle else None,
             collate_fn=_identity,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.options.num_workers,
+            persistent_workers=self.options.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

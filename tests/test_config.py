@@ -1,4 +1,5 @@
-"""Experiments: every file validates; bad configs report every problem at once."""
+"""Experiments: every file validates; bad configs report every problem at once, including every
+component's options against its own registered dataclass."""
 
 import pytest
 
@@ -22,27 +23,65 @@ def test_all_errors_reported_at_once_with_suggestions():
         load_experiment(
             "default",
             [
-                "data.batchsize=3",
+                "data.options.batchsize=3",
                 "optim.lr=-1",
                 "trainer.max_epochs=abc",
-                "data.split=cpp",
+                "data.options.split=cpp",
                 "model.options.hiden_size=8",
-                "task.loss=lmh",
+                "loss.name=lmhh",
             ],
         )
     errs = e.value.errors
-    assert len(errs) == 6
+    assert len(errs) == 6, errs
     text = "\n".join(errs)
-    assert "data.batchsize: unknown key; did you mean 'batch_size'" in text
+    assert "data.options.batchsize: unknown key; did you mean 'batch_size'" in text
     assert "optim.lr: must be > 0.0, got -1" in text
     assert "trainer.max_epochs: expected int, got str 'abc'" in text
-    assert "data.split: 'cpp' is not one of ['standard', 'cp']" in text
+    assert "data.options.split: 'cpp' is not one of ['standard', 'cp']; did you mean 'cp'" in text
     assert "model.options.hiden_size: unknown key; did you mean 'hidden_size'" in text
-    assert "task.loss: 'lmh' is not one of" in text
+    assert "loss.name: unknown loss 'lmhh'" in text and "bce" in text
+
+
+def test_component_options_and_cross_field_checks_reported_together():
+    with pytest.raises(ConfigError) as e:
+        load_experiment(
+            "default",
+            [
+                "callbacks=[{name: finite_loss_guard, options: {bogus: 1}}]",
+                "loss.options.gamma=3",
+                "model.options.hidden_size=100",
+                "model.options.num_heads=8",
+                "task.options.x=1",
+            ],
+        )
+    text = "\n".join(e.value.errors)
+    assert len(e.value.errors) == 4, text
+    assert "callbacks[0].options.bogus: unknown key" in text
+    assert "loss.options.gamma: unknown key" in text
+    # The model's own cross-field check (__post_init__) runs at validation time.
+    assert "model.options: MCAN hidden_size (100) must be divisible by num_heads (8)" in text
+    assert "task.options.x: unknown key" in text
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.options.hidden_size=-5", "model.options.hidden_size: must be >= 1, got -5"),
+        ("model.options.dropout=1.5", "model.options.dropout: must be < 1.0, got 1.5"),
+        ("data.options.cp_leak=0.7", "data.options.cp_leak: must be < 0.5, got 0.7"),
+        ("model.name=mcan_smal", "did you mean 'mcan_small'"),
+        ("data.batch_size=3", "data.batch_size: unknown key; a component has only 'name' and"),
+        ("callbacks=[{options: {}}]", "callbacks[0]: expected a mapping {name: <registered"),
+    ],
+)
+def test_single_component_errors(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_experiment("default", [override])
+    assert expected in str(e.value)
 
 
 def test_unknown_experiment_lists_available():
-    with pytest.raises(ConfigError, match="Available: .*default") as e:
+    with pytest.raises(ConfigError, match="Available in .*: .*default") as e:
         load_experiment("defualt")
     assert "Did you mean default" in str(e.value)
 
@@ -52,6 +91,13 @@ def test_malformed_override():
         load_experiment("default", ["trainer.max_epochs"])
 
 
+def test_yaml_syntax_error_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: mcan_small\n")
+    with pytest.raises(ConfigError, match="cannot read .*bad.yaml"):
+        load_experiment(str(bad))
+
+
 def test_unknown_callback_named():
     with pytest.raises(ConfigError, match="unknown callback 'magnitude_prune'"):
         validate({"callbacks": [{"name": "magnitude_prune"}]})
@@ -59,15 +105,16 @@ def test_unknown_callback_named():
 
 def test_overrides_apply_and_types_build():
     cfg, _ = load_experiment(
-        "default", ["trainer.max_epochs=2", "data.split=cp", "output_dir=/tmp/x"]
+        "default", ["trainer.max_epochs=2", "data.options.split=cp", "output_dir=/tmp/x"]
     )
-    assert cfg.trainer.max_epochs == 2 and cfg.data.split == "cp" and cfg.output_dir == "/tmp/x"
+    assert cfg.trainer.max_epochs == 2 and cfg.data.options["split"] == "cp"
+    assert cfg.output_dir == "/tmp/x"
     assert cfg.model.options["visual_input"] == "grid"
 
 
 def test_cli_exit_codes(capsys):
     assert main(["validate", "default"]) == 0
-    assert main(["validate", "default", "data.batchsize=3", "foo=1"]) == 2
+    assert main(["validate", "default", "data.options.batchsize=3", "foo=1"]) == 2
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "foo: unknown key" in err
     assert main(["train", "nope"]) == 2

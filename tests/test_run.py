@@ -6,17 +6,18 @@ import json
 import pytest
 import torch
 
+from vlcompress import registry
 from vlcompress.callbacks import NonFiniteLossError
 from vlcompress.config import load_experiment
-from vlcompress.losses import LOSSES
+from vlcompress.losses import BCELoss
 from vlcompress.run import run_experiment
 
 TINY = [
     "model.name=mcan_tiny",
     "model.options={visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}",
     "progress_bar=false",
-    "data.batch_size=32",
-    "data.eval_batch_size=256",
+    "data.options.batch_size=32",
+    "data.options.eval_batch_size=256",
     "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
@@ -81,23 +82,26 @@ def test_resume_without_checkpoint_is_explained(tmp_path):
         run_experiment(cfg, raw)
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    bce = LOSSES["bce"]
+class NaNAtCall(BCELoss):
+    """BCE whose ``at``-th training call returns NaN (a registered loss, as a user would add)."""
 
-    def flaky(logits, targets):
-        loss = bce(logits, targets)
-        if not torch.is_grad_enabled():  # validation / test: untouched
+    def __init__(self, at: int = 9) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, logits, batch, extras):
+        loss = super().forward(logits, batch, extras)
+        if not self.training:  # validation / test: untouched
             return loss
-        calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 9 else loss
+        self.calls += 1
+        return loss * float("nan") if self.calls == self.at else loss
 
-    monkeypatch.setitem(LOSSES, "nan_at_9", flaky)
-    monkeypatch.setattr(
-        "vlcompress.config._registry",
-        lambda kind: ["bce", "nan_at_9"] if kind == "losses" else ["mcan_tiny"],
-    )
-    cfg, raw = tiny(tmp_path, "trainer.max_epochs=3", "task.loss=nan_at_9")
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    registry.components("loss")  # load the built-ins, then register on a copy of the registry
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+    registry.register("loss", "nan_at")(NaNAtCall)
+    cfg, raw = tiny(tmp_path, "trainer.max_epochs=3", "loss.name=nan_at", "loss.options.at=9")
     # 6 training batches per epoch: the 9th training loss is step 8 (epoch 1, batch 2).
     with pytest.raises(NonFiniteLossError, match=r"global step 8 \(epoch 1, batch 2\)"):
         run_experiment(cfg, raw)

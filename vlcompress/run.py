@@ -24,11 +24,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from vlcompress.callbacks import CALLBACKS, FiniteLossGuard
-from vlcompress.config import ConfigError, DataConfig, ExperimentConfig
-from vlcompress.datamodules import DATAMODULES
-from vlcompress.models import build_model
-from vlcompress.tasks import VQATask
+from vlcompress import registry
+from vlcompress.callbacks import FiniteLossGuard
+from vlcompress.config import ComponentConfig, ConfigError, ExperimentConfig
+from vlcompress.data.contract import check_data_contract
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
 from vlcompress.utils.flops import count_parameters, flops_per_sample
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
@@ -37,54 +36,84 @@ from vlcompress.utils.plots import plot_training_curves
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(cfg: DataConfig, seed: int) -> L.LightningDataModule:
-    """The configured data module, set up (vocabularies are needed to size the model)."""
-    kwargs = {k: v for k, v in asdict(cfg).items() if k != "name"}
-    dm = DATAMODULES[cfg.name](seed=seed, **kwargs)
+def build_datamodule(cfg: ComponentConfig, seed: int) -> L.LightningDataModule:
+    """The configured data module, set up (vocabularies are needed to size the model).
+
+    Raises:
+        ConfigError: when the module does not fulfil the data contract.
+    """
+    dm = registry.build("datamodule", cfg.name, cfg.options, seed=seed)
     dm.prepare_data()
     dm.setup("fit")
+    problems = check_data_contract(dm)
+    if problems:
+        raise ConfigError([f"data: {p}" for p in problems])
     return dm
 
 
-def build_task(cfg: ExperimentConfig, dm: Any) -> VQATask:
-    """The model named in the config wrapped in a :class:`VQATask`."""
-    model = build_model(
-        cfg.model.name, len(dm.word_vocab), len(dm.answer_vocab), **dict(cfg.model.options)
+def build_task(cfg: ExperimentConfig, dm: Any) -> L.LightningModule:
+    """The configured model, loss and task around the data module's answers and prior."""
+    info = dm.info()
+    model = registry.build(
+        "model",
+        cfg.model.name,
+        cfg.model.options,
+        vocab_size=info.vocab_size,
+        num_answers=len(info.answers),
     )
     o = asdict(cfg.optim)
     o.pop("grad_clip")
-    return VQATask(
-        model,
-        dm.answer_vocab.answers,
-        loss=cfg.task.loss,
+    return registry.build(
+        "task",
+        cfg.task.name,
+        cfg.task.options,
+        model=model,
+        answers=info.answers,
+        loss=registry.build("loss", cfg.loss.name, cfg.loss.options),
         optimizer=o,
         scheduler=asdict(cfg.scheduler),
-        answer_types=dm.answer_types,
-        question_types=dm.question_types,
+        answer_types=info.answer_types,
+        question_types=info.question_types,
+        question_type_prior=info.question_type_prior,
     )
 
 
 def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
-    """Checkpointing, the NaN guard, the progress bar and the experiment's own callbacks."""
+    """Checkpointing, the NaN guard (the experiment's own, or a default one), the progress bar
+    and the experiment's callbacks, each built from the registry. Callbacks are told that they
+    run inside a vlcompress run (``within_vlcompress_run``), so their advice names config keys."""
+    own = [registry.build("callback", c.name, c.options) for c in cfg.callbacks]
+    for cb in own:
+        if hasattr(cb, "within_vlcompress_run"):
+            cb.within_vlcompress_run = True
     cbs: list[Callback] = [
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max",
             save_last=True, save_top_k=1, auto_insert_metric_name=False,
         ),
-        FiniteLossGuard(),
     ]  # fmt: skip
+    if not any(isinstance(cb, FiniteLossGuard) for cb in own):
+        guard = FiniteLossGuard()
+        if hasattr(guard, "within_vlcompress_run"):
+            guard.within_vlcompress_run = True
+        cbs.append(guard)
     if cfg.progress_bar:
         cbs.append(RichProgressBar(leave=True))
-    for spec in cfg.callbacks:
-        spec = dict(spec)
-        cls = CALLBACKS[spec.pop("name")]
-        if cls is FiniteLossGuard:
-            continue
-        try:
-            cbs.append(cls(**spec))
-        except TypeError as e:
-            raise ConfigError([f"callbacks: {cls.__name__}: {e}"]) from e
-    return cbs
+    return cbs + own
+
+
+def callback_reports(trainer: L.Trainer) -> dict[str, Any]:
+    """``{state_key: report}`` of every callback that reports (compression callbacks do)."""
+    out = {}
+    for cb in trainer.callbacks:
+        report = getattr(cb, "report", None)
+        if callable(report):
+            rows = getattr(cb, "report_rows", None)
+            out[cb.state_key] = {
+                "report": report(),
+                "rows": [list(r) for r in rows()] if callable(rows) else [],
+            }
+    return out
 
 
 def resolve_output_dir(cfg: ExperimentConfig) -> Path:
@@ -201,11 +230,12 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
                 "model": cfg.model.name,
                 "data": {
                     "name": cfg.data.name,
-                    "split": cfg.data.split,
+                    "split": getattr(dm, "split_report", {}).get("split"),
                     **getattr(dm, "split_report", {}).get("sizes", {}),
                     "mean_tv_distance": getattr(dm, "split_report", {}).get("mean_tv_distance"),
                 },
                 "test": task.test_report,
+                "callbacks": callback_reports(trainer),
                 "best_val_accuracy": float(best_score) if best_score is not None else None,
                 "parameters": count_parameters(task.model),
                 "flops_per_sample": flops_per_sample(task.model.to("cpu"), sample),

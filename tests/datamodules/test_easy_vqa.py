@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlcompress.data import VLBatch
+from vlcompress.data import EpochShuffleSampler, VLBatch, total_variation
 from vlcompress.datamodules import EasyVQADataModule
-from vlcompress.datamodules.easy_vqa import EpochShuffleSampler, question_type, total_variation
+from vlcompress.datamodules.easy_vqa import question_type
 
 
 def test_standard_split_sizes_and_disjointness(easy_vqa_dm):

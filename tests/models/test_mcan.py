@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from vlcompress.data import VLBatch
-from vlcompress.models import MCAN, build_model
+from vlcompress.models import build_model
+from vlcompress.models.mcan import MCAN
+from vlcompress.registry import UnknownComponentError
 
 
 def count(m):
@@ -75,12 +77,14 @@ def test_input_kind_mismatch_is_explained(easy_vqa_batch):
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="unknown MCAN option"):
+    with pytest.raises(TypeError, match=r"model 'mcan_tiny': unknown option\(s\) \['hiden_size'\]"):
         build_model("mcan_tiny", 30, 7, hiden_size=3)
-    with pytest.raises(ValueError, match="unknown model 'mcan_huge'"):
+    with pytest.raises(UnknownComponentError, match="unknown model 'mcan_huge'.*'mcan_large'"):
         build_model("mcan_huge", 30, 7)
     with pytest.raises(ValueError, match="divisible"):
         build_model("mcan_tiny", 30, 7, hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="hidden_size: must be >= 1, got -5"):
+        build_model("mcan_tiny", 30, 7, hidden_size=-5)
 
 
 def test_grid_cells_mismatch_is_explained(easy_vqa_batch):

@@ -21,6 +21,8 @@ class VLBatch:
         targets: ``(B, A)`` soft answer scores (VQA targets), or ``None`` at inference.
         question_id: ``(B,)`` long.
         question_type: question-type string per example.
+        question_type_id: ``(B,)`` long, index of the question type in the data module's
+            ``question_types`` (the row of the question-type prior), or ``None``.
         answer_type: answer-type string per example.
         answers: the annotators' answer strings per example (for the official metric).
     """
@@ -35,6 +37,7 @@ class VLBatch:
     question_type: list[str] = field(default_factory=list)
     answer_type: list[str] = field(default_factory=list)
     answers: list[list[str]] = field(default_factory=list)
+    question_type_id: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.text_ids.shape[0])

@@ -1,11 +1,18 @@
-"""Base VQA models (one file each) and the anatomy every callback works through."""
+"""Base VQA models (one file each, each registering itself) and the anatomy every callback
+works through.
+
+Importing this package is cheap: it loads the anatomy only. Model files are imported by the
+registry on first use (``vlcompress.registry.components("model")``) or directly, e.g.
+``from vlcompress.models.mcan import MCAN``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
+from vlcompress import registry
 from vlcompress.models.anatomy import (
     BERT_PATTERNS,
     Anatomy,
@@ -14,43 +21,22 @@ from vlcompress.models.anatomy import (
     anatomy_from_patterns,
     anatomy_of,
 )
-from vlcompress.models.mcan import MCAN, MCAN_VARIANTS, MCANConfig
 
 
-def _mcan(variant: str) -> Callable[..., nn.Module]:
-    def build(vocab_size: int, num_answers: int, **options) -> nn.Module:
-        return MCAN.from_variant(variant, vocab_size, num_answers, **options)
-
-    return build
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {f"mcan_{v}": _mcan(v) for v in MCAN_VARIANTS}
-"""Registry of named model variants: ``name -> build(vocab_size, num_answers, **options)``."""
-
-MODEL_CONFIGS: dict[str, type] = {f"mcan_{v}": MCANConfig for v in MCAN_VARIANTS}
-"""The dataclass whose fields are each model's valid ``options`` (used by config validation)."""
-
-
-def build_model(name: str, vocab_size: int, num_answers: int, **options) -> nn.Module:
-    """Build the registered model ``name``.
+def build_model(name: str, vocab_size: int, num_answers: int, **options: Any) -> nn.Module:
+    """Build the registered model ``name`` with ``options`` (fields of its options dataclass).
 
     Raises:
-        ValueError: for an unknown name (the known ones are listed) or unknown options.
+        vlcompress.registry.UnknownComponentError: for an unknown name (closest names listed).
+        TypeError, ValueError: for unknown or contradictory options.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}.")
-    return MODELS[name](vocab_size, num_answers, **options)
+    return registry.build("model", name, options, vocab_size=vocab_size, num_answers=num_answers)
 
 
 __all__ = [
     "BERT_PATTERNS",
-    "MCAN",
-    "MCAN_VARIANTS",
-    "MODELS",
-    "MODEL_CONFIGS",
     "Anatomy",
     "AnatomyPatterns",
-    "MCANConfig",
     "Modality",
     "anatomy_from_patterns",
     "anatomy_of",

@@ -10,38 +10,57 @@ Post-norm residual blocks, dropout 0.1.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vlcompress.data.batch import VLBatch
 from vlcompress.kernels import attention
+from vlcompress.options import check_fields, in_range
+from vlcompress.registry import register
 from vlcompress.models.anatomy import Anatomy, AttentionSpec, FFNSpec, LayerSpec, Modality
+
+
+_POSITIVE = in_range(1)
 
 
 @dataclass(frozen=True)
 class MCANConfig:
-    """Sizes and inputs of an MCAN model (see :data:`MCAN_VARIANTS`)."""
+    """Sizes and inputs of an MCAN model (see :data:`MCAN_VARIANTS`).
 
-    hidden_size: int = 512
-    num_heads: int = 8
-    ffn_size: int = 2048
-    num_layers: int = 6
-    dropout: float = 0.1
-    flat_mlp_size: int = 512
-    flat_glimpses: int = 1
-    flat_out_size: int = 1024
-    word_dim: int = 300
+    Attributes:
+        hidden_size: width of every layer (divisible by ``num_heads``).
+        num_heads: attention heads per block.
+        ffn_size: feed-forward units.
+        num_layers: SA encoder layers = SGA decoder layers.
+        dropout: dropout everywhere (attention included).
+        flat_mlp_size, flat_glimpses, flat_out_size: the attentional reduction (AttFlat).
+        word_dim: word-embedding size (GloVe: 300).
+        visual_input: ``regions`` (features ``(B, N, region_dim)``) or ``grid`` (pixels through
+            a conv stem).
+        region_dim: region feature size; ``use_boxes``/``box_dim``: optional box features.
+        grid_channels, grid_context_layers, grid_pool, grid_cells: the conv stem of ``grid``.
+    """
+
+    hidden_size: int = field(default=512, metadata=_POSITIVE)
+    num_heads: int = field(default=8, metadata=_POSITIVE)
+    ffn_size: int = field(default=2048, metadata=_POSITIVE)
+    num_layers: int = field(default=6, metadata=_POSITIVE)
+    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
+    flat_mlp_size: int = field(default=512, metadata=_POSITIVE)
+    flat_glimpses: int = field(default=1, metadata=_POSITIVE)
+    flat_out_size: int = field(default=1024, metadata=_POSITIVE)
+    word_dim: int = field(default=300, metadata=_POSITIVE)
     visual_input: Literal["regions", "grid"] = "regions"
-    region_dim: int = 2048
+    region_dim: int = field(default=2048, metadata=_POSITIVE)
     use_boxes: bool = False
-    box_dim: int = 1024
+    box_dim: int = field(default=1024, metadata=_POSITIVE)
     grid_channels: tuple[int, ...] = (32, 64, 128)
-    grid_context_layers: int = 2
+    grid_context_layers: int = field(default=2, metadata=in_range(0))
     grid_pool: bool = True
-    grid_cells: int = 16
+    grid_cells: int = field(default=16, metadata=_POSITIVE)
 
     @property
     def head_dim(self) -> int:
@@ -49,13 +68,20 @@ class MCANConfig:
         return self.hidden_size // self.num_heads
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"MCAN hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
+                f"MCAN hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}); e.g. hidden_size={self.num_heads * max(1, self.head_dim)}."
             )
         if self.visual_input not in ("regions", "grid"):
             raise ValueError(
                 f"MCAN visual_input must be 'regions' or 'grid', got {self.visual_input!r}."
+            )
+        if not self.grid_channels or any(c < 1 for c in self.grid_channels):
+            raise ValueError(
+                f"MCAN grid_channels must be a non-empty list of positive sizes, got "
+                f"{list(self.grid_channels)}."
             )
 
 
@@ -286,20 +312,18 @@ class MCAN(nn.Module):
         self.flat_img = AttFlat(c)
         self.norm = nn.LayerNorm(c.flat_out_size)
         self.classifier = nn.Linear(c.flat_out_size, num_answers)
+        self.pooled_dim = c.flat_out_size
 
     @classmethod
-    def from_variant(cls, variant: str, vocab_size: int, num_answers: int, **overrides) -> MCAN:
+    def from_variant(cls, variant: str, vocab_size: int, num_answers: int, **overrides: Any) -> MCAN:
         """Build a registered variant, with field ``overrides`` (e.g. ``visual_input="grid"``).
 
         Raises:
-            ValueError: for an unknown variant or override name.
+            ValueError: for an unknown variant or a bad option value.
+            TypeError: for an unknown option name.
         """
         if variant not in MCAN_VARIANTS:
             raise ValueError(f"unknown MCAN variant {variant!r}; known: {sorted(MCAN_VARIANTS)}.")
-        fields = set(asdict(MCAN_VARIANTS[variant]))
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise ValueError(f"unknown MCAN option(s) {bad}; known: {sorted(fields)}.")
         if "grid_channels" in overrides:
             overrides["grid_channels"] = tuple(overrides["grid_channels"])
         return cls(replace(MCAN_VARIANTS[variant], **overrides), vocab_size, num_answers)
@@ -320,6 +344,11 @@ class MCAN(nn.Module):
 
     def forward(self, batch: VLBatch) -> torch.Tensor:
         """Answer logits ``(B, num_answers)``."""
+        return self.forward_extras(batch)[0]
+
+    def forward_extras(self, batch: VLBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Answer logits and extra outputs: ``{"pooled": (B, flat_out_size)}`` (the fused,
+        normalised features the classifier reads; debiasing losses such as LMH use them)."""
         lang_mask = batch.text_mask.bool()
         lang, _ = self.lstm(self.embedding(batch.text_ids))
         img, img_mask = self.encode_visual(batch)
@@ -328,7 +357,7 @@ class MCAN(nn.Module):
         for layer in self.decoder:
             img = layer(img, lang, img_mask, lang_mask)
         fused = self.norm(self.flat_lang(lang, lang_mask) + self.flat_img(img, img_mask))
-        return self.classifier(fused)
+        return self.classifier(fused), {"pooled": fused}
 
     def anatomy(self) -> Anatomy:
         """MCAN's structure: encoder (language), decoder (cross), inputs, head."""
@@ -370,3 +399,13 @@ class MCAN(nn.Module):
         }  # fmt: skip
         an.head_modules = ["classifier"]
         return an
+
+
+for _variant, _defaults in MCAN_VARIANTS.items():
+    register(
+        "model",
+        f"mcan_{_variant}",
+        options=MCANConfig,
+        defaults=_defaults,
+        context=("vocab_size", "num_answers"),
+    )(MCAN)

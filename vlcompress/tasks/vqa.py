@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlcompress import registry
 from vlcompress.data.batch import VLBatch
-from vlcompress.losses import LOSSES
+from vlcompress.losses.base import LossContext, VQALoss
 from vlcompress.metrics import ANSWER_TYPES, VQAAccuracy
 
 
@@ -23,32 +25,48 @@ class VQATask(L.LightningModule):
     Args:
         model: any module mapping a :class:`VLBatch` to answer logits ``(B, len(answers))``.
         answers: answer strings in the model's output order.
-        loss: a name in :data:`vlcompress.losses.LOSSES`.
+        loss: a registered loss name (``bce``, ``ce``, ...) or a :class:`VQALoss`; it is set up
+            with the answer count, the question-type prior and the model's ``pooled_dim``, and
+            its parameters (if any) are trained with the model.
         optimizer: ``{"name": adam|adamw|sgd, "lr", "weight_decay", "betas", "momentum"}``.
         scheduler: ``{"name": none|cosine|warmup_cosine|step, "warmup_steps", "milestones",
             "gamma"}`` (milestones in epochs).
         answer_types, question_types: categories of the accuracy breakdown.
+        question_type_prior: ``(len(question_types), len(answers))`` train-split prior from the
+            data module (debiasing losses need it).
+
+    The model maps a batch to logits; if it has ``forward_extras(batch) -> (logits, extras)``
+    the extras (e.g. ``pooled``) reach the loss.
 
     Raises:
-        ValueError: for an unknown loss, optimiser or scheduler name.
+        ValueError: for an unknown optimiser or scheduler name, or a loss whose needs the data
+            or model cannot meet.
+        vlcompress.registry.UnknownComponentError: for an unknown loss name.
     """
 
     def __init__(
         self,
         model: nn.Module,
         answers: Sequence[str],
-        loss: str = "bce",
+        loss: str | VQALoss = "bce",
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         answer_types: Sequence[str] = ANSWER_TYPES,
         question_types: Sequence[str] | None = None,
+        question_type_prior: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; registered: {sorted(LOSSES)}.")
         self.model = model
         self.answers = list(answers)
-        self.loss_fn = LOSSES[loss]
+        self.loss_fn: VQALoss = registry.build("loss", loss) if isinstance(loss, str) else loss
+        self.loss_fn.setup(
+            LossContext(
+                num_answers=len(self.answers),
+                question_types=list(question_types or []),
+                question_type_prior=question_type_prior,
+                pooled_dim=getattr(model, "pooled_dim", None),
+            )
+        )
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-4, **(optimizer or {})}
         self.scheduler_cfg = {"name": "none", **(scheduler or {})}
         self.val_acc = VQAAccuracy(answer_types, question_types)
@@ -59,22 +77,28 @@ class VQATask(L.LightningModule):
         """Answer logits."""
         return self.model(batch)
 
+    def forward_extras(self, batch: VLBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Answer logits and the model's extra outputs (empty if it has none)."""
+        fn = getattr(self.model, "forward_extras", None)
+        return fn(batch) if callable(fn) else (self.model(batch), {})
+
     def decode(self, logits: torch.Tensor) -> list[str]:
         """Predicted answer strings."""
         return [self.answers[i] for i in logits.argmax(dim=-1).tolist()]
 
     def training_step(self, batch: VLBatch, batch_idx: int) -> torch.Tensor:
         """Loss on one training batch."""
-        loss = self.loss_fn(self(batch), batch.targets)
+        logits, extras = self.forward_extras(batch)
+        loss = self.loss_fn(logits, batch, extras)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
     def _eval_step(self, batch: VLBatch, metric: VQAAccuracy, stage: str) -> None:
-        logits = self(batch)
+        logits, extras = self.forward_extras(batch)
         if batch.targets is not None:
             self.log(
                 f"{stage}/loss",
-                self.loss_fn(logits, batch.targets),
+                self.loss_fn(logits, batch, extras),
                 batch_size=len(batch),
                 sync_dist=True,
             )
@@ -169,3 +193,21 @@ class VQATask(L.LightningModule):
         raise ValueError(
             f"unknown scheduler {s['name']!r}; use none, step, cosine or warmup_cosine."
         )
+
+
+@dataclass(frozen=True)
+class VQATaskOptions:
+    """Options of the ``vqa`` task. It has none of its own yet: the loss, optimiser and
+    schedule are configured in their own sections (``loss``, ``optim``, ``scheduler``)."""
+
+
+@registry.register(
+    "task",
+    "vqa",
+    options=VQATaskOptions,
+    context=("model", "answers", "loss", "optimizer", "scheduler", "answer_types",
+             "question_types", "question_type_prior"),
+)  # fmt: skip
+def vqa_task(options: VQATaskOptions, **context: Any) -> VQATask:
+    """VQA: soft-score targets, a task loss, the official VQA accuracy (:class:`VQATask`)."""
+    return VQATask(**context)

@@ -1,0 +1,113 @@
+"""The registry and the contracts every registered component must meet.
+
+These tests are parametrised over the registry, so a new model, data module, loss, callback or
+task is covered as soon as its file registers it."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from vlcompress import registry
+from vlcompress.data import VLBatch, check_data_contract
+from vlcompress.losses import LossContext, VQALoss
+from vlcompress.models import anatomy_of
+
+
+def test_every_kind_has_components():
+    for kind in registry.KINDS:
+        assert registry.names(kind), kind
+    assert "mcan_small" in registry.names("model", "mcan_*")
+    assert registry.names("model", "nothing*") == []
+
+
+@pytest.mark.parametrize("kind,name", [(k, n) for k in registry.KINDS for n in registry.names(k)])
+def test_component_declares_options_and_docs(kind, name):
+    comp = registry.get(kind, name)
+    assert dataclasses.is_dataclass(comp.options)
+    assert comp.summary, f"{kind} {name}: give the builder a docstring"
+    comp.make_options({})  # the defaults are valid on their own
+    for f in dataclasses.fields(comp.options):  # every option has a default (YAML may omit it)
+        assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+@pytest.mark.parametrize("name", registry.names("model"))
+def test_model_builds_and_declares_its_anatomy(name):
+    with torch.device("meta"):  # sizes only: published variants are large
+        model = registry.build("model", name, vocab_size=50, num_answers=7)
+    an = anatomy_of(model)
+    an.validate(model)
+    assert an.layers and an.attentions and an.ffns
+
+
+@pytest.mark.parametrize("name", registry.names("loss"))
+def test_loss_contract(name):
+    torch.manual_seed(0)
+    b, a, q = 4, 7, 3
+    loss = registry.build("loss", name)
+    assert isinstance(loss, VQALoss)
+    prior = torch.rand(q, a)
+    loss.setup(LossContext(a, ["x", "y", "z"], prior, pooled_dim=5))
+    ids = torch.randint(1, 9, (b, 3))
+    batch = VLBatch(
+        text_ids=ids, text_mask=ids != 0, visual=torch.randn(b, 2, 4),
+        targets=torch.rand(b, a).round(), question_type_id=torch.tensor([0, 1, 2, 0]),
+    )  # fmt: skip
+    logits = torch.randn(b, a, requires_grad=True)
+    extras = {"pooled": torch.randn(b, 5)}
+    for training in (True, False):
+        loss.train(training)
+        value = loss(logits, batch, extras)
+        assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", registry.names("callback"))
+def test_callback_contract(name):
+    cb = registry.build("callback", name)
+    state = cb.state_dict()
+    json.dumps({k: v for k, v in state.items() if not torch.is_tensor(v)}, default=str)
+    again = registry.build("callback", name)
+    again.load_state_dict(state)
+    assert again.state_dict().keys() == state.keys()
+    assert isinstance(cb.state_key, str)
+
+
+@pytest.mark.parametrize("name", registry.names("datamodule"))
+def test_datamodule_contract(name, easy_vqa_dm):
+    set_up = {"easy_vqa": easy_vqa_dm}
+    assert name in set_up, f"add a set-up instance of data module {name!r} to this test"
+    dm = set_up[name]
+    assert check_data_contract(dm) == []
+    info = dm.info()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.question_type_id is not None
+    for qt, i in zip(batch.question_type, batch.question_type_id.tolist()):
+        assert info.question_types[i] == qt
+
+
+def test_register_rejects_a_second_builder_and_unknown_kinds(monkeypatch):
+    registry.components("loss")
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+
+    class Other(VQALoss):
+        """Another loss."""
+
+    with pytest.raises(ValueError, match="'bce' is registered twice"):
+        registry.register("loss", "bce")(Other)
+    with pytest.raises(ValueError, match="unknown component kind 'metric'"):
+        registry.register("metric", "x")
+    with pytest.raises(registry.UnknownComponentError, match="did you mean 'bce'"):
+        registry.get("loss", "bec")
+
+
+def test_options_from_signature_needs_defaults():
+    def make(a: int, b: float = 1.0):
+        """Needs a."""
+
+    with pytest.raises(TypeError, match="argument 'a' has no default"):
+        registry.options_from_signature(make)
+    opts = registry.options_from_signature(make, context=("a",))
+    assert [f.name for f in dataclasses.fields(opts)] == ["b"]

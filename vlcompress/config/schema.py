@@ -1,0 +1,111 @@
+"""The experiment schema: typed dataclasses for every section of an experiment file.
+
+Components (data module, model, loss, task, callbacks) all have the same shape,
+``{name: <registered name>, options: {...}}``; their options are checked against each
+component's own options dataclass (see :mod:`vlcompress.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from vlcompress.options import choices, in_range
+
+__all__ = [
+    "ComponentConfig",
+    "ExperimentConfig",
+    "OptimConfig",
+    "SchedulerConfig",
+    "TrainerConfig",
+    "COMPONENT_SECTIONS",
+]
+
+
+@dataclass
+class ComponentConfig:
+    """A registered component and its options.
+
+    Attributes:
+        name: the registered name (``make list`` / :func:`vlcompress.registry.names`).
+        options: fields of the component's options dataclass.
+    """
+
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser."""
+
+    name: str = field(default="adamw", metadata=choices("adam", "adamw", "sgd"))
+    lr: float = field(default=1e-4, metadata=in_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=in_range(0.0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    momentum: float = field(default=0.9, metadata=in_range(0.0))
+    grad_clip: float = field(default=0.0, metadata=in_range(0.0))
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule (``step`` milestones are epochs)."""
+
+    name: str = field(default="none", metadata=choices("none", "step", "cosine", "warmup_cosine"))
+    warmup_steps: int = field(default=0, metadata=in_range(0))
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = field(default=0.2, metadata=in_range(0.0, lo_open=True))
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to ``lightning.Trainer``."""
+
+    max_epochs: int = field(default=10, metadata=in_range(1))
+    max_steps: int = -1
+    max_time: str | None = None
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"  # noqa: UP007 - OmegaConf-friendly
+    num_nodes: int = field(default=1, metadata=in_range(1))
+    strategy: str = "auto"
+    precision: str = field(
+        default="32-true",
+        metadata=choices("32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"),
+    )
+    log_every_n_steps: int = field(default=50, metadata=in_range(1))
+    val_check_interval: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
+    limit_train_batches: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
+    limit_val_batches: float = field(default=1.0, metadata=in_range(0.0))
+    limit_test_batches: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
+    deterministic: bool = False
+
+
+COMPONENT_SECTIONS: dict[str, str] = {
+    "data": "datamodule",
+    "model": "model",
+    "loss": "loss",
+    "task": "task",
+}
+"""Experiment sections holding one component, and the registry kind of each
+(``callbacks`` holds a list of ``callback`` components)."""
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 0
+    output_dir: str | None = None
+    resume: bool = False
+    threads: int = field(default=0, metadata=in_range(0))
+    progress_bar: bool = True
+    data: ComponentConfig = field(default_factory=lambda: ComponentConfig("easy_vqa"))
+    model: ComponentConfig = field(default_factory=lambda: ComponentConfig("mcan_small"))
+    loss: ComponentConfig = field(default_factory=lambda: ComponentConfig("bce"))
+    task: ComponentConfig = field(default_factory=lambda: ComponentConfig("vqa"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: list[ComponentConfig] = field(default_factory=list)

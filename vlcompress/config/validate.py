@@ -1,0 +1,197 @@
+"""Validation of an experiment: every problem reported at once, with the closest valid names.
+
+Checks unknown keys, types, ranges and allowed values of every section, the registered name of
+every component, each component's options against its own options dataclass, and finally the
+component's cross-field checks (the options dataclass's ``__post_init__``, or building a cheap
+component such as a callback) — all before any data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlcompress import registry
+from vlcompress.config.schema import COMPONENT_SECTIONS, ComponentConfig, ExperimentConfig
+from vlcompress.options import field_problem
+
+__all__ = ["ConfigError", "validate", "validate_component"]
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``errors`` lists them all."""
+
+    def __init__(self, errors: list[str], source: str = "configuration") -> None:
+        self.errors = errors
+        super().__init__(
+            f"{source} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors)
+        )
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_check_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        inner = (typing.get_args(tp) or (Any,))[0]
+        return isinstance(value, (list, tuple)) and all(_check_type(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # a type we cannot check from YAML (a protocol, a string annotation)
+
+
+def _suggest(key: str, valid: list[str], what: str = "valid keys") -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if close:
+        return f"did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"{what}: {', '.join(valid) or '(none)'}"
+
+
+def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
+    """Check ``data`` (a mapping) against the dataclass ``cls``; append problems to ``errors``."""
+    if not isinstance(data, dict):
+        errors.append(
+            f"{path.rstrip('.') or 'config'}: expected a mapping of {cls.__name__} fields, "
+            f"got {type(data).__name__} {data!r}"
+        )
+        return
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            errors.append(f"{path}{key}: unknown key; {_suggest(str(key), sorted(fields))}")
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value, tp, where = data[name], hints[name], f"{path}{name}"
+        if tp is ComponentConfig:
+            validate_component(COMPONENT_SECTIONS[name], value, f"{where}.", errors)
+            continue
+        if typing.get_origin(tp) is list and typing.get_args(tp) == (ComponentConfig,):
+            if not isinstance(value, list):
+                errors.append(f"{where}: expected a list of {{name, options}}, got {value!r}")
+                continue
+            for i, item in enumerate(value):
+                validate_component("callback", item, f"{where}[{i}].", errors)
+            continue
+        if dataclasses.is_dataclass(tp):
+            _validate(tp, value, f"{where}.", errors)
+            continue
+        if not _check_type(value, tp):
+            errors.append(
+                f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+            )
+            continue
+        problem = field_problem(f.metadata, value)
+        if problem:
+            hint = ""
+            if "choices" in f.metadata and isinstance(value, str):
+                hint = "; " + _suggest(value, [str(c) for c in f.metadata["choices"]], "allowed")
+            errors.append(f"{where}: {problem}{hint}")
+
+
+def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> None:
+    """Check one ``{name, options}`` component of registry ``kind``; append problems."""
+    if not isinstance(data, dict) or "name" not in data:
+        errors.append(
+            f"{path.rstrip('.')}: expected a mapping {{name: <registered {kind}>, options: "
+            f"{{...}}}}, got {data!r}"
+        )
+        return
+    extra = sorted(set(data) - {"name", "options"})
+    for key in extra:
+        errors.append(
+            f"{path}{key}: unknown key; a component has only 'name' and 'options' "
+            f"(did you mean {path}options.{key}?)"
+        )
+    name = data["name"]
+    try:
+        comp = registry.get(kind, name)
+    except registry.UnknownComponentError as e:
+        errors.append(f"{path}name: {e}")
+        return
+    options = data.get("options") or {}
+    before = len(errors)
+    _validate(comp.options, _lists(options), f"{path}options.", errors)
+    if len(errors) > before or extra:
+        return
+    try:
+        comp.validate(options)
+    except (TypeError, ValueError) as e:
+        errors.append(f"{path}options: {e}")
+
+
+def _lists(d: Any) -> Any:
+    return (
+        {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if isinstance(d, dict)
+        else d
+    )
+
+
+def _build(cls: type, data: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value = hints[f.name], data[f.name]
+        if typing.get_origin(tp) is list and typing.get_args(tp) == (ComponentConfig,):
+            value = [_build(ComponentConfig, v) for v in value]
+        elif dataclasses.is_dataclass(tp):
+            value = _build(tp, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def validate(cfg: DictConfig | dict, source: str = "configuration") -> ExperimentConfig:
+    """Check ``cfg`` against the schema and every component's options; build the typed
+    :class:`ExperimentConfig`.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    try:
+        data = (
+            OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        )
+    except Exception as e:  # interpolation errors and the like
+        raise ConfigError([f"cannot resolve the configuration: {e}"], source) from e
+    data.pop("defaults", None)
+    errors: list[str] = []
+    _validate(ExperimentConfig, data, "", errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return _build(ExperimentConfig, data)

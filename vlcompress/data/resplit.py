@@ -1,0 +1,129 @@
+"""Re-splitting any VQA data set with changing priors (VQA-CP style), and split reports.
+
+VQA-CP v2 was built from VQA v2 by pooling all questions, grouping them by question type and
+answer, and assigning whole (type, answer) groups to train or test so that, per question type,
+the answer distributions of train and test differ. :func:`changing_priors_split` does that for
+any benchmark that gives each question a type and an answer, so a data module offers
+``split: cp`` by configuration.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["answer_distribution_report", "changing_priors_split", "total_variation"]
+
+
+def total_variation(p: Mapping[str, float], q: Mapping[str, float]) -> float:
+    """Total-variation distance between two answer distributions (0 = same, 1 = disjoint)."""
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def _distribution(counter: Counter) -> dict[str, float]:
+    total = sum(counter.values())
+    return {k: v / total for k, v in counter.items()} if total else {}
+
+
+def changing_priors_split(
+    question_types: Sequence[str],
+    answers: Sequence[str],
+    test_fraction: float,
+    leak: float,
+    rng: random.Random,
+) -> tuple[list[int], list[int]]:
+    """Indices of a train / test split whose per-type answer priors differ.
+
+    Per question type, (type, answer) groups are taken in a random order and assigned to test
+    until the type's test share reaches ``test_fraction`` (the last group always stays in
+    train); a ``leak`` share of every group crosses to the other side, so each answer stays
+    learnable for each type (``leak=0``: whole groups, as in VQA-CP). As in VQA-CP, an answer
+    that no training question has gets its smallest test group moved back to train.
+
+    Args:
+        question_types: one type per question.
+        answers: one (majority) answer per question.
+        test_fraction: per type, the share of questions sent to test, in (0, 1).
+        leak: share of each group that crosses over, in [0, 0.5).
+        rng: the random source (seeded by the caller).
+
+    Raises:
+        ValueError: for mismatched lengths or fractions out of range.
+    """
+    if len(question_types) != len(answers):
+        raise ValueError(
+            f"changing_priors_split: {len(question_types)} question types but {len(answers)} answers"
+        )
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= leak < 0.5:
+        raise ValueError(f"leak must be in [0, 0.5), got {leak}")
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (qt, ans) in enumerate(zip(question_types, answers)):
+        groups[qt][ans].append(i)
+    train: list[int] = []
+    test: list[int] = []
+    chosen: dict[str, list[str]] = defaultdict(list)
+    for qtype in sorted(groups):
+        by_answer = groups[qtype]
+        order = sorted(by_answer)
+        rng.shuffle(order)
+        total = sum(len(v) for v in by_answer.values())
+        n_test = 0
+        for k, ans in enumerate(order):
+            last_left = k == len(order) - 1
+            group = list(by_answer[ans])
+            rng.shuffle(group)
+            n_leak = int(round(leak * len(group)))
+            if n_test < test_fraction * total and not last_left:
+                test.extend(group[n_leak:])
+                train.extend(group[:n_leak])
+                n_test += len(group)
+                chosen[qtype].append(ans)
+            else:
+                train.extend(group[n_leak:])
+                test.extend(group[:n_leak])
+    train_answers = {answers[i] for i in train}
+    for ans in sorted({answers[i] for i in test} - train_answers):
+        qtype = min((q for q in chosen if ans in chosen[q]), key=lambda q: len(groups[q][ans]))
+        moved = set(groups[qtype][ans]) - set(train)
+        test = [i for i in test if i not in moved]
+        train.extend(moved)
+    return sorted(train), sorted(test)
+
+
+def answer_distribution_report(
+    question_types: Sequence[str],
+    answers: Sequence[str],
+    index: Mapping[str, Sequence[int]],
+    split: str,
+) -> dict[str, Any]:
+    """Per question type: the answer distributions of train and test and their TV distance.
+
+    Args:
+        question_types, answers: per question.
+        index: question indices per part (``train``, ``val``, ``test``).
+        split: the split's name, recorded in the report.
+    """
+    per_type: dict[str, Any] = {}
+    for qt in sorted(set(question_types)):
+        dist = {}
+        for part in ("train", "test"):
+            c = Counter(answers[i] for i in index[part] if question_types[i] == qt)
+            dist[part] = _distribution(c)
+        per_type[qt] = {
+            "tv_distance": total_variation(dist["train"], dist["test"]),
+            "train": dist["train"],
+            "test": dist["test"],
+        }
+    tvs = [v["tv_distance"] for v in per_type.values()]
+    return {
+        "split": split,
+        "sizes": {k: int(len(v)) for k, v in index.items()},
+        "mean_tv_distance": float(np.mean(tvs)) if tvs else 0.0,
+        "per_question_type": per_type,
+    }

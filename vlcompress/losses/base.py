@@ -1,0 +1,76 @@
+"""The loss contract: ``loss(logits, batch, extras) -> scalar``, with optional parameters.
+
+A task loss is an ``nn.Module`` (so it may own parameters, such as LMH's gate, that the task
+puts into its optimiser and its checkpoints). Before training, the task calls
+:meth:`VQALoss.setup` once with a :class:`LossContext`: the answer count, the train-split
+question-type answer prior from the data module, and the size of the model's pooled features.
+Bias terms act only in training: in ``eval()`` mode a loss must score the main logits alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlcompress.data.batch import VLBatch
+
+__all__ = ["LossContext", "VQALoss"]
+
+
+@dataclass
+class LossContext:
+    """What a loss may need to know before training.
+
+    Attributes:
+        num_answers: classifier outputs.
+        question_types: the data module's question types, in prior-row order.
+        question_type_prior: ``(len(question_types), num_answers)``: per question type, the mean
+            soft score of each answer over the training questions of that type; ``None`` when
+            the data module has no question types.
+        pooled_dim: size of the model's pooled features (``extras["pooled"]``), if it has any.
+    """
+
+    num_answers: int
+    question_types: list[str] = field(default_factory=list)
+    question_type_prior: torch.Tensor | None = None
+    pooled_dim: int | None = None
+
+
+class VQALoss(nn.Module):
+    """Base of every task loss.
+
+    Subclasses implement :meth:`forward` and, when they need the prior or build parameters
+    whose size depends on the model, :meth:`setup`. ``requires`` names the context a loss cannot
+    work without (checked by :meth:`setup`, so a bad combination fails before training).
+
+    Example::
+
+        loss = build("loss", "bce")
+        loss.setup(LossContext(num_answers=13))
+        value = loss(logits, batch, {})
+    """
+
+    requires: tuple[str, ...] = ()
+
+    def setup(self, context: LossContext) -> None:
+        """Receive the context (once, before the optimiser is built).
+
+        Raises:
+            ValueError: when the context lacks something listed in ``requires``.
+        """
+        missing = [r for r in self.requires if getattr(context, r, None) is None]
+        if missing:
+            raise ValueError(
+                f"the {type(self).__name__} loss needs {missing}, which this data module / model "
+                "does not provide (the prior comes from a data module with question types; "
+                "pooled features from a model whose forward_extras returns 'pooled')."
+            )
+        self.context = context
+
+    def forward(  # noqa: D102 - documented on the class
+        self, logits: torch.Tensor, batch: VLBatch, extras: dict[str, Any]
+    ) -> torch.Tensor:
+        raise NotImplementedError
