@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXP ?= default
 ARGS ?=
+WHAT ?=
 PYTEST_ARGS ?=
 
 .PHONY: help venv train validate list test lint format clean bench
@@ -31,8 +32,8 @@ train: $(STAMP) ## run an experiment: make train EXP=<name> ARGS="key=value ..."
 validate: $(STAMP) ## validate an experiment's configuration without running it
 	$(PY) -m vlcompress validate $(EXP) $(ARGS)
 
-list: $(STAMP) ## list the available experiments
-	$(PY) -m vlcompress list
+list: $(STAMP) ## list the experiments (make list WHAT=components: the registered components)
+	$(PY) -m vlcompress list $(WHAT)
 
 lint: $(STAMP) ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .

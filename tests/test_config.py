@@ -118,3 +118,13 @@ def test_cli_exit_codes(capsys):
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "foo: unknown key" in err
     assert main(["train", "nope"]) == 2
+
+
+def test_cli_lists_registered_components(capsys):
+    assert main(["list", "components"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mcan_small", "easy_vqa", "bce", "finite_loss_guard", "vqa"):
+        assert name in out
+    assert main(["list", "loss"]) == 0
+    out = capsys.readouterr().out
+    assert "ce" in out and "mcan_small" not in out

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlcompress.config import ConfigError, list_experiments, load_experiment
+from vlcompress.registry import KINDS, components
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -44,6 +45,20 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def components_table(kinds: list[str] | dict[str, str]) -> Table:
+    """A rich table of the registered components of ``kinds``: name, options, summary."""
+    import dataclasses
+
+    table = Table(title="registered components")
+    for col in ("kind", "name", "options", "summary"):
+        table.add_column(col)
+    for kind in kinds:
+        for name, comp in sorted(components(kind).items()):
+            opts = ", ".join(f.name for f in dataclasses.fields(comp.options)) or "-"
+            table.add_row(kind, name, opts, comp.summary)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for configuration errors)."""
     parser = argparse.ArgumentParser(prog="vlcompress", description=__doc__)
@@ -62,15 +77,25 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=3"
         )
-    sub.add_parser("list", help="list the available experiments")
+    lst = sub.add_parser("list", help="list the experiments, or the registered components")
+    lst.add_argument(
+        "what",
+        nargs="?",
+        default="experiments",
+        choices=["experiments", "components", *KINDS],
+        help="experiments (default), components (all kinds), or one kind",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own console handler
     console = Console()
 
     if args.command == "list":
-        for name in list_experiments():
-            print(name)
+        if args.what == "experiments":
+            for name in list_experiments():
+                print(name)
+            return 0
+        console.print(components_table(KINDS if args.what == "components" else [args.what]))
         return 0
     try:
         cfg, raw = load_experiment(args.exp, args.overrides)
