@@ -19,13 +19,14 @@ Both Lightning packages
     only what both trainers provide (``trainer.strategy``, ``trainer.global_step``, ...). A few
     places do check ``isinstance(cb, Callback)`` against their own package's class, e.g.
     ``Trainer(callbacks=cb)`` with a single callback (not a list) fails with "object is not
-    iterable", and ``LightningCLI`` rejects a ``class_path`` that is not a subclass. So the base
-    derives from the ``Callback`` class of *each installed package*, resolved once at import
-    (:data:`CALLBACK_BASES`): ``class CompressionCallback(lightning.pytorch.Callback,
-    pytorch_lightning.Callback)`` when both are installed. The two classes are plain no-op hook
-    tables with the same method names, so the MRO is unambiguous and every ``isinstance`` check
-    in either package passes. A LightningModule must still match its Trainer's package (that
-    check is Lightning's, on the user's module).
+    iterable", and ``LightningCLI`` types ``trainer.callbacks`` with its own package's
+    ``Callback`` when it resolves a ``class_path``. So the base derives from the ``Callback``
+    class of *each installed package*, resolved once at import (:data:`CALLBACK_BASES`):
+    ``class CompressionCallback(lightning.pytorch.Callback, pytorch_lightning.Callback)`` when
+    both are installed (importing ``pytorch_lightning`` after ``lightning`` costs ~0.1 s). The
+    two classes are plain no-op hook tables with the same method names, so the MRO is
+    unambiguous and every ``isinstance`` check in either package passes. A LightningModule must
+    still match its Trainer's package (that check is Lightning's, on the user's module).
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ class CompressionCallback(*CALLBACK_BASES):
     the rest:
 
     * **arguments** — its ``__init__`` checks its own arguments (``ValueError`` / ``TypeError``
-      naming the argument, what is allowed and what was given; the helper :meth:`_check` does
-      the common cases) and calls ``super().__init__(...)`` with the base arguments it exposes.
+      naming the argument, what is allowed and what was given; :meth:`check_argument` does the
+      common cases) and calls ``super().__init__(...)`` with the base arguments it exposes.
       ``__init__`` must stay cheap: the vlcompress registry validates an experiment by building
       its callbacks.
     * **anatomy** — after ``super().setup(trainer, pl_module, stage)``, :attr:`model` is the
@@ -157,7 +158,8 @@ class CompressionCallback(*CALLBACK_BASES):
         model_attr: which module to compress. ``None``: the LightningModule's ``model``
             attribute if it is an ``nn.Module``, else the LightningModule itself. A dotted
             attribute path (``"backbone.encoder"``) or a callable ``pl_module -> nn.Module``
-            chooses another one.
+            chooses another one (a module-level function, not a lambda, under ``ddp_spawn``,
+            which pickles the callbacks).
         patterns: ``AnatomyPatterns`` describing a model that declares no anatomy and is not
             recognised automatically (see ``vlcompress.models.anatomy.BERT_PATTERNS``).
         name: distinguishes two instances of one class in a checkpoint and in the results;
@@ -172,7 +174,7 @@ class CompressionCallback(*CALLBACK_BASES):
         class RandomHeadDropper(CompressionCallback):
             def __init__(self, fraction: float = 0.25, seed: int | None = None) -> None:
                 super().__init__(seed=seed)
-                self.fraction = self._check("fraction", fraction, float, low=0.0, high=1.0)
+                self.fraction = self.check_argument("fraction", fraction, float, low=0.0, high=1.0)
                 self.dropped: list[str] = []
 
             def on_train_start(self, trainer, pl_module):
@@ -212,7 +214,7 @@ class CompressionCallback(*CALLBACK_BASES):
         name: str | None = None,
     ) -> None:
         if seed is not None:
-            self._check("seed", seed, int, low=0, high=_SEED_LIMIT - 1)
+            self.check_argument("seed", seed, int, low=0, high=_SEED_LIMIT - 1)
         if model_attr is not None and not callable(model_attr):
             if not isinstance(model_attr, str):
                 raise TypeError(
@@ -247,7 +249,7 @@ class CompressionCallback(*CALLBACK_BASES):
         self._anatomy: Anatomy | None = None
 
     # ------------------------------------------------------------------ arguments
-    def _check(
+    def check_argument(
         self,
         arg: str,
         value: Any,
@@ -530,7 +532,7 @@ class CompressionCallback(*CALLBACK_BASES):
             )
         seed = state_dict.get("seed")
         if seed is not None:
-            if self._seed_arg is not None and seed != self._seed_arg:
+            if self._seed_arg is not None and seed != self._seed_arg and self.is_global_zero:
                 log.warning(
                     "%s: resuming with the checkpoint's seed %d, not seed=%d",
                     self.state_key,

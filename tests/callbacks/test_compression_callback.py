@@ -8,9 +8,8 @@ import types
 
 import lightning.pytorch as lp
 import pytest
-import pytorch_lightning as pl
 import torch
-from callback_toys import STEPS_PER_EPOCH, LightningToy, PLToy, RandomHeadDropper, trainer_kwargs
+from callback_toys import STEPS_PER_EPOCH, LightningToy, RandomHeadDropper, trainer_kwargs
 from torch import nn
 
 from vlcompress.callbacks import CompressionCallback, collect_report_rows, collect_reports
@@ -220,6 +219,9 @@ def test_two_instances_share_a_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------- both packages
 def test_same_callback_under_both_lightning_packages(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from callback_toys import PLToy
+
     cb_new = RandomHeadDropper(every_n_steps=1, seed=3)
     _fit(lp.Trainer, LightningToy(), cb_new, tmp_path / "lightning", 2)
 
