@@ -2,7 +2,8 @@
 
 Every callback derives from :class:`CompressionCallback` and talks to models only through
 :mod:`vlcompress.models.anatomy`, so it works in other people's Lightning projects too, under
-``lightning.pytorch`` and ``pytorch_lightning`` Trainers alike.
+``lightning.pytorch`` and ``pytorch_lightning`` Trainers alike. Each registers itself
+(``@register("callback", name)``) so experiments can list it by name.
 """
 
 from vlcompress.callbacks.base import (
@@ -12,12 +13,7 @@ from vlcompress.callbacks.base import (
 )
 from vlcompress.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
 
-CALLBACKS: dict[str, type] = {"finite_loss_guard": FiniteLossGuard}
-"""Callbacks an experiment may list under ``callbacks:`` by name (being replaced by
-``vlcompress.registry.components("callback")``)."""
-
 __all__ = [
-    "CALLBACKS",
     "CompressionCallback",
     "FiniteLossGuard",
     "NonFiniteLossError",

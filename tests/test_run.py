@@ -52,6 +52,9 @@ def test_run_folder_contents(tmp_path):
     assert set(test["answer_type"]) <= {"yes/no", "other"} and test["question_type"]
     assert saved["parameters"]["total"] > 0 and saved["flops_per_sample"] > 0
     assert saved["train_wall_time_s"] > 0 and saved["global_steps"] == 12
+    # Callbacks report into results.json and the results table.
+    assert saved["callbacks"]["FiniteLossGuard"] == {"checked_losses": 12}
+    assert ["finite losses checked", "12"] in saved["callback_rows"]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert any(r.get("val/acc") for r in rows) and any(r.get("train/loss") for r in rows)

@@ -33,9 +33,8 @@ def results_table(results: dict[str, Any]) -> Table:
             f"{data.get('train')}/{data.get('val')}/{data.get('test')} "
             f"(train-test TV {data['mean_tv_distance']:.2f})",
         )
-    for key, section in results.get("callbacks", {}).items():
-        for metric, value in section.get("rows", []):
-            table.add_row(f"{key}: {metric}", str(value))
+    for metric, value in results.get("callback_rows", []):
+        table.add_row(metric, value)
     p = results.get("parameters", {})
     table.add_row("parameters", f"{p.get('total', 0):,}")
     table.add_row("FLOPs / sample", f"{results.get('flops_per_sample', 0) / 1e6:,.1f} M")

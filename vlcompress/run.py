@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vlcompress import registry
-from vlcompress.callbacks import FiniteLossGuard
+from vlcompress.callbacks import FiniteLossGuard, collect_report_rows, collect_reports
 from vlcompress.config import ComponentConfig, ConfigError, ExperimentConfig
 from vlcompress.data.contract import check_data_contract
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
@@ -100,20 +100,6 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
     if cfg.progress_bar:
         cbs.append(RichProgressBar(leave=True))
     return cbs + own
-
-
-def callback_reports(trainer: L.Trainer) -> dict[str, Any]:
-    """``{state_key: report}`` of every callback that reports (compression callbacks do)."""
-    out = {}
-    for cb in trainer.callbacks:
-        report = getattr(cb, "report", None)
-        if callable(report):
-            rows = getattr(cb, "report_rows", None)
-            out[cb.state_key] = {
-                "report": report(),
-                "rows": [list(r) for r in rows()] if callable(rows) else [],
-            }
-    return out
 
 
 def resolve_output_dir(cfg: ExperimentConfig) -> Path:
@@ -235,7 +221,8 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
                     "mean_tv_distance": getattr(dm, "split_report", {}).get("mean_tv_distance"),
                 },
                 "test": task.test_report,
-                "callbacks": callback_reports(trainer),
+                "callbacks": collect_reports(trainer.callbacks),
+                "callback_rows": [list(r) for r in collect_report_rows(trainer.callbacks)],
                 "best_val_accuracy": float(best_score) if best_score is not None else None,
                 "parameters": count_parameters(task.model),
                 "flops_per_sample": flops_per_sample(task.model.to("cpu"), sample),

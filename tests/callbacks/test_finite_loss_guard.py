@@ -8,7 +8,7 @@ import pytest
 import torch
 from callback_toys import STEPS_PER_EPOCH, LightningToy, trainer_kwargs
 
-from vlcompress.callbacks import CALLBACKS, CompressionCallback, FiniteLossGuard, NonFiniteLossError
+from vlcompress.callbacks import CompressionCallback, FiniteLossGuard, NonFiniteLossError
 from vlcompress.registry import get
 
 NAN_STEP = STEPS_PER_EPOCH + 1  # epoch 1, batch 1
@@ -51,7 +51,7 @@ def test_advice_names_config_keys_inside_a_vlcompress_run(tmp_path):
 
 def test_registered_zero_argument_and_stateful():
     component = get("callback", "finite_loss_guard")
-    assert component.builder is FiniteLossGuard is CALLBACKS["finite_loss_guard"]
+    assert component.builder is FiniteLossGuard
     component.validate({})
     guard = component.build()
     assert isinstance(guard, CompressionCallback) and not guard.requires_anatomy
