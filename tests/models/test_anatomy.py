@@ -1,20 +1,39 @@
 """The anatomy: coverage of MCAN, and — through the anatomy alone — listing prunable weights
 per modality, switching off a head, masking FFN units, bypassing a layer, reading hidden
-states; pattern-built anatomies for foreign models and automatic Hugging Face BERT support."""
+states; pattern-built anatomies for foreign models (separate, fused and packed projections,
+two-stream layers) and automatic Hugging Face BERT support. Needs no transformers except for
+the BERT test; ``test_anatomy_hf.py`` covers every recognised model."""
+
+import copy
+import pickle
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from vlcompress.data import VLBatch
-from vlcompress.models import AnatomyPatterns, Modality, anatomy_of, build_model
-from vlcompress.models.mcan import MultiHeadAttention
+from vlcompress.models.anatomy import (
+    Anatomy,
+    AnatomyPatterns,
+    AttentionSpec,
+    FFNSpec,
+    LayerBypass,
+    LayerSpec,
+    Modality,
+    Stream,
+    anatomy_of,
+)
+from vlcompress.models.anatomy.tiny import TimmStyleViT
+from vlcompress.models.mcan import MCAN, MultiHeadAttention
+
+L, V, X = Modality.LANGUAGE, Modality.VISION, Modality.CROSS
 
 
 @pytest.fixture
 def mcan():
     torch.manual_seed(0)
-    return build_model("mcan_tiny", 30, 7).eval()
+    return MCAN.from_variant("tiny", 30, 7).eval()
 
 
 @pytest.fixture
@@ -47,6 +66,15 @@ def test_mcan_anatomy_covers_every_block(mcan):
         "decoder": ["decoder.0", "decoder.1"],
     }
     assert {a.kind for a in an.attentions if a.name.endswith("guided_attn")} == {"cross"}
+    # v2: the side of every block.
+    guided = an.attention("decoder.0.guided_attn")
+    assert (guided.modality, guided.query_side, guided.key_side) == (X, V, L)
+    own = an.attention("decoder.0.self_attn")
+    assert (own.kind, own.modality, own.query_side, own.key_side) == ("self", X, V, V)
+    assert (an.attention("encoder.1.attn").query_side, an.ffn("decoder.1.ffn").side) == (L, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert anatomy_of(mcan, strict=True).coverage(mcan).fraction == 1.0
 
 
 def test_prunable_weights_per_modality(mcan):
@@ -243,3 +271,249 @@ def test_removing_a_head_mask_restores_the_previous_one(mcan, batch):
     assert not torch.allclose(mcan(batch), with_first)
     handle.remove()
     torch.testing.assert_close(mcan(batch), with_first)  # the first mask is back, not "no mask"
+
+
+def test_prunable_weights_skip_position_embeddings_of_the_grid_stem():
+    torch.manual_seed(0)
+    model = MCAN.from_variant("tiny", 30, 7, visual_input="grid").eval()
+    vis = anatomy_of(model).prunable_weights(model)[V]
+    assert "visual.pos" not in vis and "visual.proj.weight" in vis
+    assert any(n.startswith("visual.convs.") for n in vis)
+
+
+def test_a_wrapper_of_a_declared_model_gets_its_anatomy(mcan, batch):
+    task = nn.Module()  # e.g. a LightningModule holding the model
+    task.model, task.classifier = mcan, nn.Linear(7, 2)
+    an = anatomy_of(task)
+    assert an.stacks["model.encoder"] == ["model.encoder.0", "model.encoder.1"]
+    assert an.head_modules == ["model.classifier", "classifier"]
+    assert an.coverage(task).fraction == 1.0
+    with an.capture(task, ["model.decoder.1"]) as states:
+        mcan(batch)
+    assert states["model.decoder.1"].shape == (2, 5, 32)
+
+
+def test_native_head_mask_stack(mcan, batch):
+    an = anatomy_of(mcan)
+    attn = mcan.get_submodule("encoder.0.attn")
+    a, b = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0, 1.0])
+    (ha,) = an.mask_heads(mcan, {"encoder.0.attn": a})
+    (hb,) = an.mask_heads(mcan, {"encoder.0.attn": b})
+    assert attn.head_mask is b
+    ha.remove()  # removing an older mask keeps the newest one
+    assert attn.head_mask is b
+    hb.remove()
+    assert attn.head_mask is None
+
+
+# ---------------------------------------------------------------------- fused qkv (timm)
+def test_fused_qkv_replica_of_timm():
+    """The timm layout (``blocks.N.attn.qkv``) without timm: the recogniser, a head mask on
+    the fused projection (dead head's q and k rows get exactly zero gradient), FFN units,
+    bypass through ``nn.Sequential`` blocks."""
+    torch.manual_seed(0)
+    model = TimmStyleViT().eval()
+    x = torch.randn(2, 3, 32, 32)
+    an = anatomy_of(model)
+    spec = an.attention("blocks.1.attn")
+    assert (spec.layout, spec.num_heads, spec.head_dim, spec.q) == (
+        "fused",
+        4,
+        8,
+        "blocks.1.attn.qkv",
+    )
+    assert an.head_modules == ["head"]
+    assert "blocks.0.attn.qkv.weight" in an.prunable_weights(model)[V]
+    base = model(x)
+    seen = {}
+    model.blocks[1].attn.proj.register_forward_hook(lambda m, a, o: seen.__setitem__("ctx", a[0]))
+    (handle,) = an.mask_heads(model, {spec.name: torch.tensor([1.0, 0.0, 1.0, 1.0])})
+    out = model(x)
+    assert seen["ctx"][..., 8:16].abs().sum() == 0 and seen["ctx"][..., :8].abs().sum() > 0
+    out.pow(2).sum().backward()
+    for role in ("q", "k", "v"):
+        w, idx = an.head_weights(model, spec.name, 1)[role]
+        assert w.grad[idx].abs().sum() == 0
+    w, idx = an.head_weights(model, spec.name, 0)["q"]
+    assert w.grad[idx].abs().sum() > 0
+    handle.remove()
+    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    original = an.bypass_layer(model, "blocks.1")
+    with torch.no_grad(), an.capture(model, ["blocks.0", "blocks.1"]) as states:
+        model(x)
+    torch.testing.assert_close(states["blocks.1"], states["blocks.0"])
+    an.replace_layer(model, "blocks.1", original)
+    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- packed (nn.MultiheadAttention)
+class PackedBlock(nn.Module):
+    """A pre-norm block around ``nn.MultiheadAttention`` (as in CLIP's OpenAI code)."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc, self.proj = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, key_padding_mask=None):
+        h = self.ln(x)
+        x = x + self.attn(h, h, h, need_weights=False, key_padding_mask=key_padding_mask)[0]
+        return x + self.proj(torch.relu(self.fc(x)))
+
+
+def _packed_model():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList(PackedBlock() for _ in range(2))
+    patterns = AnatomyPatterns(
+        layer=r"^blocks\.(?P<index>\d+)$", attention="attn", q="attn", k="attn", v="attn",
+        out="attn.out_proj", ffn_up="fc", ffn_down="proj", layout="packed",
+        modality=((r".", V),),
+    )  # fmt: skip
+    return model, anatomy_of(model, patterns, min_coverage=0.0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_packed_multihead_attention_head_mask(grad):
+    model, an = _packed_model()
+    model.eval()
+    spec = an.attention("blocks.0.attn")
+    assert (spec.num_heads, spec.head_dim) == (4, 4)
+    weights = an.prunable_weights(model)[V]
+    assert "blocks.0.attn.in_proj_weight" in weights and "blocks.0.attn.out_proj.weight" in weights
+
+    def run():
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+        for blk in model.blocks:
+            x = blk(x)
+        return x
+
+    with torch.set_grad_enabled(grad):  # without grad, MHA takes its fused fast path
+        base = run()
+        (handle,) = an.mask_heads(model, {spec.name: torch.tensor([1.0, 1.0, 0.0, 1.0])})
+        masked = run()
+    assert not torch.allclose(masked, base)
+    assert set(dict(model.named_parameters())) == {n for n, _ in model.named_parameters()}
+    assert "blocks.0.attn.in_proj_weight" in dict(model.named_parameters())  # names unchanged
+    if grad:
+        masked.pow(2).sum().backward()
+        for role in ("q", "k", "v"):
+            w, idx = an.head_weights(model, spec.name, 2)[role]
+            assert w.grad[idx].abs().sum() == 0
+        w, idx = an.head_weights(model, spec.name, 0)["q"]
+        assert w.grad[idx].abs().sum() > 0
+    handle.remove()
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(run(), base, rtol=0, atol=0)
+    assert "in_proj_weight" not in vars(model.blocks[0].attn)  # no shadow left behind
+
+
+def test_a_head_mask_that_cannot_take_effect_is_an_error():
+    model, an = _packed_model()
+    spec = an.attention("blocks.0.attn")
+    wrong = AttentionSpec(
+        spec.name, 4, 4, "blocks.0.fc", "blocks.0.fc", "blocks.0.fc", spec.out, V
+    )  # fmt: skip — declared separate: out_proj never called
+    an.attentions[0] = wrong
+    (handle,) = an.mask_heads(model, {spec.name: torch.tensor([1.0, 0.0, 1.0, 1.0])})
+    with pytest.raises(RuntimeError, match="did not take effect.*out_proj"):
+        model.blocks[0](torch.randn(2, 5, 16))
+    handle.remove()
+    model.blocks[0](torch.randn(2, 5, 16))
+
+
+# ---------------------------------------------------------------------- two streams
+class CoAttentionLayer(nn.Module):
+    """METER-style co-attention: two streams in (by keyword), both out, vision first."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.text_to_image = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.image_to_text = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.text_ffn, self.image_ffn = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, text, image, text_mask=None):
+        t = text + self.text_to_image(text, image, image, need_weights=False)[0]
+        i = (
+            image
+            + self.image_to_text(image, text, text, need_weights=False, key_padding_mask=text_mask)[
+                0
+            ]
+        )
+        return {"image": i + self.image_ffn(i), "text": t + self.text_ffn(t)}
+
+
+class CoAttentionModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(CoAttentionLayer() for _ in range(2))
+
+    def forward(self, text, image):
+        for layer in self.layers:
+            out = layer(text=text, image=image)
+            text, image = out["text"], out["image"]
+        return text, image
+
+    def anatomy(self):
+        an = Anatomy()
+        for i in range(2):
+            p = f"layers.{i}"
+            for name, q, k in (("text_to_image", L, V), ("image_to_text", V, L)):
+                a = f"{p}.{name}"
+                an.attentions.append(AttentionSpec(a, 2, 8, a, a, a, f"{a}.out_proj", X, "cross",
+                                                   q, k, layout="packed"))  # fmt: skip
+            an.add_layer(LayerSpec(p, "layers", i, X, (f"{p}.text_to_image", f"{p}.image_to_text"),
+                                   streams=("text", "image"), stream_sides=(L, V)))  # fmt: skip
+        return an
+
+
+def test_two_stream_layer_learns_its_output_structure():
+    torch.manual_seed(0)
+    model = CoAttentionModel().eval()
+    text, image = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    an = anatomy_of(model, min_coverage=0.5)
+    assert an.readouts["layers.0.vision"] == "layers.0#1"
+    learned = an.learn_calls(model, text, image)  # streams passed by keyword, dict output
+    assert learned["layers.1"] == {"image": Stream(1), "text": Stream(0)}
+    with torch.no_grad():
+        first = model.layers[0](text=text, image=image)
+        an.bypass_layer(model, "layers.1")
+        t, i = model(text, image)
+    torch.testing.assert_close(t, first["text"])
+    torch.testing.assert_close(i, first["image"])
+    # Streams of one shape cannot be told apart by learning: an error, not a guess.
+    with pytest.raises(ValueError, match="cannot tell which"):
+        fresh = CoAttentionModel()
+        anatomy_of(fresh, min_coverage=0.5).learn_calls(fresh, text, image[:, :4])
+    assert an.bypassed(model) == ["layers.1"]
+    an.validate(model)  # the blocks of a bypassed layer are not missing, they are skipped
+    with pytest.raises(ValueError, match="bypassed"):
+        an.mask_heads(model, {"layers.1.text_to_image": torch.ones(2)})
+
+
+def test_bypassed_models_copy_and_pickle(mcan, batch):
+    an = anatomy_of(mcan)
+    an.bypass_layer(mcan, "decoder.1", nn.Linear(32, 32))
+    with torch.no_grad():
+        out = mcan(batch)
+        clone = copy.deepcopy(mcan)
+        torch.testing.assert_close(clone(batch), out)
+        restored = pickle.loads(pickle.dumps(mcan))
+        torch.testing.assert_close(restored(batch), out)
+    assert isinstance(restored.decoder[1], LayerBypass) and isinstance(
+        restored.decoder[1], type(mcan.decoder[0])
+    )
+    assert "decoder.1.adapters.0.weight" in mcan.state_dict()
+
+
+def test_declarations_are_checked():
+    with pytest.raises(ValueError, match="layout"):
+        AttentionSpec("a", 2, 4, "a.q", "a.k", "a.v", "a.o", L, layout="stacked")
+    with pytest.raises(ValueError, match="same path"):
+        AttentionSpec("a", 2, 4, "a.q", "a.k", "a.v", "a.o", L, layout="fused")
+    with pytest.raises(ValueError, match="stream 1"):
+        LayerSpec("l", "s", 0, L, output=(Stream(0), Stream(1)))
+    with pytest.raises(ValueError, match="stream_sides"):
+        LayerSpec("l", "s", 0, L, streams=(0, 1), stream_sides=(L,))
+    assert FFNSpec("f", "u", "d", 4, X, V).side is V

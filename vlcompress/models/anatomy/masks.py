@@ -1,0 +1,364 @@
+"""Switching attention heads and feed-forward units off, for every projection layout.
+
+How a head is switched off depends on how its block is built (see
+:data:`~vlcompress.models.anatomy.specs.ATTENTION_LAYOUTS`):
+
+* a module with ``supports_head_mask = True`` receives the mask as its ``head_mask`` attribute
+  (MCAN: the attention kernel then skips dead heads);
+* ``separate``: the head's slice of the output projection's input is multiplied by the mask;
+* ``fused``: the head's value rows of the ``qkv`` output are multiplied by the mask;
+* ``packed`` (``nn.MultiheadAttention``, whose ``out_proj`` runs functionally and never calls
+  hooks): during the module's forward, ``in_proj_weight`` / ``in_proj_bias`` (or
+  ``v_proj_weight``) are shadowed by copies whose value rows of the dead heads are multiplied by
+  the mask; the parameters keep their names.
+
+Zeroing a head's values (or its context) zeroes its context exactly, and its query and key rows
+then get exactly zero gradient. For hook-based layouts a *witness* checks, at every call of the
+attention block, that the gate ran: a mask that cannot take effect raises ``RuntimeError``
+instead of doing nothing. FFN unit masks multiply the input of the down projection, with the
+same check.
+
+Masks stack per block: the latest applies, and removing its handle brings back the one before
+(or none). A float mask that requires grad receives gradients (head-importance scores).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlcompress.models.anatomy.specs import AttentionSpec, FFNSpec
+
+__all__ = ["MaskHandle", "add_head_mask", "add_unit_mask", "head_weights"]
+
+_GATE_KEY = "_vlcompress_gates"
+_tokens = itertools.count()
+
+
+class _Gate:
+    """The masks applied to one block, newest last, and the hooks that apply them."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        self.what, self.fix = what, fix
+        self.stack: list[tuple[int, torch.Tensor]] = []
+        self.fired = False
+        self.handles: list[Any] = []
+        self.restore: Any = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.stack[-1][1]
+
+
+class MaskHandle:
+    """Undoes one mask (``handle.remove()``), like ``torch.utils.hooks.RemovableHandle``."""
+
+    def __init__(self, gate: _Gate, token: int, on_empty: Any) -> None:
+        self._gate, self._token, self._on_empty = gate, token, on_empty
+
+    def remove(self) -> None:
+        """Remove this mask; the previous one (or none) applies again. Idempotent."""
+        gate = self._gate
+        before = len(gate.stack)
+        gate.stack = [(t, m) for t, m in gate.stack if t != self._token]
+        if before and not gate.stack:
+            self._on_empty()
+        elif len(gate.stack) != before and gate.restore is not None:
+            gate.restore(gate)
+
+
+def _gates(module: nn.Module) -> dict[str, _Gate]:
+    if _GATE_KEY not in module.__dict__:
+        module.__dict__[_GATE_KEY] = {}
+    return module.__dict__[_GATE_KEY]
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor, group: int) -> torch.Tensor:
+    return mask.to(device=like.device, dtype=like.dtype).repeat_interleave(group)
+
+
+# ---------------------------------------------------------------------- hooks
+def _gate_input(gate: _Gate, group: int, _m: nn.Module, args: tuple) -> tuple:
+    gate.fired = True
+    x = args[0]
+    return (x * _expand(gate.mask, x, group), *args[1:])
+
+
+def _gate_values(gate: _Gate, group: int, width: int, _m: nn.Module, _a: tuple, out: Any) -> Any:
+    gate.fired = True
+    keep = _expand(gate.mask, out, group)
+    ones = torch.ones(2 * width, device=out.device, dtype=out.dtype)
+    return out * torch.cat([ones, keep])
+
+
+def _witness_start(gate: _Gate, _m: nn.Module, _a: tuple) -> None:
+    gate.fired = False
+
+
+def _witness_check(gate: _Gate, _m: nn.Module, _a: tuple, _o: Any) -> None:
+    if not gate.fired:
+        raise RuntimeError(
+            f"the mask on {gate.what} did not take effect: {gate.fix} Remove the mask "
+            "(handle.remove()) or fix the declaration."
+        )
+
+
+def _shadow_values(gate: _Gate, group: int, width: int, m: nn.Module, _a: tuple) -> None:
+    keep = gate.mask
+    if m.__dict__.get("_qkv_same_embed_dim", True):
+        w = m._parameters["in_proj_weight"]
+        rows = torch.cat(
+            [torch.ones(2 * width, device=w.device, dtype=w.dtype), _expand(keep, w, group)]
+        )
+        m.__dict__["in_proj_weight"] = w * rows[:, None]
+    else:
+        w = m._parameters["v_proj_weight"]
+        m.__dict__["v_proj_weight"] = w * _expand(keep, w, group)[:, None]
+        rows = torch.cat(
+            [torch.ones(2 * width, device=w.device, dtype=w.dtype), _expand(keep, w, group)]
+        )
+    b = m._parameters.get("in_proj_bias")
+    if b is not None:
+        m.__dict__["in_proj_bias"] = b * rows.to(b.dtype)
+    gate.fired = True
+
+
+def _unshadow(_gate: _Gate, m: nn.Module, _a: tuple, _o: Any) -> None:
+    for name in ("in_proj_weight", "v_proj_weight", "in_proj_bias"):
+        m.__dict__.pop(name, None)
+
+
+# ---------------------------------------------------------------------- heads
+def _check_mask(mask: torch.Tensor, size: int, what: str) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"the mask for {what} must be a tensor, got {type(mask).__name__}.")
+    if tuple(mask.shape) != (size,):
+        raise ValueError(f"the mask for {what} must have shape ({size},), got {tuple(mask.shape)}.")
+
+
+def _linear(model: nn.Module, path: str, what: str) -> nn.Module:
+    module = model.get_submodule(path)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(
+            f"{what}: {path!r} is a {type(module).__name__}, not an nn.Linear; check the "
+            "attention layout in the anatomy."
+        )
+    return module
+
+
+def _push(gate: _Gate, mask: torch.Tensor, on_empty: Any) -> MaskHandle:
+    token = next(_tokens)
+    gate.stack.append((token, mask))
+    if gate.restore is not None:
+        gate.restore(gate)
+    return MaskHandle(gate, token, on_empty)
+
+
+def add_head_mask(model: nn.Module, spec: AttentionSpec, mask: torch.Tensor) -> MaskHandle:
+    """Switch off the heads of ``spec`` where ``mask`` is 0 (see the module docstring).
+
+    Args:
+        model: the model holding the block.
+        spec: the attention block.
+        mask: ``(num_heads,)``; 1 keeps a head, 0 removes it (float values scale it).
+
+    Returns:
+        A handle whose ``remove()`` brings back the previous mask (or none).
+
+    Raises:
+        ValueError: for a mask of the wrong shape or a projection of the wrong size.
+        TypeError: when a declared projection is not of the declared kind.
+    """
+    what = f"attention block {spec.name!r}"
+    _check_mask(mask, spec.num_heads, what)
+    module = model.get_submodule(spec.name)
+    gates = _gates(module)
+    gate = gates.get("heads")
+    if gate is not None:
+        return _push(gate, mask, gate.on_empty)  # type: ignore[attr-defined]
+
+    if getattr(module, "supports_head_mask", False):
+        gate = _Gate(what, "")
+        base = getattr(module, "head_mask", None)
+
+        def restore(g: _Gate) -> None:
+            module.head_mask = g.mask
+
+        def on_empty() -> None:
+            module.head_mask = base
+            gates.pop("heads", None)
+
+        gate.restore = restore
+    else:
+        gate = _Gate(what, "")
+        hd, width = spec.head_dim, spec.width
+        if spec.layout == "separate":
+            out = _linear(model, spec.out, what)
+            if out.in_features != width:
+                raise ValueError(
+                    f"{what}: its output projection {spec.out!r} takes {out.in_features} "
+                    f"features, not num_heads x head_dim = {width}."
+                )
+            gate.fix = (
+                f"its output projection {spec.out!r} was not called as a module during the "
+                "block's forward (its weight is used functionally). Declare the block with "
+                "layout='packed' (nn.MultiheadAttention) or 'fused', or give the module "
+                "`supports_head_mask`."
+            )
+            gate.handles.append(
+                out.register_forward_pre_hook(functools.partial(_gate_input, gate, hd))
+            )
+        elif spec.layout == "fused":
+            qkv = _linear(model, spec.v, what)
+            if qkv.out_features != 3 * width:
+                raise ValueError(
+                    f"{what}: its fused projection {spec.v!r} has {qkv.out_features} outputs, "
+                    f"not 3 x num_heads x head_dim = {3 * width}."
+                )
+            gate.fix = (
+                f"its fused projection {spec.v!r} was not called as a module during the "
+                "block's forward. Declare the block's real layout."
+            )
+            gate.handles.append(
+                qkv.register_forward_hook(functools.partial(_gate_values, gate, hd, width))
+            )
+        else:  # packed
+            mha = model.get_submodule(spec.v)
+            if "in_proj_weight" not in mha._parameters and "v_proj_weight" not in mha._parameters:
+                raise TypeError(
+                    f"{what}: {spec.v!r} is a {type(mha).__name__} without in_proj_weight or "
+                    "v_proj_weight; layout='packed' is for nn.MultiheadAttention."
+                )
+            embed = getattr(mha, "embed_dim", width)
+            if embed != width or getattr(mha, "num_heads", spec.num_heads) != spec.num_heads:
+                raise ValueError(
+                    f"{what}: the module has embed_dim {embed} and {mha.num_heads} heads; the "
+                    f"anatomy says {spec.num_heads} heads of {spec.head_dim}."
+                )
+            gate.fix = f"{spec.v!r} was not called as a module."
+            gate.handles.append(
+                mha.register_forward_pre_hook(functools.partial(_shadow_values, gate, hd, width))
+            )
+            gate.handles.append(
+                mha.register_forward_hook(functools.partial(_unshadow, gate), always_call=True)
+            )
+        if spec.layout != "packed":
+            gate.handles.append(
+                module.register_forward_pre_hook(functools.partial(_witness_start, gate))
+            )
+            gate.handles.append(
+                module.register_forward_hook(functools.partial(_witness_check, gate))
+            )
+
+        def on_empty() -> None:
+            for h in gate.handles:
+                h.remove()
+            gates.pop("heads", None)
+
+    gate.on_empty = on_empty  # type: ignore[attr-defined]
+    gates["heads"] = gate
+    return _push(gate, mask, on_empty)
+
+
+def add_unit_mask(
+    model: nn.Module, spec: FFNSpec, mask: torch.Tensor, container: str | None = None
+) -> MaskHandle:
+    """Switch off the FFN units of ``spec`` where ``mask`` is 0 (the down projection's input).
+
+    Args:
+        model: the model holding the block.
+        spec: the feed-forward block.
+        mask: ``(inner_dim,)``; 1 keeps a unit, 0 removes it.
+        container: path of a module whose forward must run the down projection (the witness);
+            default: ``spec.name`` when it is a module path.
+
+    Returns:
+        A handle whose ``remove()`` brings back the previous mask (or none).
+
+    Raises:
+        ValueError: for a mask of the wrong shape or a projection of the wrong size.
+    """
+    what = f"FFN block {spec.name!r}"
+    _check_mask(mask, spec.inner_dim, what)
+    down = _linear(model, spec.down, what)
+    if down.in_features != spec.inner_dim:
+        raise ValueError(
+            f"{what}: its down projection {spec.down!r} takes {down.in_features} features, "
+            f"not inner_dim = {spec.inner_dim}."
+        )
+    gates = _gates(down)
+    gate = gates.get("units")
+    if gate is not None:
+        return _push(gate, mask, gate.on_empty)  # type: ignore[attr-defined]
+    gate = _Gate(
+        what,
+        f"its down projection {spec.down!r} was not called as a module (its weight is used "
+        "functionally).",
+    )
+    gate.handles.append(down.register_forward_pre_hook(functools.partial(_gate_input, gate, 1)))
+    if container is None:
+        modules = dict(model.named_modules())
+        container = spec.name if spec.name in modules and spec.name != spec.down else None
+    if container is not None:
+        watched = model.get_submodule(container)
+        gate.handles.append(
+            watched.register_forward_pre_hook(functools.partial(_witness_start, gate))
+        )
+        gate.handles.append(watched.register_forward_hook(functools.partial(_witness_check, gate)))
+
+    def on_empty() -> None:
+        for h in gate.handles:
+            h.remove()
+        gates.pop("units", None)
+
+    gate.on_empty = on_empty  # type: ignore[attr-defined]
+    gates["units"] = gate
+    return _push(gate, mask, on_empty)
+
+
+def head_weights(
+    model: nn.Module, spec: AttentionSpec, head: int
+) -> dict[str, tuple[nn.Parameter, tuple[slice, slice]]]:
+    """Where head ``head`` lives in the weights: ``{"q"|"k"|"v": (weight, rows), "out":
+    (weight, columns)}``, each index a ``(rows, columns)`` pair of slices.
+
+    Args:
+        model: the model holding the block.
+        spec: the attention block.
+        head: the head index.
+
+    Returns:
+        ``weight[index]`` is that head's part of each projection (also for ``weight.grad``).
+
+    Raises:
+        IndexError: for a head out of range.
+
+    Example::
+
+        w, idx = anatomy.head_weights(model, "encoder.layer.0.attention", 3)["q"]
+        w.grad[idx]  # the gradient of head 3's query rows
+    """
+    if not 0 <= head < spec.num_heads:
+        raise IndexError(f"head {head} out of range for {spec.name!r} ({spec.num_heads} heads).")
+    hd, width = spec.head_dim, spec.width
+    rows = slice(head * hd, (head + 1) * hd)
+    every = slice(None)
+    out = model.get_submodule(spec.out).weight
+    result: dict[str, tuple[nn.Parameter, tuple[slice, slice]]] = {"out": (out, (every, rows))}
+    if spec.layout == "separate":
+        for role in ("q", "k", "v"):
+            result[role] = (model.get_submodule(getattr(spec, role)).weight, (rows, every))
+        return result
+    module = model.get_submodule(spec.v)
+    if spec.layout == "packed" and "in_proj_weight" not in module._parameters:
+        for role in ("q", "k", "v"):
+            result[role] = (module._parameters[f"{role}_proj_weight"], (rows, every))
+        return result
+    weight = module.weight if spec.layout == "fused" else module._parameters["in_proj_weight"]
+    for i, role in enumerate(("q", "k", "v")):
+        result[role] = (weight, (slice(i * width + rows.start, i * width + rows.stop), every))
+    return {k: result[k] for k in ("q", "k", "v", "out")}
