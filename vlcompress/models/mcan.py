@@ -18,9 +18,17 @@ from torch import nn
 
 from vlcompress.data.batch import VLBatch
 from vlcompress.kernels import attention
+from vlcompress.models.anatomy import (
+    Anatomy,
+    AttentionSpec,
+    FFNSpec,
+    LayerSpec,
+    Modality,
+    Stream,
+    prunable_weights_in,
+)
 from vlcompress.options import check_fields, in_range
 from vlcompress.registry import register
-from vlcompress.models.anatomy import Anatomy, AttentionSpec, FFNSpec, LayerSpec, Modality
 
 
 _POSITIVE = in_range(1)
@@ -360,43 +368,43 @@ class MCAN(nn.Module):
         return self.classifier(fused), {"pooled": fused}
 
     def anatomy(self) -> Anatomy:
-        """MCAN's structure: encoder (language), decoder (cross), inputs, head."""
+        """MCAN's structure: the encoder (language self-attention), the decoder (cross: vision
+        self-attention, then vision queries guided by language keys), inputs and task head."""
         c = self.config
         an = Anatomy()
+        lang, vis, cross = Modality.LANGUAGE, Modality.VISION, Modality.CROSS
 
-        def attn(path: str, modality: Modality, kind: str) -> str:
+        def attn(path: str, modality: Modality, kind: str, query: Modality, key: Modality) -> str:
             an.attentions.append(
-                AttentionSpec(path, c.num_heads, c.head_dim, f"{path}.q", f"{path}.k", f"{path}.v", f"{path}.out", modality, kind)
+                AttentionSpec(path, c.num_heads, c.head_dim, f"{path}.q", f"{path}.k", f"{path}.v",
+                              f"{path}.out", modality, kind, query_side=query, key_side=key)
             )  # fmt: skip
             return path
 
-        def ffn(path: str, modality: Modality) -> str:
-            an.ffns.append(FFNSpec(path, f"{path}.up", f"{path}.down", c.ffn_size, modality))
+        def ffn(path: str, modality: Modality, side: Modality) -> str:
+            an.ffns.append(FFNSpec(path, f"{path}.up", f"{path}.down", c.ffn_size, modality, side))
             return path
 
-        for stack, modality in (("encoder", Modality.LANGUAGE), ("decoder", Modality.CROSS)):
-            an.stacks[stack] = []
-            for i in range(c.num_layers):
-                name = f"{stack}.{i}"
-                if stack == "encoder":
-                    attns = (attn(f"{name}.attn", modality, "self"),)
-                else:
-                    attns = (
-                        attn(f"{name}.self_attn", modality, "self"),
-                        attn(f"{name}.guided_attn", modality, "cross"),
-                    )
-                an.layers.append(
-                    LayerSpec(name, stack, i, modality, attns, (ffn(f"{name}.ffn", modality),))
-                )
-                an.stacks[stack].append(name)
-                an.readouts[name] = name
+        for i in range(c.num_layers):  # SALayer.forward(x, x_mask) -> x
+            name = f"encoder.{i}"
+            attns = (attn(f"{name}.attn", lang, "self", lang, lang),)
+            an.add_layer(LayerSpec(name, "encoder", i, lang, attns, (ffn(f"{name}.ffn", lang, lang),),
+                                   streams=("x",), output=Stream(0)))  # fmt: skip
+        for i in range(c.num_layers):  # SGALayer.forward(x, y, x_mask, y_mask) -> x (image)
+            name = f"decoder.{i}"
+            attns = (
+                attn(f"{name}.self_attn", cross, "self", vis, vis),
+                attn(f"{name}.guided_attn", cross, "cross", vis, lang),
+            )
+            an.add_layer(LayerSpec(name, "decoder", i, cross, attns, (ffn(f"{name}.ffn", cross, vis),),
+                                   streams=("x",), stream_sides=(vis,), output=Stream(0)))  # fmt: skip
         an.readouts.update({"language_input": "lstm", "vision_input": "visual", "fused": "norm"})
-        vision = [n for n, p in self.visual.named_parameters() if p.dim() >= 2]
         an.extra_weights = {
-            Modality.LANGUAGE: ["embedding.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"],
-            Modality.VISION: [f"visual.{n}" for n in vision],
-            Modality.CROSS: [f"{m}.{n}" for m in ("flat_lang", "flat_img") for n, p in getattr(self, m).named_parameters() if p.dim() >= 2],
+            lang: ["embedding.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"],
+            vis: prunable_weights_in(self.visual, "visual"),
+            cross: prunable_weights_in(self.flat_lang, "flat_lang") + prunable_weights_in(self.flat_img, "flat_img"),
         }  # fmt: skip
+        an.extra_modules = {lang: ["embedding", "lstm"], vis: ["visual"], cross: ["flat_lang", "flat_img", "norm"]}  # fmt: skip
         an.head_modules = ["classifier"]
         return an
 
