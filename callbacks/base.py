@@ -60,19 +60,34 @@ STATE_FORMAT = 1
 _SEED_LIMIT = 2**63
 
 
+def _import_callback_class(package: str) -> type:
+    """``<package>.Callback``, imported without taking over Lightning's log routing.
+
+    Both Lightning packages point ``lightning_utilities``' shared rank-zero logger at their own
+    logger when imported, the last import winning. Importing the second package here would
+    silently re-route every Lightning message of the user's project (and a vlcompress run's
+    ``run.log``), so the logger that was in place is kept whenever a package had set one.
+    """
+    import importlib
+
+    from lightning_utilities.core import rank_zero
+
+    before = rank_zero.log
+    module = importlib.import_module(package)
+    if before.name != rank_zero.__name__:  # a Lightning package was imported first: keep it
+        rank_zero.log = before
+    return module.Callback
+
+
 def _callback_bases() -> tuple[type, ...]:
     """The ``Callback`` class of each installed Lightning package (``lightning.pytorch`` first)."""
     bases: list[type] = []
     try:
-        from lightning.pytorch import Callback as LightningCallback
-
-        bases.append(LightningCallback)
+        bases.append(_import_callback_class("lightning.pytorch"))
     except ImportError:  # a project with only pytorch_lightning installed
         pass
     try:
-        from pytorch_lightning import Callback as PLCallback
-
-        bases.append(PLCallback)
+        bases.append(_import_callback_class("pytorch_lightning"))
     except ImportError:
         pass
     except Exception as e:  # a broken optional install must not break lightning.pytorch users
