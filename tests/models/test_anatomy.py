@@ -517,3 +517,23 @@ def test_declarations_are_checked():
     with pytest.raises(ValueError, match="stream_sides"):
         LayerSpec("l", "s", 0, L, streams=(0, 1), stream_sides=(L,))
     assert FFNSpec("f", "u", "d", 4, X, V).side is V
+
+
+def test_masks_survive_a_deep_copy():
+    torch.manual_seed(0)
+    model = TimmStyleViT().eval()
+    an = anatomy_of(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = model(x)
+        (handle,) = an.mask_heads(model, {"blocks.0.attn": torch.tensor([0.0, 1.0, 1.0, 1.0])})
+        masked = model(x)
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(clone(x), masked, rtol=0, atol=0)
+        handle.remove()  # the original only
+        torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+        torch.testing.assert_close(clone(x), masked, rtol=0, atol=0)
+        (other,) = an.mask_heads(clone, {"blocks.0.attn": torch.tensor([1.0, 1.0, 0.0, 1.0])})
+        assert not torch.allclose(clone(x), masked)
+        other.remove()  # the copied mask applies again
+        torch.testing.assert_close(clone(x), masked, rtol=0, atol=0)

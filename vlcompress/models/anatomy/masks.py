@@ -40,35 +40,56 @@ _tokens = itertools.count()
 
 
 class _Gate:
-    """The masks applied to one block, newest last, and the hooks that apply them."""
+    """The masks applied to one block, newest last, and the hooks that apply them.
 
-    def __init__(self, what: str, fix: str) -> None:
-        self.what, self.fix = what, fix
+    It refers to modules only through attributes (no closures), so a deep copy of the model
+    carries a working copy of its masks.
+    """
+
+    def __init__(self, what: str, fix: str, owner: nn.Module, kind: str) -> None:
+        self.what, self.fix, self.owner, self.kind = what, fix, owner, kind
         self.stack: list[tuple[int, torch.Tensor]] = []
         self.fired = False
         self.handles: list[Any] = []
-        self.restore: Any = None
+        self.native = False  # the owner takes the mask itself (``supports_head_mask``)
+        self.base: Any = None  # the owner's ``head_mask`` before the first mask
 
     @property
     def mask(self) -> torch.Tensor:
         return self.stack[-1][1]
 
+    def push(self, mask: torch.Tensor) -> MaskHandle:
+        token = next(_tokens)
+        self.stack.append((token, mask))
+        if self.native:
+            self.owner.head_mask = mask
+        return MaskHandle(self, token)
+
+    def pop(self, token: int) -> None:
+        before = len(self.stack)
+        self.stack = [(t, m) for t, m in self.stack if t != token]
+        if len(self.stack) == before:
+            return
+        if self.stack:
+            if self.native:
+                self.owner.head_mask = self.mask
+            return
+        for h in self.handles:
+            h.remove()
+        if self.native:
+            self.owner.head_mask = self.base
+        self.owner.__dict__.get(_GATE_KEY, {}).pop(self.kind, None)
+
 
 class MaskHandle:
     """Undoes one mask (``handle.remove()``), like ``torch.utils.hooks.RemovableHandle``."""
 
-    def __init__(self, gate: _Gate, token: int, on_empty: Any) -> None:
-        self._gate, self._token, self._on_empty = gate, token, on_empty
+    def __init__(self, gate: _Gate, token: int) -> None:
+        self._gate, self._token = gate, token
 
     def remove(self) -> None:
         """Remove this mask; the previous one (or none) applies again. Idempotent."""
-        gate = self._gate
-        before = len(gate.stack)
-        gate.stack = [(t, m) for t, m in gate.stack if t != self._token]
-        if before and not gate.stack:
-            self._on_empty()
-        elif len(gate.stack) != before and gate.restore is not None:
-            gate.restore(gate)
+        self._gate.pop(self._token)
 
 
 def _gates(module: nn.Module) -> dict[str, _Gate]:
@@ -150,14 +171,6 @@ def _linear(model: nn.Module, path: str, what: str) -> nn.Module:
     return module
 
 
-def _push(gate: _Gate, mask: torch.Tensor, on_empty: Any) -> MaskHandle:
-    token = next(_tokens)
-    gate.stack.append((token, mask))
-    if gate.restore is not None:
-        gate.restore(gate)
-    return MaskHandle(gate, token, on_empty)
-
-
 def add_head_mask(model: nn.Module, spec: AttentionSpec, mask: torch.Tensor) -> MaskHandle:
     """Switch off the heads of ``spec`` where ``mask`` is 0 (see the module docstring).
 
@@ -176,92 +189,65 @@ def add_head_mask(model: nn.Module, spec: AttentionSpec, mask: torch.Tensor) -> 
     what = f"attention block {spec.name!r}"
     _check_mask(mask, spec.num_heads, what)
     module = model.get_submodule(spec.name)
-    gates = _gates(module)
-    gate = gates.get("heads")
+    gate = _gates(module).get("heads")
     if gate is not None:
-        return _push(gate, mask, gate.on_empty)  # type: ignore[attr-defined]
-
+        return gate.push(mask)
+    gate = _Gate(what, "", module, "heads")
     if getattr(module, "supports_head_mask", False):
-        gate = _Gate(what, "")
-        base = getattr(module, "head_mask", None)
-
-        def restore(g: _Gate) -> None:
-            module.head_mask = g.mask
-
-        def on_empty() -> None:
-            module.head_mask = base
-            gates.pop("heads", None)
-
-        gate.restore = restore
-    else:
-        gate = _Gate(what, "")
-        hd, width = spec.head_dim, spec.width
-        if spec.layout == "separate":
-            out = _linear(model, spec.out, what)
-            if out.in_features != width:
-                raise ValueError(
-                    f"{what}: its output projection {spec.out!r} takes {out.in_features} "
-                    f"features, not num_heads x head_dim = {width}."
-                )
-            gate.fix = (
-                f"its output projection {spec.out!r} was not called as a module during the "
-                "block's forward (its weight is used functionally). Declare the block with "
-                "layout='packed' (nn.MultiheadAttention) or 'fused', or give the module "
-                "`supports_head_mask`."
+        gate.native, gate.base = True, getattr(module, "head_mask", None)
+    elif spec.layout == "separate":
+        out = _linear(model, spec.out, what)
+        if out.in_features != spec.width:
+            raise ValueError(
+                f"{what}: its output projection {spec.out!r} takes {out.in_features} "
+                f"features, not num_heads x head_dim = {spec.width}."
             )
-            gate.handles.append(
-                out.register_forward_pre_hook(functools.partial(_gate_input, gate, hd))
+        gate.fix = (
+            f"its output projection {spec.out!r} was not called as a module during the "
+            "block's forward (its weight is used functionally). Declare the block with "
+            "layout='packed' (nn.MultiheadAttention) or 'fused', or give the module "
+            "`supports_head_mask`."
+        )
+        hook = functools.partial(_gate_input, gate, spec.head_dim)
+        gate.handles.append(out.register_forward_pre_hook(hook))
+    elif spec.layout == "fused":
+        qkv = _linear(model, spec.v, what)
+        if qkv.out_features != 3 * spec.width:
+            raise ValueError(
+                f"{what}: its fused projection {spec.v!r} has {qkv.out_features} outputs, "
+                f"not 3 x num_heads x head_dim = {3 * spec.width}."
             )
-        elif spec.layout == "fused":
-            qkv = _linear(model, spec.v, what)
-            if qkv.out_features != 3 * width:
-                raise ValueError(
-                    f"{what}: its fused projection {spec.v!r} has {qkv.out_features} outputs, "
-                    f"not 3 x num_heads x head_dim = {3 * width}."
-                )
-            gate.fix = (
-                f"its fused projection {spec.v!r} was not called as a module during the "
-                "block's forward. Declare the block's real layout."
+        gate.fix = (
+            f"its fused projection {spec.v!r} was not called as a module during the block's "
+            "forward. Declare the block's real layout."
+        )
+        hook = functools.partial(_gate_values, gate, spec.head_dim, spec.width)
+        gate.handles.append(qkv.register_forward_hook(hook))
+    else:  # packed
+        mha = model.get_submodule(spec.v)
+        if "in_proj_weight" not in mha._parameters and "v_proj_weight" not in mha._parameters:
+            raise TypeError(
+                f"{what}: {spec.v!r} is a {type(mha).__name__} without in_proj_weight or "
+                "v_proj_weight; layout='packed' is for nn.MultiheadAttention."
             )
-            gate.handles.append(
-                qkv.register_forward_hook(functools.partial(_gate_values, gate, hd, width))
+        embed = getattr(mha, "embed_dim", spec.width)
+        heads = getattr(mha, "num_heads", spec.num_heads)
+        if embed != spec.width or heads != spec.num_heads:
+            raise ValueError(
+                f"{what}: the module has embed_dim {embed} and {heads} heads; the anatomy says "
+                f"{spec.num_heads} heads of {spec.head_dim}."
             )
-        else:  # packed
-            mha = model.get_submodule(spec.v)
-            if "in_proj_weight" not in mha._parameters and "v_proj_weight" not in mha._parameters:
-                raise TypeError(
-                    f"{what}: {spec.v!r} is a {type(mha).__name__} without in_proj_weight or "
-                    "v_proj_weight; layout='packed' is for nn.MultiheadAttention."
-                )
-            embed = getattr(mha, "embed_dim", width)
-            if embed != width or getattr(mha, "num_heads", spec.num_heads) != spec.num_heads:
-                raise ValueError(
-                    f"{what}: the module has embed_dim {embed} and {mha.num_heads} heads; the "
-                    f"anatomy says {spec.num_heads} heads of {spec.head_dim}."
-                )
-            gate.fix = f"{spec.v!r} was not called as a module."
-            gate.handles.append(
-                mha.register_forward_pre_hook(functools.partial(_shadow_values, gate, hd, width))
-            )
-            gate.handles.append(
-                mha.register_forward_hook(functools.partial(_unshadow, gate), always_call=True)
-            )
-        if spec.layout != "packed":
-            gate.handles.append(
-                module.register_forward_pre_hook(functools.partial(_witness_start, gate))
-            )
-            gate.handles.append(
-                module.register_forward_hook(functools.partial(_witness_check, gate))
-            )
-
-        def on_empty() -> None:
-            for h in gate.handles:
-                h.remove()
-            gates.pop("heads", None)
-
-    gate.on_empty = on_empty  # type: ignore[attr-defined]
-    gates["heads"] = gate
-    return _push(gate, mask, on_empty)
+        shadow = functools.partial(_shadow_values, gate, spec.head_dim, spec.width)
+        gate.handles.append(mha.register_forward_pre_hook(shadow))
+        unshadow = functools.partial(_unshadow, gate)
+        gate.handles.append(mha.register_forward_hook(unshadow, always_call=True))
+    if spec.layout != "packed" and not gate.native:
+        gate.handles.append(
+            module.register_forward_pre_hook(functools.partial(_witness_start, gate))
+        )
+        gate.handles.append(module.register_forward_hook(functools.partial(_witness_check, gate)))
+    _gates(module)["heads"] = gate
+    return gate.push(mask)
 
 
 def add_unit_mask(
@@ -290,14 +276,15 @@ def add_unit_mask(
             f"{what}: its down projection {spec.down!r} takes {down.in_features} features, "
             f"not inner_dim = {spec.inner_dim}."
         )
-    gates = _gates(down)
-    gate = gates.get("units")
+    gate = _gates(down).get("units")
     if gate is not None:
-        return _push(gate, mask, gate.on_empty)  # type: ignore[attr-defined]
+        return gate.push(mask)
     gate = _Gate(
         what,
         f"its down projection {spec.down!r} was not called as a module (its weight is used "
         "functionally).",
+        down,
+        "units",
     )
     gate.handles.append(down.register_forward_pre_hook(functools.partial(_gate_input, gate, 1)))
     if container is None:
@@ -309,15 +296,8 @@ def add_unit_mask(
             watched.register_forward_pre_hook(functools.partial(_witness_start, gate))
         )
         gate.handles.append(watched.register_forward_hook(functools.partial(_witness_check, gate)))
-
-    def on_empty() -> None:
-        for h in gate.handles:
-            h.remove()
-        gates.pop("units", None)
-
-    gate.on_empty = on_empty  # type: ignore[attr-defined]
-    gates["units"] = gate
-    return _push(gate, mask, on_empty)
+    _gates(down)["units"] = gate
+    return gate.push(mask)
 
 
 def head_weights(
