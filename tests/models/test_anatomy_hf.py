@@ -309,3 +309,19 @@ def test_real_timm_vision_transformer():
     (handle,) = an.mask_heads(case.model, {an.attentions[0].name: mask})
     assert not torch.allclose(case.run(), base)
     handle.remove()
+
+
+def test_clip_composites_are_covered():
+    import transformers as T
+
+    text = TINY_MODELS["clip_text"]().model.config
+    vision = TINY_MODELS["clip_vision"]().model.config
+    models = [
+        T.CLIPModel(T.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict())),
+        T.CLIPVisionModelWithProjection(vision),
+        T.CLIPTextModelWithProjection(text),
+    ]
+    for model in models:
+        an = _anatomy(TinyModel(type(model).__name__, model))
+        assert an.coverage(model).fraction == 1.0
+    assert set(anatomy_of(models[0]).modalities) == {L, V}

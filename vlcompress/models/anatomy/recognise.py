@@ -7,7 +7,8 @@ raises) when the anatomy leaves a large share of the parameters undeclared.
 
 Recognised: ``BertModel``, ``RobertaModel`` (and BERT-style encoders by name),
 ``LxmertModel``, ``VisualBertModel``, ``ViltModel``, ``CLIPTextModel``, ``CLIPVisionModel``,
-``CLIPModel``, ``BridgeTowerModel`` (and its text and vision models), timm
+``CLIPModel`` (and the ``...WithProjection`` towers), ``BridgeTowerModel`` (and its text and
+vision models), timm
 ``VisionTransformer``; wrapped anywhere in a bigger module (``BertForSequenceClassification``,
 ``ViltForQuestionAnswering``, a LightningModule holding one, ...). Recognisers for more
 classes can be added with :func:`register_recogniser`.
@@ -298,6 +299,24 @@ def _clip(model: nn.Module) -> Anatomy:
     b.extras(V, "visual_projection")
     b.extras(X, "logit_scale")
     return an
+
+
+@register_recogniser("CLIPVisionModelWithProjection")
+def _clip_vision_projected(model: nn.Module) -> Anatomy:
+    """CLIP's image tower and its projection."""
+    b = _Build(model)
+    b.an = _clip_vision(model.vision_model).prefixed("vision_model")
+    b.extras(V, "visual_projection")
+    return b.an
+
+
+@register_recogniser("CLIPTextModelWithProjection")
+def _clip_text_projected(model: nn.Module) -> Anatomy:
+    """CLIP's text tower and its projection."""
+    b = _Build(model)
+    b.an = _clip_text(model.text_model).prefixed("text_model")
+    b.extras(L, "text_projection")
+    return b.an
 
 
 def _bridgetower_vision(b: _Build, root: str) -> None:
