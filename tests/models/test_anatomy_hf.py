@@ -4,6 +4,7 @@ model's real call signature, read-outs, prunable weights per modality, wrapped m
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -216,7 +217,10 @@ def test_lxmert_two_stream_layers():
     )
     assert an.attention(f"{x1}.visn_self_att").query_side is V
     assert {f.side for f in an.ffns if f.name.startswith(x1)} == {L, V}
-    learned = an.learn_calls(case.model, *case.args, **case.kwargs)
+    assert layer.output == (Stream(0), Stream(1), None)  # declared: attentions asked or not
+    fresh = _anatomy(case)
+    fresh.layers = [dataclasses.replace(x, output=None) for x in fresh.layers]
+    learned = fresh.learn_calls(case.model, *case.args, **case.kwargs)
     assert learned[x1] == (Stream(0), Stream(1))
     assert learned["encoder.layer.0"] == (Stream(0),)  # LxmertLayer returns a 1-tuple
     an.bypass_layer(case.model, x1)
@@ -233,6 +237,18 @@ def test_lxmert_two_stream_layers():
     torch.testing.assert_close(out.vision_output, states[f"{x0}.vision"])
     with pytest.raises(ValueError, match="one module"):
         an.bypass_layer(case.model, x1, (adapter,))
+
+
+@pytest.mark.parametrize("name", ["lxmert", "vilt", "visual_bert", "bert", "bridgetower"])
+def test_bypassed_layers_serve_output_attentions(name):
+    case = TINY_MODELS[name]()
+    an = _anatomy(case)
+    for stack in an.stacks.values():
+        an.bypass_layer(case.model, stack[-1])
+    with torch.no_grad():
+        case.run()  # a lazily learned structure is learned here, without attentions
+        out = case.run(output_attentions=True)
+    assert tensors_of(out)
 
 
 def test_learned_structures_spare_the_probe():

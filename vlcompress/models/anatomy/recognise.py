@@ -51,6 +51,11 @@ TASK_HEAD_NAMES = frozenset(
 
 L, V, X = Modality.LANGUAGE, Modality.VISION, Modality.CROSS
 
+_WITH_ATTENTIONS = (Stream(0), None)
+"""Layers returning ``(hidden_states,) + (attention_probs,)`` when asked (LXMERT, ViLT,
+VisualBERT): their callers read item 0, and item 1 only with ``output_attentions``; declared
+so that a bypass serves both (a learned template holds for the flags it was learned with)."""
+
 
 def register_recogniser(*class_names: str) -> Callable[[Recogniser], Recogniser]:
     """Register a function building the anatomy of instances of the named classes.
@@ -144,7 +149,13 @@ class _Build:
         return name
 
     def bert_layer(
-        self, path: str, stack: str, index: int, modality: Modality, attn: str = "self"
+        self,
+        path: str,
+        stack: str,
+        index: int,
+        modality: Modality,
+        attn: str = "self",
+        output: Any = None,
     ) -> None:
         """A BERT-style layer (``attention``, optional ``crossattention``, ``intermediate`` +
         ``output`` FFN) whose queries and keys are all of ``modality``."""
@@ -156,7 +167,9 @@ class _Build:
         ffn = self.ffn(
             f"{path}.ffn", f"{path}.intermediate.dense", f"{path}.output.dense", modality
         )
-        self.an.add_layer(LayerSpec(path, stack, index, modality, tuple(attns), (ffn,)))
+        self.an.add_layer(
+            LayerSpec(path, stack, index, modality, tuple(attns), (ffn,), output=output)
+        )
 
     def stack(self, path: str) -> list[tuple[str, int]]:
         """``[(layer path, index)]`` of the ``nn.ModuleList`` / ``nn.Sequential`` at ``path``."""
@@ -200,7 +213,7 @@ def _lxmert(model: nn.Module) -> Anatomy:
     b = _Build(model)
     for stack, modality in (("encoder.layer", L), ("encoder.r_layers", V)):
         for path, i in b.stack(stack):
-            b.bert_layer(path, stack, i, modality)
+            b.bert_layer(path, stack, i, modality, output=_WITH_ATTENTIONS)
     for path, i in b.stack("encoder.x_layers"):
         cross = b.bert_attention(
             f"{path}.visual_attention", X, "att", kind="cross", query_side=L, key_side=V,
@@ -219,7 +232,7 @@ def _lxmert(model: nn.Module) -> Anatomy:
         b.an.add_layer(
             LayerSpec(path, "encoder.x_layers", i, X, (cross, lang, visn), ffns,
                       streams=("lang_feats", "visual_feats"), stream_sides=(L, V),
-                      output=(Stream(0), Stream(1)))
+                      output=(Stream(0), Stream(1), None))
         )  # fmt: skip
     b.extras(L, "embeddings")
     b.extras(V, "encoder.visn_fc")
@@ -233,7 +246,7 @@ def _visual_bert(model: nn.Module) -> Anatomy:
     """VisualBERT: one BERT stream over text and image tokens (cross)."""
     b = _Build(model)
     for path, i in b.stack("encoder.layer"):
-        b.bert_layer(path, "encoder.layer", i, X)
+        b.bert_layer(path, "encoder.layer", i, X, output=_WITH_ATTENTIONS)
     b.extras(X, "embeddings", prunable=False)
     b.extras(L, *(f"embeddings.{n}" for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")))  # fmt: skip
     b.extras(V, *(f"embeddings.{n}" for n in ("visual_projection", "visual_token_type_embeddings", "visual_position_embeddings")))  # fmt: skip
@@ -247,7 +260,7 @@ def _vilt(model: nn.Module) -> Anatomy:
     """ViLT: one ViT stream over text and image patches (cross)."""
     b = _Build(model)
     for path, i in b.stack("encoder.layer"):
-        b.bert_layer(path, "encoder.layer", i, X, attn="attention")
+        b.bert_layer(path, "encoder.layer", i, X, attn="attention", output=_WITH_ATTENTIONS)
     b.extras(X, "embeddings", prunable=False)
     b.extras(L, "embeddings.text_embeddings")
     b.extras(
