@@ -151,9 +151,9 @@ class Anatomy:
         Returns:
             A new anatomy whose every path starts with ``prefix.``.
         """
-        if not prefix:
-            return dataclasses.replace(self)
-        p = lambda s: f"{prefix}.{s}" if s else prefix  # noqa: E731
+
+        def p(path: str) -> str:
+            return f"{prefix}.{path}" if prefix and path else prefix or path
 
         def attn(a: AttentionSpec) -> AttentionSpec:
             return dataclasses.replace(

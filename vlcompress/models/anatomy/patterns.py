@@ -95,7 +95,15 @@ BERT_PATTERNS = AnatomyPatterns(
 
 def num_heads_of(model: nn.Module, attention: nn.Module, attr: str = "num_attention_heads") -> int:
     """The head count of ``attention``: integer attribute ``attr`` (or a common name) of the
-    module, of one of its children, or of ``model.config``.
+    module, of one of its children, or of ``model.config``, in that order.
+
+    Args:
+        model: the model (its ``config`` is the last resort).
+        attention: the attention module.
+        attr: the attribute to try first.
+
+    Returns:
+        The head count.
 
     Raises:
         ValueError: when none is found (name the attribute in ``AnatomyPatterns.num_heads_attr``).

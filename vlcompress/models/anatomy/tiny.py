@@ -246,11 +246,12 @@ class _PatchEmbed(nn.Module):
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
-class TimmStyleViT(nn.Module):
+class VisionTransformer(nn.Module):
     """A replica of timm's ``VisionTransformer`` module names and forward (class token,
     absolute position embedding, pre-norm blocks with fused qkv, final norm, linear head).
 
-    Its class is named ``VisionTransformer`` for the recogniser, as timm's is.
+    Its class is named ``VisionTransformer``, as timm's is (what the recogniser looks for);
+    :data:`TimmStyleViT` is the same class.
 
     Args:
         img_size: image side.
@@ -293,7 +294,8 @@ class TimmStyleViT(nn.Module):
         return self.head(self.head_drop(self.fc_norm(self.forward_features(x)[:, 0])))
 
 
-TimmStyleViT.__name__ = TimmStyleViT.__qualname__ = "VisionTransformer"
+TimmStyleViT = VisionTransformer
+"""The replica under a name that says what it is (its class is named like timm's)."""
 
 
 def _timm_vit(replica: bool | None = None) -> TinyModel:
