@@ -30,7 +30,6 @@ from vlcompress.models.anatomy import (
 from vlcompress.options import check_fields, in_range
 from vlcompress.registry import register
 
-
 _POSITIVE = in_range(1)
 
 
