@@ -32,7 +32,7 @@ class CoverageReport:
 
         report = anatomy.coverage(model)
         report.fraction      # 0.97
-        print(report)        # a readable summary
+        str(report)          # a readable summary
     """
 
     model: str
