@@ -56,11 +56,13 @@ def test_component_options_and_cross_field_checks_reported_together():
         )
     text = "\n".join(e.value.errors)
     assert len(e.value.errors) == 4, text
-    assert "callbacks[0].options.bogus: unknown key" in text
-    assert "loss.options.gamma: unknown key" in text
+    assert (
+        "callbacks[0].options: callback 'finite_loss_guard' takes no options; got ['bogus']" in text
+    )
+    assert "loss.options: loss 'bce' takes no options; got ['gamma']" in text
     # The model's own cross-field check (__post_init__) runs at validation time.
     assert "model.options: MCAN hidden_size (100) must be divisible by num_heads (8)" in text
-    assert "task.options.x: unknown key" in text
+    assert "task.options: task 'vqa' takes no options; got ['x']" in text
 
 
 @pytest.mark.parametrize(

@@ -73,10 +73,12 @@ def _check_type(value: Any, tp: Any) -> bool:
 
 
 def _suggest(key: str, valid: list[str], what: str = "valid keys") -> str:
+    if not valid:
+        return f"{what}: (none)"
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     if close:
         return f"did you mean {' or '.join(repr(c) for c in close)}?"
-    return f"{what}: {', '.join(valid) or '(none)'}"
+    return f"{what}: {', '.join(valid)}"
 
 
 def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
@@ -143,6 +145,9 @@ def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> No
         errors.append(f"{path}name: {e}")
         return
     options = data.get("options") or {}
+    if isinstance(options, dict) and options and not dataclasses.fields(comp.options):
+        errors.append(f"{path}options: {kind} {name!r} takes no options; got {sorted(options)}")
+        return
     before = len(errors)
     _validate(comp.options, _lists(options), f"{path}options.", errors)
     if len(errors) > before or extra:

@@ -322,7 +322,9 @@ class MCAN(nn.Module):
         self.pooled_dim = c.flat_out_size
 
     @classmethod
-    def from_variant(cls, variant: str, vocab_size: int, num_answers: int, **overrides: Any) -> MCAN:
+    def from_variant(
+        cls, variant: str, vocab_size: int, num_answers: int, **overrides: Any
+    ) -> MCAN:
         """Build a registered variant, with field ``overrides`` (e.g. ``visual_input="grid"``).
 
         Raises:
