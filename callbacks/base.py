@@ -66,7 +66,10 @@ def _import_callback_class(package: str) -> type:
     Both Lightning packages point ``lightning_utilities``' shared rank-zero logger at their own
     logger when imported, the last import winning. Importing the second package here would
     silently re-route every Lightning message of the user's project (and a vlcompress run's
-    ``run.log``), so the logger that was in place is kept whenever a package had set one.
+    ``run.log``), so the logger that was in place is kept whenever a package had set one. When
+    neither was imported before ``vlcompress.callbacks``, ``lightning.pytorch``'s logger stays:
+    a project using only ``pytorch_lightning`` that imports our callbacks first then finds
+    Lightning's rank-zero messages under the ``lightning.pytorch`` logger (still printed).
     """
     import importlib
 
@@ -478,7 +481,7 @@ class CompressionCallback(*CALLBACK_BASES):
 
     def find_anatomy(self, model: nn.Module) -> Anatomy:
         """The anatomy of ``model`` (its own declaration, :attr:`patterns`, or automatic
-        recognition), checked against the model.
+        recognition), checked against the model by ``anatomy_of``.
 
         Raises:
             TypeError: the model is not recognised; the message says how to pass patterns.
@@ -497,9 +500,6 @@ class CompressionCallback(*CALLBACK_BASES):
                 "(from vlcompress.models.anatomy import AnatomyPatterns), or "
                 f"{cls}(model_attr=...) to point at the sub-module holding the layers."
             ) from e
-        validate = getattr(anatomy, "validate", None)
-        if callable(validate):
-            validate(model)
         return anatomy
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -537,7 +537,8 @@ class CompressionCallback(*CALLBACK_BASES):
         """Take back :meth:`state_dict`'s output: the seed, then :meth:`load_state`.
 
         Raises:
-            ValueError: a state written by a newer, unknown layout.
+            ValueError: a state whose layout (``format``) is not the one this version writes
+                (missing, older or newer).
         """
         fmt = state_dict.get("format")
         if fmt != STATE_FORMAT:

@@ -37,13 +37,12 @@ from vlcompress.data import (
     question_type_prior,
     tokenize,
 )
-from vlcompress.data.resplit import total_variation
 from vlcompress.registry import register
 from vlcompress.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type", "total_variation"]
+__all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type"]
 
 YES_NO = frozenset({"yes", "no"})
 NUM_ANNOTATORS = 10
@@ -178,7 +177,7 @@ class EasyVQADataModule(VQADataModule):
             raise FileNotFoundError(
                 f"easy-VQA data folder {str(root)!r} is missing {missing}. Expected "
                 f"{expected} (images named <image_id>.png). The data ships with the `easy-vqa` "
-                "package (`pip install easy-vqa`); leave data.data_dir unset to use it."
+                "package (`pip install easy-vqa`); leave data.options.data_dir unset to use it."
             )
 
     def _cache_path(self, part: str) -> Path:

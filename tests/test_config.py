@@ -74,6 +74,11 @@ def test_component_options_and_cross_field_checks_reported_together():
         ("model.name=mcan_smal", "did you mean 'mcan_small'"),
         ("data.batch_size=3", "data.batch_size: unknown key; a component has only 'name' and"),
         ("callbacks=[{options: {}}]", "callbacks[0]: expected a mapping {name: <registered"),
+        (
+            "task.loss=ce",
+            "task.loss: unknown key; a component has only 'name' and 'options' ('loss' is",
+        ),
+        ("model.name=[1]", "model.name: expected the name of a registered model, got [1]"),
     ],
 )
 def test_single_component_errors(override, expected):

@@ -124,7 +124,12 @@ class Component:
 
     def build(self, options: Mapping[str, Any] | Any = None, **context: Any) -> Any:
         """Build the component from ``options`` (a mapping or an options object) and the
-        framework-supplied ``context`` arguments."""
+        framework-supplied ``context`` arguments.
+
+        Raises:
+            TypeError: for unknown option names.
+            ValueError: from the options' or the component's own checks.
+        """
         if options is None or isinstance(options, Mapping):
             options = self.make_options(options)
         if self.derived:
@@ -149,6 +154,25 @@ def _summary(obj: Any) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Type hints of ``fn``'s parameters; one that cannot be resolved (a name imported only
+    for type checking) becomes ``Any`` without losing the others."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        pass
+    hints: dict[str, Any] = {}
+    globalns = getattr(fn, "__globals__", {})
+    for name, ann in getattr(fn, "__annotations__", {}).items():
+        try:
+            hints[name] = typing.get_type_hints(
+                type("_One", (), {"__annotations__": {name: ann}}), globalns=globalns
+            )[name]
+        except Exception:
+            hints[name] = Any
+    return hints
+
+
 def options_from_signature(fn: Callable[..., Any], context: tuple[str, ...] = ()) -> type:
     """A dataclass whose fields are ``fn``'s keyword arguments with defaults (``self``,
     ``*args``, ``**kwargs`` and the ``context`` names left out).
@@ -158,10 +182,7 @@ def options_from_signature(fn: Callable[..., Any], context: tuple[str, ...] = ()
     """
     target = fn.__init__ if inspect.isclass(fn) else fn
     sig = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: fall back to Any
-        hints = {}
+    hints = _hints(target)
     specs = []
     for p in sig.parameters.values():
         if p.name == "self" or p.name in context:
@@ -240,18 +261,26 @@ def _load(kind: str) -> None:
     named by installed plugins' entry points."""
     if kind in _LOADED:
         return
-    _LOADED.add(kind)
     pkg = importlib.import_module(KINDS[kind])
     for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
         if not info.name.rsplit(".", 1)[-1].startswith("_"):
-            importlib.import_module(info.name)
-    try:
-        from importlib.metadata import entry_points
+            importlib.import_module(info.name)  # a broken built-in fails loudly, every time
+    _LOADED.add(kind)
+    _load_plugins()
 
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            importlib.import_module(ep.value)
-    except Exception as e:  # a broken plugin must not break the built-ins
-        log.warning("could not load vlcompress plugins: %s", e)
+
+def _load_plugins() -> None:
+    """Import each installed plugin's entry point once; a broken one is logged and skipped."""
+    if "plugins" in _LOADED:
+        return
+    _LOADED.add("plugins")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plugin must not break the built-ins or other plugins
+            log.warning("vlcompress plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
 
 
 def components(kind: str) -> dict[str, Component]:
@@ -273,7 +302,7 @@ def get(kind: str, name: str) -> Component:
     Raises:
         UnknownComponentError: naming the closest registered names.
     """
-    found = components(kind).get(name)
+    found = components(kind).get(name) if isinstance(name, str) else None
     if found is None:
         known = names(kind)
         close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
@@ -285,5 +314,11 @@ def get(kind: str, name: str) -> Component:
 
 
 def build(kind: str, name: str, options: Mapping[str, Any] | None = None, **context: Any) -> Any:
-    """Build the registered component ``name`` of ``kind`` from ``options`` and ``context``."""
+    """Build the registered component ``name`` of ``kind`` from ``options`` and ``context``.
+
+    Raises:
+        UnknownComponentError: for an unregistered name (the closest names are listed).
+        TypeError: for unknown option names.
+        ValueError: from the options' or the component's own checks.
+    """
     return get(kind, name).build(options, **context)

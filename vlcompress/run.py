@@ -83,9 +83,6 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
     and the experiment's callbacks, each built from the registry. Callbacks are told that they
     run inside a vlcompress run (``within_vlcompress_run``), so their advice names config keys."""
     own = [registry.build("callback", c.name, c.options) for c in cfg.callbacks]
-    for cb in own:
-        if hasattr(cb, "within_vlcompress_run"):
-            cb.within_vlcompress_run = True
     cbs: list[Callback] = [
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max",
@@ -93,12 +90,12 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
         ),
     ]  # fmt: skip
     if not any(isinstance(cb, FiniteLossGuard) for cb in own):
-        guard = FiniteLossGuard()
-        if hasattr(guard, "within_vlcompress_run"):
-            guard.within_vlcompress_run = True
-        cbs.append(guard)
+        cbs.append(FiniteLossGuard())
     if cfg.progress_bar:
         cbs.append(RichProgressBar(leave=True))
+    for cb in cbs + own:
+        if hasattr(cb, "within_vlcompress_run"):
+            cb.within_vlcompress_run = True
     return cbs + own
 
 
@@ -198,7 +195,7 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
             else []
         )
         if trainer.is_global_zero:
-            atomic_write_json(out / "data_report.json", getattr(dm, "split_report", {}))
+            atomic_write_json(out / "data_report.json", dm.split_report)
             log.info("run folder: %s", out.resolve())
         t_fit = time.time()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
@@ -216,9 +213,9 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
                 "model": cfg.model.name,
                 "data": {
                     "name": cfg.data.name,
-                    "split": getattr(dm, "split_report", {}).get("split"),
-                    **getattr(dm, "split_report", {}).get("sizes", {}),
-                    "mean_tv_distance": getattr(dm, "split_report", {}).get("mean_tv_distance"),
+                    "split": dm.split_report.get("split"),
+                    **dm.split_report.get("sizes", {}),
+                    "mean_tv_distance": dm.split_report.get("mean_tv_distance"),
                 },
                 "test": task.test_report,
                 "callbacks": collect_reports(trainer.callbacks),

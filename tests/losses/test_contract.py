@@ -37,31 +37,29 @@ class PriorGate(VQALoss):
     requires = ("question_type_prior", "pooled_dim")
 
     def setup(self, context):
-        super().setup(context)
-        self.register_buffer("prior", context.question_type_prior.clamp(min=1e-3))
+        super().setup(context)  # keeps the prior as a buffer: it moves with the module
         self.gate = nn.Linear(context.pooled_dim, 1)
 
     def forward(self, logits, batch, extras):
         if self.training:
             g = F.softplus(self.gate(extras["pooled"]))
-            logits = logits + g * self.prior[batch.question_type_id].log()
+            prior = self.question_type_prior.clamp(min=1e-3)
+            logits = logits + g * prior[batch.question_type_id].log()
         return F.binary_cross_entropy_with_logits(logits, batch.targets)
 
 
 class Pooled(nn.Module):
     pooled_dim = 3
+    returns_extras = True
 
     def __init__(self):
         super().__init__()
         self.f = nn.Linear(4, 3)
         self.out = nn.Linear(3, 6)
 
-    def forward_extras(self, batch):
+    def forward(self, batch, return_extras=False):
         pooled = self.f(batch.visual.mean(1))
-        return self.out(pooled), {"pooled": pooled}
-
-    def forward(self, batch):
-        return self.forward_extras(batch)[0]
+        return (self.out(pooled), {"pooled": pooled}) if return_extras else self.out(pooled)
 
 
 def test_loss_parameters_are_optimised_and_bias_only_in_training():
@@ -73,10 +71,16 @@ def test_loss_parameters_are_optimised_and_bias_only_in_training():
     opt = task.configure_optimizers()
     params = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(task.loss_fn.gate.weight) in params
+    assert "question_type_prior" in dict(task.loss_fn.named_buffers())
+    assert not any("question_type_prior" in k for k in task.state_dict())  # not checkpointed
     before = task.loss_fn.gate.weight.detach().clone()
     batch = _batch()
     task.train()
-    loss = task.loss_fn(*task.forward_extras(batch)[:1], batch, task.forward_extras(batch)[1])
+    seen = []
+    task.model.register_forward_hook(lambda m, a, kw, out: seen.append(kw), with_kwargs=True)
+    logits, extras = task.forward_extras(batch)
+    assert seen == [{"return_extras": True}]  # through nn.Module.__call__: hooks fire
+    loss = task.loss_fn(logits, batch, extras)
     loss.backward()
     opt.step()
     assert not torch.equal(before, task.loss_fn.gate.weight)

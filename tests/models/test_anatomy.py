@@ -159,6 +159,29 @@ def test_bypass_layer_and_restore(mcan, batch):
     torch.testing.assert_close(mcan(batch), base)
 
 
+def test_masks_of_a_bypassed_layer_wait_for_its_return(mcan, batch):
+    an = anatomy_of(mcan)
+    with torch.no_grad():
+        base = mcan(batch)
+        for name in ("encoder.1", "decoder.1"):
+            layer = an.layer(name)
+            original = an.bypass_layer(mcan, name)
+            skipped = mcan(batch)
+            an.replace_layer(mcan, name, original)
+            heads = {a: torch.tensor([1.0, 0.0, 1.0, 1.0]) for a in layer.attentions}
+            units = {f: torch.zeros(an.ffn(f).inner_dim) for f in layer.ffns}
+            handles = an.mask_heads(mcan, heads) + an.mask_ffn_units(mcan, units)
+            masked = mcan(batch)
+            assert not torch.allclose(masked, base)
+            original = an.bypass_layer(mcan, name)
+            torch.testing.assert_close(mcan(batch), skipped, rtol=0, atol=0)
+            an.replace_layer(mcan, name, original)
+            torch.testing.assert_close(mcan(batch), masked, rtol=0, atol=0)
+            for h in handles:
+                h.remove()
+            torch.testing.assert_close(mcan(batch), base, rtol=0, atol=0)
+
+
 def test_capture_readouts(mcan, batch):
     an = anatomy_of(mcan)
     with an.capture(mcan) as states:
@@ -224,6 +247,13 @@ def test_anatomy_from_patterns_for_a_foreign_model():
     base = model(x)
     an.mask_heads(model, {"backbone.blocks.0.mix": torch.tensor([1.0, 0.0])})
     assert not torch.allclose(model(x), base)
+    # A masked layer's FFN is "<layer>.ffn" (watched at the layer); bypassing it is fine.
+    an.mask_ffn_units(model, {"backbone.blocks.1.ffn": torch.zeros(64)})
+    masked = model(x)
+    original = an.bypass_layer(model, "backbone.blocks.1")
+    assert not torch.allclose(model(x), masked)
+    an.replace_layer(model, "backbone.blocks.1", original)
+    torch.testing.assert_close(model(x), masked, rtol=0, atol=0)
 
 
 def test_huggingface_bert_is_recognised_automatically():
@@ -307,6 +337,15 @@ def test_native_head_mask_stack(mcan, batch):
 
 
 # ---------------------------------------------------------------------- fused qkv (timm)
+def _assert_dead_head_gets_no_gradient(an, model, name: str, dead: int) -> None:
+    """Head ``dead`` of block ``name`` has no gradient in its q, k, v rows; head 0 does."""
+    for role in ("q", "k", "v"):
+        w, idx = an.head_weights(model, name, dead)[role]
+        assert w.grad[idx].abs().sum() == 0
+    w, idx = an.head_weights(model, name, 0)["q"]
+    assert w.grad[idx].abs().sum() > 0
+
+
 def test_fused_qkv_replica_of_timm():
     """The timm layout (``blocks.N.attn.qkv``) without timm: the recogniser, a head mask on
     the fused projection (dead head's q and k rows get exactly zero gradient), FFN units,
@@ -331,11 +370,7 @@ def test_fused_qkv_replica_of_timm():
     out = model(x)
     assert seen["ctx"][..., 8:16].abs().sum() == 0 and seen["ctx"][..., :8].abs().sum() > 0
     out.pow(2).sum().backward()
-    for role in ("q", "k", "v"):
-        w, idx = an.head_weights(model, spec.name, 1)[role]
-        assert w.grad[idx].abs().sum() == 0
-    w, idx = an.head_weights(model, spec.name, 0)["q"]
-    assert w.grad[idx].abs().sum() > 0
+    _assert_dead_head_gets_no_gradient(an, model, spec.name, dead=1)
     handle.remove()
     torch.testing.assert_close(model(x), base, rtol=0, atol=0)
     original = an.bypass_layer(model, "blocks.1")
@@ -398,11 +433,7 @@ def test_packed_multihead_attention_head_mask(grad):
     assert "blocks.0.attn.in_proj_weight" in dict(model.named_parameters())  # names unchanged
     if grad:
         masked.pow(2).sum().backward()
-        for role in ("q", "k", "v"):
-            w, idx = an.head_weights(model, spec.name, 2)[role]
-            assert w.grad[idx].abs().sum() == 0
-        w, idx = an.head_weights(model, spec.name, 0)["q"]
-        assert w.grad[idx].abs().sum() > 0
+        _assert_dead_head_gets_no_gradient(an, model, spec.name, dead=2)
     handle.remove()
     with torch.set_grad_enabled(grad):
         torch.testing.assert_close(run(), base, rtol=0, atol=0)
@@ -505,6 +536,38 @@ def test_bypassed_models_copy_and_pickle(mcan, batch):
         restored.decoder[1], type(mcan.decoder[0])
     )
     assert "decoder.1.adapters.0.weight" in mcan.state_dict()
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.functional = nn.Linear(8, 16), nn.Linear(16, 8), functional
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.functional:
+            return x + nn.functional.linear(h, self.fc2.weight, self.fc2.bias)
+        return x + self.fc2(h)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_an_ffn_named_after_its_down_projection(functional):
+    """The block's name is its down projection's path: the layer is the witness."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleList([PlainBlock(functional)])
+    an = Anatomy(ffns=[FFNSpec("layers.0.fc2", "layers.0.fc1", "layers.0.fc2", 16, L)])
+    an.add_layer(LayerSpec("layers.0", "layers", 0, L, (), ("layers.0.fc2",)))
+    an.validate(model)
+    x = torch.randn(2, 3, 8)
+    (handle,) = an.mask_ffn_units(model, {"layers.0.fc2": torch.zeros(16)})
+    if functional:
+        with pytest.raises(RuntimeError, match="did not take effect"):
+            model.layers[0](x)
+    else:
+        torch.testing.assert_close(model.layers[0](x), x + model.layers[0].fc2.bias)
+    handle.remove()
+    model.layers[0](x)
 
 
 def test_declarations_are_checked():

@@ -152,6 +152,33 @@ def test_bypass_every_layer_and_restore(case):
         _assert_same(case.run(), base)
 
 
+def test_masks_of_a_bypassed_layer_wait_for_its_return(case):
+    """Head and FFN-unit masks on a layer, then bypassing it: forwards run (the masks have
+    nothing to act on, and their witnesses stay quiet) and give the plain bypass's output;
+    restoring the layer brings the masked behaviour back."""
+    an = _anatomy(case)
+    model = case.model
+    with torch.no_grad():
+        base = case.run()
+        for names in an.stacks.values():
+            layer = an.layer(names[len(names) // 2])
+            original = an.bypass_layer(model, layer.name)
+            skipped = case.run()
+            an.replace_layer(model, layer.name, original)
+            heads = {a: torch.eye(an.attention(a).num_heads)[1] for a in layer.attentions}
+            units = {f: torch.zeros(an.ffn(f).inner_dim) for f in layer.ffns}
+            handles = an.mask_heads(model, heads) + an.mask_ffn_units(model, units)
+            masked = case.run()
+            assert _changed(masked, base), layer.name
+            original = an.bypass_layer(model, layer.name)
+            _assert_same(case.run(), skipped)
+            an.replace_layer(model, layer.name, original)
+            _assert_same(case.run(), masked)
+            for h in handles:
+                h.remove()
+            _assert_same(case.run(), base)
+
+
 def test_capture_every_readout(case):
     an = _anatomy(case)
     with torch.no_grad(), an.capture(case.model) as states:

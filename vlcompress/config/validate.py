@@ -134,11 +134,18 @@ def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> No
         return
     extra = sorted(set(data) - {"name", "options"})
     for key in extra:
+        hint = (
+            f"'{key}' is a section of its own ({key}.name=...)"
+            if key in COMPONENT_SECTIONS
+            else f"did you mean {path}options.{key}?"
+        )
         errors.append(
-            f"{path}{key}: unknown key; a component has only 'name' and 'options' "
-            f"(did you mean {path}options.{key}?)"
+            f"{path}{key}: unknown key; a component has only 'name' and 'options' ({hint})"
         )
     name = data["name"]
+    if not isinstance(name, str):
+        errors.append(f"{path}name: expected the name of a registered {kind}, got {name!r}")
+        return
     try:
         comp = registry.get(kind, name)
     except registry.UnknownComponentError as e:

@@ -185,9 +185,10 @@ def check_data_contract(dm: Any) -> list[str]:
         problems.append(f"text_encoding must be one of {TEXT_ENCODINGS}")
     if getattr(dm, "visual_input", None) not in VISUAL_INPUTS:
         problems.append(f"visual_input must be one of {VISUAL_INPUTS}")
-    needs = {"words": "word_vocab", "wordpiece": "tokenizer"}.get(dm.text_encoding)
+    encoding = getattr(dm, "text_encoding", None)
+    needs = {"words": "word_vocab", "wordpiece": "tokenizer"}.get(encoding)
     if needs and not hasattr(dm, needs):
-        problems.append(f"text_encoding {dm.text_encoding!r} needs a {needs!r} after setup()")
+        problems.append(f"text_encoding {encoding!r} needs a {needs!r} after setup()")
     if problems:
         return problems
     prior = dm.question_type_prior()

@@ -40,11 +40,18 @@ class LossContext:
 
 
 class VQALoss(nn.Module):
-    """Base of every task loss.
+    """Base of every task loss: ``loss(logits, batch, extras) -> scalar``.
+
+    ``forward(logits, batch, extras)`` receives the main answer logits ``(B, A)``, the
+    :class:`~vlcompress.data.VLBatch` (soft ``targets``, ``question_type_id`` rows of the prior)
+    and the model's extra outputs (``extras["pooled"]``: ``(B, pooled_dim)`` when the model has
+    them); it returns a scalar. In ``eval()`` mode it must score the main logits alone.
 
     Subclasses implement :meth:`forward` and, when they need the prior or build parameters
-    whose size depends on the model, :meth:`setup`. ``requires`` names the context a loss cannot
-    work without (checked by :meth:`setup`, so a bad combination fails before training).
+    whose size depends on the model, :meth:`setup` (calling ``super().setup(context)`` first).
+    ``requires`` names the context a loss cannot work without (checked by :meth:`setup`, so a
+    bad combination fails before training). The base keeps the prior as a non-persistent
+    buffer ``question_type_prior``, so it follows the module to the GPU.
 
     Example::
 
@@ -66,11 +73,13 @@ class VQALoss(nn.Module):
             raise ValueError(
                 f"the {type(self).__name__} loss needs {missing}, which this data module / model "
                 "does not provide (the prior comes from a data module with question types; "
-                "pooled features from a model whose forward_extras returns 'pooled')."
+                "pooled features from a model with returns_extras whose extras hold 'pooled')."
             )
         self.context = context
+        if context.question_type_prior is not None:
+            prior = context.question_type_prior.detach().float()
+            self.register_buffer("question_type_prior", prior, persistent=False)
 
-    def forward(  # noqa: D102 - documented on the class
-        self, logits: torch.Tensor, batch: VLBatch, extras: dict[str, Any]
-    ) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, batch: VLBatch, extras: dict[str, Any]) -> torch.Tensor:
+        """The loss of ``logits`` for ``batch`` (see the class docstring)."""
         raise NotImplementedError

@@ -13,23 +13,8 @@ from typing import Any
 from torch import nn
 
 from vlcompress import registry
-from vlcompress.models.anatomy import (
-    BERT_PATTERNS,
-    Anatomy,
-    AnatomyPatterns,
-    AttentionSpec,
-    CoverageReport,
-    FFNSpec,
-    LayerBypass,
-    LayerSpec,
-    MaskHandle,
-    Modality,
-    Stream,
-    anatomy_from_patterns,
-    anatomy_of,
-    recognise,
-    register_recogniser,
-)
+from vlcompress.models import anatomy as _anatomy
+from vlcompress.models.anatomy import *  # noqa: F403 - the anatomy's public names
 
 
 def build_model(name: str, vocab_size: int, num_answers: int, **options: Any) -> nn.Module:
@@ -42,21 +27,4 @@ def build_model(name: str, vocab_size: int, num_answers: int, **options: Any) ->
     return registry.build("model", name, options, vocab_size=vocab_size, num_answers=num_answers)
 
 
-__all__ = [
-    "BERT_PATTERNS",
-    "Anatomy",
-    "AnatomyPatterns",
-    "AttentionSpec",
-    "CoverageReport",
-    "FFNSpec",
-    "LayerBypass",
-    "LayerSpec",
-    "MaskHandle",
-    "Modality",
-    "Stream",
-    "anatomy_from_patterns",
-    "anatomy_of",
-    "build_model",
-    "recognise",
-    "register_recogniser",
-]
+__all__ = [*_anatomy.__all__, "build_model"]

@@ -10,12 +10,13 @@ Post-norm residual blocks, dropout 0.1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from vlcompress import registry
 from vlcompress.data.batch import VLBatch
 from vlcompress.kernels import attention
 from vlcompress.models.anatomy import (
@@ -28,7 +29,6 @@ from vlcompress.models.anatomy import (
     prunable_weights_in,
 )
 from vlcompress.options import check_fields, in_range
-from vlcompress.registry import register
 
 _POSITIVE = in_range(1)
 
@@ -325,17 +325,17 @@ class MCAN(nn.Module):
     def from_variant(
         cls, variant: str, vocab_size: int, num_answers: int, **overrides: Any
     ) -> MCAN:
-        """Build a registered variant, with field ``overrides`` (e.g. ``visual_input="grid"``).
+        """Build the registered variant ``mcan_<variant>`` with field ``overrides`` (e.g.
+        ``visual_input="grid"``); the same as ``build_model(f"mcan_{variant}", ...)``.
 
         Raises:
-            ValueError: for an unknown variant or a bad option value.
+            vlcompress.registry.UnknownComponentError: for an unknown variant.
+            ValueError: for a bad option value.
             TypeError: for an unknown option name.
         """
-        if variant not in MCAN_VARIANTS:
-            raise ValueError(f"unknown MCAN variant {variant!r}; known: {sorted(MCAN_VARIANTS)}.")
-        if "grid_channels" in overrides:
-            overrides["grid_channels"] = tuple(overrides["grid_channels"])
-        return cls(replace(MCAN_VARIANTS[variant], **overrides), vocab_size, num_answers)
+        return registry.build(
+            "model", f"mcan_{variant}", overrides, vocab_size=vocab_size, num_answers=num_answers
+        )
 
     def encode_visual(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Visual tokens ``(B, N, hidden)`` and their mask (None = all real)."""
@@ -351,13 +351,15 @@ class MCAN(nn.Module):
             )
         return self.visual(batch.visual, batch.boxes), batch.visual_mask
 
-    def forward(self, batch: VLBatch) -> torch.Tensor:
-        """Answer logits ``(B, num_answers)``."""
-        return self.forward_extras(batch)[0]
+    returns_extras = True
+    """``forward(batch, return_extras=True)`` also returns the extra outputs (loss contract)."""
 
-    def forward_extras(self, batch: VLBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Answer logits and extra outputs: ``{"pooled": (B, flat_out_size)}`` (the fused,
-        normalised features the classifier reads; debiasing losses such as LMH use them)."""
+    def forward(
+        self, batch: VLBatch, return_extras: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Answer logits ``(B, num_answers)``; with ``return_extras``, ``(logits, extras)`` where
+        ``extras = {"pooled": (B, flat_out_size)}`` holds the fused, normalised features the
+        classifier reads (debiasing losses such as LMH use them)."""
         lang_mask = batch.text_mask.bool()
         lang, _ = self.lstm(self.embedding(batch.text_ids))
         img, img_mask = self.encode_visual(batch)
@@ -366,7 +368,8 @@ class MCAN(nn.Module):
         for layer in self.decoder:
             img = layer(img, lang, img_mask, lang_mask)
         fused = self.norm(self.flat_lang(lang, lang_mask) + self.flat_img(img, img_mask))
-        return self.classifier(fused), {"pooled": fused}
+        logits = self.classifier(fused)
+        return (logits, {"pooled": fused}) if return_extras else logits
 
     def anatomy(self) -> Anatomy:
         """MCAN's structure: the encoder (language self-attention), the decoder (cross: vision
@@ -411,7 +414,7 @@ class MCAN(nn.Module):
 
 
 for _variant, _defaults in MCAN_VARIANTS.items():
-    register(
+    registry.register(
         "model",
         f"mcan_{_variant}",
         options=MCANConfig,

@@ -35,8 +35,10 @@ class VQATask(L.LightningModule):
         question_type_prior: ``(len(question_types), len(answers))`` train-split prior from the
             data module (debiasing losses need it).
 
-    The model maps a batch to logits; if it has ``forward_extras(batch) -> (logits, extras)``
-    the extras (e.g. ``pooled``) reach the loss.
+    The model maps a batch to logits; a model with ``returns_extras = True`` also accepts
+    ``model(batch, return_extras=True) -> (logits, extras)``, and the extras (e.g. ``pooled``)
+    reach the loss. Either way the model is called through ``nn.Module.__call__`` (its hooks
+    fire, a compiled model stays compiled).
 
     Raises:
         ValueError: for an unknown optimiser or scheduler name, or a loss whose needs the data
@@ -79,8 +81,9 @@ class VQATask(L.LightningModule):
 
     def forward_extras(self, batch: VLBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         """Answer logits and the model's extra outputs (empty if it has none)."""
-        fn = getattr(self.model, "forward_extras", None)
-        return fn(batch) if callable(fn) else (self.model(batch), {})
+        if getattr(self.model, "returns_extras", False):
+            return self.model(batch, return_extras=True)
+        return self.model(batch), {}
 
     def decode(self, logits: torch.Tensor) -> list[str]:
         """Predicted answer strings."""

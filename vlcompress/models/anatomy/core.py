@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -69,6 +69,17 @@ def _find(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+_Spec = TypeVar("_Spec", AttentionSpec, FFNSpec, LayerSpec)
+
+
+def _named(specs: Sequence[_Spec], name: str, what: str) -> _Spec:
+    """The spec called ``name`` in ``specs``; ``KeyError`` listing the known names if none."""
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no {what} {name!r}; known: {[s.name for s in specs]}")
 
 
 def _pick(output: Any, index: int | None) -> Any:
@@ -215,10 +226,7 @@ class Anatomy:
         Raises:
             KeyError: for an unknown name (the known ones are listed).
         """
-        for a in self.attentions:
-            if a.name == name:
-                return a
-        raise KeyError(f"no attention block {name!r}; known: {[a.name for a in self.attentions]}")
+        return _named(self.attentions, name, "attention block")
 
     def ffn(self, name: str) -> FFNSpec:
         """The feed-forward block called ``name``.
@@ -226,10 +234,7 @@ class Anatomy:
         Raises:
             KeyError: for an unknown name (the known ones are listed).
         """
-        for f in self.ffns:
-            if f.name == name:
-                return f
-        raise KeyError(f"no FFN block {name!r}; known: {[f.name for f in self.ffns]}")
+        return _named(self.ffns, name, "FFN block")
 
     def layer(self, name: str) -> LayerSpec:
         """The layer called ``name``.
@@ -237,10 +242,7 @@ class Anatomy:
         Raises:
             KeyError: for an unknown name (the known ones are listed).
         """
-        for x in self.layers:
-            if x.name == name:
-                return x
-        raise KeyError(f"no layer {name!r}; known: {[x.name for x in self.layers]}")
+        return _named(self.layers, name, "layer")
 
     def layer_of(self, path: str) -> LayerSpec | None:
         """The layer containing module ``path`` (``None`` if it is outside every layer)."""
@@ -450,15 +452,12 @@ class Anatomy:
             ValueError: for a mask of the wrong shape, or a block inside a bypassed layer.
         """
         handles = []
-        modules = dict(model.named_modules())
         for name, mask in masks.items():
             spec = self.ffn(name)
             self._check_live(model, spec.down, f"FFN block {spec.name!r}")
-            container = spec.name if spec.name in modules else None
-            if container is None:
-                owner = self.layer_of(spec.down)
-                container = owner.name if owner is not None else None
-            handles.append(add_unit_mask(model, spec, mask, container))
+            owner = self.layer_of(spec.down)
+            layer = owner.name if owner is not None else None
+            handles.append(add_unit_mask(model, spec, mask, layer))
         return handles
 
     def head_weights(

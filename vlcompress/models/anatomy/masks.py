@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlcompress.models.anatomy.bypass import LayerBypass
 from vlcompress.models.anatomy.specs import AttentionSpec, FFNSpec
 
 __all__ = ["MaskHandle", "add_head_mask", "add_unit_mask", "head_weights"]
@@ -120,12 +121,20 @@ def _witness_start(gate: _Gate, _m: nn.Module, _a: tuple) -> None:
     gate.fired = False
 
 
-def _witness_check(gate: _Gate, _m: nn.Module, _a: tuple, _o: Any) -> None:
-    if not gate.fired:
+def _witness_check(gate: _Gate, m: nn.Module, _a: tuple, _o: Any) -> None:
+    # A bypass shares its layer's hook dicts; the masked parts of a bypassed layer do not
+    # run, so its masks rightly take no effect.
+    if not gate.fired and not isinstance(m, LayerBypass):
         raise RuntimeError(
             f"the mask on {gate.what} did not take effect: {gate.fix} Remove the mask "
             "(handle.remove()) or fix the declaration."
         )
+
+
+def _watch(gate: _Gate, module: nn.Module) -> None:
+    """Make every call of ``module`` check that ``gate`` ran during it (the witness)."""
+    gate.handles.append(module.register_forward_pre_hook(functools.partial(_witness_start, gate)))
+    gate.handles.append(module.register_forward_hook(functools.partial(_witness_check, gate)))
 
 
 def _shadow_values(gate: _Gate, group: int, width: int, m: nn.Module, _a: tuple) -> None:
@@ -242,25 +251,26 @@ def add_head_mask(model: nn.Module, spec: AttentionSpec, mask: torch.Tensor) -> 
         unshadow = functools.partial(_unshadow, gate)
         gate.handles.append(mha.register_forward_hook(unshadow, always_call=True))
     if spec.layout != "packed" and not gate.native:
-        gate.handles.append(
-            module.register_forward_pre_hook(functools.partial(_witness_start, gate))
-        )
-        gate.handles.append(module.register_forward_hook(functools.partial(_witness_check, gate)))
+        _watch(gate, module)
     _gates(module)["heads"] = gate
     return gate.push(mask)
 
 
 def add_unit_mask(
-    model: nn.Module, spec: FFNSpec, mask: torch.Tensor, container: str | None = None
+    model: nn.Module, spec: FFNSpec, mask: torch.Tensor, layer: str | None = None
 ) -> MaskHandle:
     """Switch off the FFN units of ``spec`` where ``mask`` is 0 (the down projection's input).
+
+    A witness checks, at every call of the module holding the down projection, that the mask
+    was applied: ``spec.name`` when it is a module of its own, else (a logical name such as
+    ``"<layer>.ffn"``, or the down projection's own path) ``layer``.
 
     Args:
         model: the model holding the block.
         spec: the feed-forward block.
         mask: ``(inner_dim,)``; 1 keeps a unit, 0 removes it.
-        container: path of a module whose forward must run the down projection (the witness);
-            default: ``spec.name`` when it is a module path.
+        layer: path of the layer holding the block (``None``: no witness when ``spec.name`` is
+            not a module of its own).
 
     Returns:
         A handle whose ``remove()`` brings back the previous mask (or none).
@@ -287,15 +297,14 @@ def add_unit_mask(
         "units",
     )
     gate.handles.append(down.register_forward_pre_hook(functools.partial(_gate_input, gate, 1)))
-    if container is None:
-        modules = dict(model.named_modules())
-        container = spec.name if spec.name in modules and spec.name != spec.down else None
+    modules = dict(model.named_modules())
+    # The witness must not be the down projection itself: its pre-hook would run after the
+    # gate's and reset what the gate recorded.
+    container = next(
+        (p for p in (spec.name, layer) if p is not None and p in modules and p != spec.down), None
+    )
     if container is not None:
-        watched = model.get_submodule(container)
-        gate.handles.append(
-            watched.register_forward_pre_hook(functools.partial(_witness_start, gate))
-        )
-        gate.handles.append(watched.register_forward_hook(functools.partial(_witness_check, gate)))
+        _watch(gate, modules[container])
     _gates(down)["units"] = gate
     return gate.push(mask)
 

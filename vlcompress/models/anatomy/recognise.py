@@ -28,6 +28,7 @@ from vlcompress.models.anatomy.core import Anatomy, prunable_weights_in
 from vlcompress.models.anatomy.patterns import (
     BERT_PATTERNS,
     AnatomyPatterns,
+    _head_dim,
     anatomy_from_patterns,
     num_heads_of,
 )
@@ -120,14 +121,8 @@ class _Build:
         heads_from: str | None = None,
         layout: str = "separate",
     ) -> str:
-        holder = self.modules[heads_from or name]
-        heads = num_heads_of(self.model, holder)
-        if layout == "packed":
-            head_dim = self.modules[v].embed_dim // heads
-        elif layout == "fused":
-            head_dim = self.modules[v].out_features // 3 // heads
-        else:
-            head_dim = self.modules[out].in_features // heads
+        heads = num_heads_of(self.model, self.modules[heads_from or name])
+        head_dim = _head_dim(layout, heads, self.modules[out], self.modules[v])
         self.an.attentions.append(
             AttentionSpec(name, heads, head_dim, q, k, v, out, modality, kind, query_side,
                           key_side, bidirectional, layout)
@@ -301,35 +296,36 @@ def _clip_text(model: nn.Module) -> Anatomy:
     return b.an
 
 
+def _tower(
+    model: nn.Module, build: Recogniser, path: str, modality: Modality, projection: str
+) -> Anatomy:
+    """The anatomy of the tower at ``path`` (built by ``build``) and its ``projection``."""
+    b = _Build(model)
+    b.an = build(model.get_submodule(path)).prefixed(path)
+    b.extras(modality, projection)
+    return b.an
+
+
 @register_recogniser("CLIPModel")
 def _clip(model: nn.Module) -> Anatomy:
     """CLIP: both towers, their projections, the logit scale."""
-    an = _clip_text(model.text_model).prefixed("text_model")
-    an.merge(_clip_vision(model.vision_model).prefixed("vision_model"))
     b = _Build(model)
-    b.an = an
-    b.extras(L, "text_projection")
-    b.extras(V, "visual_projection")
+    b.an = _tower(model, _clip_text, "text_model", L, "text_projection")
+    b.an.merge(_tower(model, _clip_vision, "vision_model", V, "visual_projection"))
     b.extras(X, "logit_scale")
-    return an
+    return b.an
 
 
 @register_recogniser("CLIPVisionModelWithProjection")
 def _clip_vision_projected(model: nn.Module) -> Anatomy:
     """CLIP's image tower and its projection."""
-    b = _Build(model)
-    b.an = _clip_vision(model.vision_model).prefixed("vision_model")
-    b.extras(V, "visual_projection")
-    return b.an
+    return _tower(model, _clip_vision, "vision_model", V, "visual_projection")
 
 
 @register_recogniser("CLIPTextModelWithProjection")
 def _clip_text_projected(model: nn.Module) -> Anatomy:
     """CLIP's text tower and its projection."""
-    b = _Build(model)
-    b.an = _clip_text(model.text_model).prefixed("text_model")
-    b.extras(L, "text_projection")
-    return b.an
+    return _tower(model, _clip_text, "text_model", L, "text_projection")
 
 
 def _bridgetower_vision(b: _Build, root: str) -> None:
@@ -450,7 +446,6 @@ def recognise(model: nn.Module) -> Anatomy | None:
                     f"recognised class but not its modules ({type(err).__name__}: {err}); it is "
                     "skipped. Declare its anatomy with AnatomyPatterns or an anatomy() method."
                 )
-                log.warning(message)
                 warnings.warn(message, stacklevel=3)
                 continue
         log.debug("recognised %s at %r", type(module).__name__, path)
@@ -495,7 +490,7 @@ def anatomy_of(
     In order: one built from ``patterns``; the model's own ``anatomy()``; recognised models
     inside it (:func:`recognise`); BERT-style module names. The result is validated, and its
     coverage measured: when the declared parts hold less than ``min_coverage`` of the
-    parameters, a warning (``logging`` and ``warnings.warn``) names the largest undeclared
+    parameters, a ``UserWarning`` names the largest undeclared
     modules, or, with ``strict``, a ``ValueError`` is raised.
 
     Args:
@@ -544,6 +539,5 @@ def anatomy_of(
         )
         if strict:
             raise ValueError(message)
-        log.warning(message)
         warnings.warn(message, stacklevel=2)
     return anatomy
