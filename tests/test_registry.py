@@ -111,3 +111,27 @@ def test_options_from_signature_needs_defaults():
         registry.options_from_signature(make)
     opts = registry.options_from_signature(make, context=("a",))
     assert [f.name for f in dataclasses.fields(opts)] == ["b"]
+
+
+def test_a_broken_plugin_is_named_and_skipped(monkeypatch, caplog):
+    import importlib.metadata as md
+
+    class EP:
+        def __init__(self, name, value, fail):
+            self.name, self.value, self.fail = name, value, fail
+
+        def load(self):
+            if self.fail:
+                raise ImportError("no module named 'missing_dep'")
+            registry.register("loss", "plugin_loss")(PluginLoss)
+
+    class PluginLoss(VQALoss):
+        """A loss from a third-party package."""
+
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+    monkeypatch.setattr(registry, "_LOADED", set(registry._LOADED) - {"plugins"})
+    eps = [EP("broken", "broken_pkg.components", True), EP("good", "good_pkg.losses", False)]
+    monkeypatch.setattr(md, "entry_points", lambda group: eps)
+    registry._load_plugins()
+    assert "plugin_loss" in registry.names("loss")
+    assert "plugin 'broken' (broken_pkg.components) failed to load" in caplog.text
