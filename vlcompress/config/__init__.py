@@ -13,6 +13,8 @@ from vlcompress.config.schema import (
     ExperimentConfig,
     OptimConfig,
     SchedulerConfig,
+    SlurmConfig,
+    SweepConfig,
     TrainerConfig,
 )
 from vlcompress.config.validate import ConfigError, validate
@@ -24,6 +26,8 @@ __all__ = [
     "ExperimentConfig",
     "OptimConfig",
     "SchedulerConfig",
+    "SlurmConfig",
+    "SweepConfig",
     "TrainerConfig",
     "experiments_dir",
     "list_experiments",

@@ -17,6 +17,8 @@ __all__ = [
     "ExperimentConfig",
     "OptimConfig",
     "SchedulerConfig",
+    "SlurmConfig",
+    "SweepConfig",
     "TrainerConfig",
     "COMPONENT_SECTIONS",
 ]
@@ -80,6 +82,57 @@ class TrainerConfig:
     deterministic: bool = False
 
 
+@dataclass
+class SlurmConfig:
+    """Where and how a sweep's points run (submitit; a Slurm job array on a cluster).
+
+    Attributes:
+        executor: ``auto`` (Slurm when ``sbatch`` is on the PATH, else local), ``slurm`` or
+            ``local`` (the points run one after another on this machine).
+        partition: Slurm partition (``None``: the cluster's default).
+        time: wall-clock limit per point, ``HH:MM:SS`` or ``D-HH:MM:SS``.
+        nodes: nodes per point (multi-node DDP: also set ``trainer.num_nodes``).
+        tasks_per_node: processes per node (= ``trainer.devices``).
+        gpus_per_node: GPUs per node (0 on CPU clusters).
+        cpus_per_task: CPU cores per process.
+        mem_gb: memory per node in GB (``None``: the cluster's default).
+        array_parallelism: at most this many points run at once.
+        additional: any other sbatch options, e.g. ``{account: myproj, qos: high}``.
+    """
+
+    executor: str = field(default="auto", metadata=choices("auto", "slurm", "local"))
+    partition: str | None = None
+    time: str = "01:00:00"
+    nodes: int = field(default=1, metadata=in_range(1))
+    tasks_per_node: int = field(default=1, metadata=in_range(1))
+    gpus_per_node: int = field(default=0, metadata=in_range(0))
+    cpus_per_task: int = field(default=2, metadata=in_range(1))
+    mem_gb: int | None = None
+    array_parallelism: int = field(default=64, metadata=in_range(1))
+    additional: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepConfig:
+    """A hyper-parameter sweep over this experiment (``make sweep EXP=...``); empty = none.
+
+    Attributes:
+        grid: config key -> list of values; every combination is a point.
+        points: explicit points (each a mapping of config key -> value), combined with the grid.
+        seeds: every point runs once per seed (``seed=`` override); empty = the experiment's.
+        metric: the results.json value reported and plotted (dotted path).
+        output_dir: the sweep folder (default ``runs/<experiment>/sweep``).
+        slurm: where the points run.
+    """
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    metric: str = "test.accuracy"
+    output_dir: str | None = None
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
 COMPONENT_SECTIONS: dict[str, str] = {
     "data": "datamodule",
     "model": "model",
@@ -109,3 +162,4 @@ class ExperimentConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: list[ComponentConfig] = field(default_factory=list)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
