@@ -23,6 +23,7 @@ from vlcompress.models.anatomy import (
     Modality,
     Stream,
     anatomy_of,
+    recognise,
 )
 from vlcompress.models.anatomy.tiny import TimmStyleViT
 from vlcompress.models.mcan import MCAN, MultiHeadAttention
@@ -254,6 +255,38 @@ def test_anatomy_from_patterns_for_a_foreign_model():
     assert not torch.allclose(model(x), masked)
     an.replace_layer(model, "backbone.blocks.1", original)
     torch.testing.assert_close(model(x), masked, rtol=0, atol=0)
+
+
+def test_a_bypassed_layer_that_is_its_attention_block_keeps_its_head_mask():
+    """The head mask's witness sits on the layer itself, whose hooks the bypass shares."""
+    torch.manual_seed(0)
+    model = ForeignModel()
+    p = "backbone.blocks.1"
+    an = Anatomy(
+        attentions=[AttentionSpec(p, 2, 8, f"{p}.mix.wq", f"{p}.mix.wk", f"{p}.mix.wv",
+                                  f"{p}.mix.proj", L)]
+    )  # fmt: skip
+    an.add_layer(LayerSpec(p, "backbone.blocks", 1, L, (p,), ()))
+    x = torch.randn(2, 4, 16)
+    an.mask_heads(model, {p: torch.tensor([1.0, 0.0])})
+    masked = model(x)
+    original = an.bypass_layer(model, p)
+    assert not torch.allclose(model(x), masked)
+    an.replace_layer(model, p, original)
+    torch.testing.assert_close(model(x), masked, rtol=0, atol=0)
+
+
+def test_a_look_alike_of_a_recognised_class_is_skipped_with_one_warning(caplog):
+    class BertModel(nn.Module):  # the name of a recognised class, not its modules
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Linear(4, 4)
+
+    holder = nn.Module()
+    holder.bert = BertModel()
+    with pytest.warns(UserWarning, match="it is skipped") as caught:
+        assert recognise(holder) is None
+    assert len(caught) == 1 and not caplog.records
 
 
 def test_huggingface_bert_is_recognised_automatically():

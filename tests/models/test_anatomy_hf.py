@@ -325,13 +325,14 @@ def test_wrapped_models_are_recognised(cls, core, head):
     assert not any(n.startswith(head) for w in an.prunable_weights(model).values() for n in w)
 
 
-def test_low_coverage_warns_or_raises():
+def test_low_coverage_warns_or_raises(caplog):
     case = TINY_MODELS["clip_text"]()
     holder = nn.Module()
     holder.text = case.model
     holder.extra = nn.Linear(300, 300)  # undeclared, larger than the text model
-    with pytest.warns(UserWarning, match=r"extra \(90,300\)"):
+    with pytest.warns(UserWarning, match=r"extra \(90,300\)") as caught:
         an = anatomy_of(holder)
+    assert len(caught) == 1 and not caplog.records  # said once, as a warning only
     assert an.coverage(holder).uncovered[0] == ("extra", 90_300)
     with pytest.raises(ValueError, match="min_coverage"):
         anatomy_of(holder, strict=True)

@@ -16,7 +16,9 @@ Zeroing a head's values (or its context) zeroes its context exactly, and its que
 then get exactly zero gradient. For hook-based layouts a *witness* checks, at every call of the
 attention block, that the gate ran: a mask that cannot take effect raises ``RuntimeError``
 instead of doing nothing. FFN unit masks multiply the input of the down projection, with the
-same check.
+same check. A bypassed layer (:class:`~vlcompress.models.anatomy.bypass.LayerBypass`) shares
+its layer's hooks but runs none of its blocks: its masks wait, unchecked, until the layer is
+restored.
 
 Masks stack per block: the latest applies, and removing its handle brings back the one before
 (or none). A float mask that requires grad receives gradients (head-importance scores).

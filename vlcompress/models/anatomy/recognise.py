@@ -490,8 +490,8 @@ def anatomy_of(
     In order: one built from ``patterns``; the model's own ``anatomy()``; recognised models
     inside it (:func:`recognise`); BERT-style module names. The result is validated, and its
     coverage measured: when the declared parts hold less than ``min_coverage`` of the
-    parameters, a ``UserWarning`` names the largest undeclared
-    modules, or, with ``strict``, a ``ValueError`` is raised.
+    parameters, a ``UserWarning`` (``warnings.warn`` only, not also logged) names the largest
+    undeclared modules, or, with ``strict``, a ``ValueError`` is raised.
 
     Args:
         model: the model (or a module holding it, e.g. a LightningModule).
