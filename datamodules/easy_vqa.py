@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlcompress.data import (
     AnswerVocab,
-    EpochShuffleSampler,
     VLBatch,
     VQADataModule,
     VQADataOptions,
@@ -279,7 +278,7 @@ class EasyVQADataModule(VQADataModule):
         return DataLoader(
             _Split(self, rows),
             batch_size=bs,
-            sampler=EpochShuffleSampler(len(rows), self.seed) if shuffle else None,
+            sampler=self.train_sampler(len(rows)) if shuffle else self.eval_sampler(len(rows)),
             collate_fn=_identity,
             num_workers=self.options.num_workers,
             persistent_workers=self.options.num_workers > 0,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vlcompress {train,validate,list} [EXP] [key=value ...]``."""
+"""Command line: ``python -m vlcompress {train,validate,list,sweep,report} [EXP] [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,44 @@ def components_table(kinds: list[str] | dict[str, str]) -> Table:
     return table
 
 
+def _cluster_command(args: argparse.Namespace, console: Console) -> int:
+    """``sweep`` (exit 1 when a point failed, 2 for configuration errors) and ``report``."""
+    if args.command == "report":
+        from vlcompress.cluster.report import build_report, report_table, write_report
+
+        try:
+            report = build_report(args.folder, args.metric)
+            written = write_report(report, args.x)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        console.print(report_table(report))
+        for problem in report.problems:
+            console.print(f"[yellow]no result:[/yellow] {problem}", highlight=False)
+        for path in [written["csv"], written["md"], *written["png"]]:
+            print(f"wrote {path}")
+        return 0
+
+    from vlcompress.cluster.sweep import submit_sweep, summarize
+
+    try:
+        manifest = submit_sweep(args.exp, args.overrides, wait=not args.no_wait)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = Table(title=f"sweep {manifest['experiment']}: {manifest['sweep_dir']}")
+    for col in ("point", "outcome", "job", "error"):
+        table.add_column(col)
+    for p in manifest["points"]:
+        error = (p.get("error") or "").splitlines()[0:1]
+        table.add_row(p["name"], str(p["outcome"]), p.get("job_id") or "-", "".join(error)[:160])
+    console.print(table)
+    counts = summarize(manifest)
+    print("sweep: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    print(f"report: make report SWEEP={manifest['sweep_dir']}")
+    return 1 if counts["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for configuration errors)."""
     parser = argparse.ArgumentParser(prog="vlcompress", description=__doc__)
@@ -84,11 +122,27 @@ def main(argv: list[str] | None = None) -> int:
         choices=["experiments", "components", *KINDS],
         help="experiments (default), components (all kinds), or one kind",
     )
+    sw = sub.add_parser(
+        "sweep", help="run an experiment's sweep: section (Slurm job array, or locally)"
+    )
+    sw.add_argument("exp", help="experiment name under experiments/ or a YAML path")
+    sw.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides for every point; output_dir=<sweep folder>",
+    )
+    sw.add_argument("--no-wait", action="store_true", help="Slurm: submit the job array and return")
+    rep = sub.add_parser("report", help="aggregate a sweep folder: table (CSV, Markdown), plots")
+    rep.add_argument("folder", help="the sweep folder (holding sweep.json)")
+    rep.add_argument("--metric", default=None, help="results.json value (default: sweep.metric)")
+    rep.add_argument("--x", default=None, help="plot against this swept key only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own console handler
     console = Console()
 
+    if args.command in ("sweep", "report"):
+        return _cluster_command(args, console)
     if args.command == "list":
         if args.what == "experiments":
             for name in list_experiments():
@@ -106,16 +160,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from vlcompress.callbacks import NonFiniteLossError
-    from vlcompress.run import run_experiment
+    from vlcompress.run import RunInterrupted, run_experiment
 
     try:
-        results = run_experiment(cfg, raw)
+        results = run_experiment(cfg, raw, overrides=args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(
+            "stopped: interrupted (SIGINT) before training began; nothing to resume",
+            file=sys.stderr,
+        )
+        return 130
     if results:
         console.print(results_table(results))
     return 0

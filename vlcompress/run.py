@@ -7,10 +7,10 @@ writes), ``metrics.csv``, ``tensorboard/``, ``data_report.json``, ``results.json
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
+import os
 import platform
+import shlex
 import time
 import warnings
 from dataclasses import asdict
@@ -21,17 +21,26 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vlcompress import registry
 from vlcompress.callbacks import FiniteLossGuard, collect_report_rows, collect_reports
+from vlcompress.cluster.environment import (
+    RUN_DIR_ENV,
+    global_rank,
+    launch_folder_name,
+    resolve_devices,
+)
 from vlcompress.config import ComponentConfig, ConfigError, ExperimentConfig
 from vlcompress.data.contract import check_data_contract
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
+from vlcompress.utils.csv_history import HistoryCSVLogger
 from vlcompress.utils.flops import count_parameters, flops_per_sample
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
 from vlcompress.utils.plots import plot_training_curves
+from vlcompress.utils.run_folder import RESUMABLE_KEYS, RunFolder, RunFolderError, config_changes
+from vlcompress.utils.run_guard import RunGuard
 
 log = logging.getLogger(__name__)
 
@@ -100,50 +109,58 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
 
 
 def resolve_output_dir(cfg: ExperimentConfig) -> Path:
-    """``output_dir`` or ``runs/<name>/<timestamp>``; checks ``resume`` has something to resume.
+    """The run folder, the same on every rank of one launch: ``output_dir``; else the folder
+    rank 0 chose (inherited by the processes Lightning starts); else ``runs/<name>/slurm-<job>``
+    or ``torchrun-<run id>`` under a multi-process launcher; else ``runs/<name>/<timestamp>``.
 
     Raises:
-        ConfigError: when ``resume=true`` but no ``checkpoints/last.ckpt`` exists there.
+        ConfigError: ``resume=true`` without ``output_dir``, or a multi-process launch whose
+            ranks cannot agree on a folder by themselves.
     """
     if cfg.output_dir:
-        out = Path(cfg.output_dir)
-    else:
-        if cfg.resume:
-            raise ConfigError(["resume=true needs output_dir=<the run folder to resume>"])
-        out = Path("runs") / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if cfg.resume and not (out / "checkpoints" / "last.ckpt").is_file():
+        return Path(cfg.output_dir)
+    if cfg.resume:
+        raise ConfigError(["resume=true needs output_dir=<the run folder to resume>"])
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        return Path(inherited)
+    name = launch_folder_name()
+    if name:
+        return Path("runs") / cfg.name / name
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             [
-                f"resume=true but {out / 'checkpoints' / 'last.ckpt'} does not exist; run without resume first"
+                "this is one process of a multi-process launch without a job id: give every "
+                "process the same output_dir=<folder> (or torchrun --rdzv-id=<id>)"
             ]
         )
-    return out
+    return Path("runs") / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _keep_metrics_history(out: Path, ckpt: Path | None) -> list[dict[str, str]]:
-    """Rows of an earlier ``metrics.csv`` up to the checkpoint's step (Lightning's CSV logger
-    deletes the file when a run folder is reused, which would lose a resumed run's history)."""
-    path = out / "metrics.csv"
-    if ckpt is None or not path.is_file():
-        return []
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
-    with path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get("step") and int(float(r["step"])) <= step]
-    path.unlink()
-    return rows
+def _checkpoint_config(ckpt: Path) -> tuple[dict[str, Any] | None, int]:
+    """The configuration and global step stored in a checkpoint.
+
+    Raises:
+        ConfigError: the checkpoint cannot be read (damaged by a killed write, or not a
+            checkpoint), naming the file and the way out.
+    """
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ConfigError(
+            [
+                f"cannot read the checkpoint {ckpt} ({type(e).__name__}: {e}); it is damaged or "
+                f"not a checkpoint. Resume from another one by copying it over it (e.g. "
+                f"{ckpt.parent / 'best.ckpt'}), or start afresh with another output_dir="
+            ]
+        ) from e
+    return state.get("vlcompress_config"), int(state.get("global_step", 0))
 
 
-def _merge_metrics_history(out: Path, earlier: list[dict[str, str]]) -> None:
-    if not earlier:
-        return
-    path = out / "metrics.csv"
-    later = list(csv.DictReader(path.open())) if path.is_file() else []
-    keys = sorted({k for r in earlier + later for k in r})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(earlier + later)
-    atomic_write_text(path, buf.getvalue())
+def _requeued_checkpoint(out: Path) -> Path | None:
+    """Lightning's checkpoint of a Slurm job that was requeued (``hpc_ckpt_<n>.ckpt``)."""
+    found = sorted(out.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    return found[-1] if found else None
 
 
 def _attach_file_log(out: Path) -> logging.Handler:
@@ -155,32 +172,125 @@ def _attach_file_log(out: Path) -> logging.Handler:
     return handler
 
 
-def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict[str, Any]:
-    """Train, test and write the run folder; returns the results (also in ``results.json``)."""
+class RunInterrupted(Exception):
+    """The run was stopped by a signal after saving a checkpoint.
+
+    Attributes:
+        exit_code: 143 for SIGTERM, 130 for SIGINT (what a shell reports for that signal).
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resume_command(cfg: ExperimentConfig, out: Path, overrides: list[str] | None) -> str:
+    """The command that continues this run exactly."""
+    keep = [o for o in overrides or [] if not o.startswith(("resume=", "output_dir="))]
+    args = [cfg.name, *keep, "resume=true", f"output_dir={out}"]
+    return "python -m vlcompress train " + " ".join(shlex.quote(a) for a in args)
+
+
+def _check_resumed_config(out: Path, ckpt: Path, resolved: dict[str, Any]) -> int:
+    """Compare the run's configuration with the checkpoint's before anything is written;
+    returns the checkpoint's global step.
+
+    Raises:
+        ConfigError: naming every key that differs and may not change on resume.
+    """
+    stored, step = _checkpoint_config(ckpt)
+    if stored is None and (out / "config.yaml").is_file():  # checkpoints of older versions
+        stored = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"), resolve=True)
+    changes = config_changes(stored or {}, resolved) if stored else []
+    if changes:
+        raise ConfigError(
+            [f"resume: {c} (the checkpoint's run has the first value)" for c in changes]
+            + [
+                f"a resumed run must be the same experiment; only {', '.join(RESUMABLE_KEYS)} "
+                "may change. Start a new run (another output_dir=) to change the others."
+            ]
+        )
+    return step
+
+
+def _write_config(out: Path, text: str) -> None:
+    """Write ``config.yaml``; a different earlier one is kept as ``config.<time>.yaml``."""
+    path = out / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        path.rename(out / f"config.{datetime.now().strftime('%Y%m%d-%H%M%S')}.yaml")
+    atomic_write_text(path, text)
+
+
+def run_experiment(
+    cfg: ExperimentConfig, raw: DictConfig | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Train, test and write the run folder; returns the results (also in ``results.json``).
+
+    Works the same in one process and as every rank of a DDP launch (Lightning's own, ``srun``
+    or ``torchrun``): all ranks use one run folder, only rank 0 writes files.
+
+    Args:
+        cfg: the validated experiment.
+        raw: its merged OmegaConf tree (written as ``config.yaml``).
+        overrides: the command-line overrides (for the resume command printed on a signal).
+
+    Raises:
+        ConfigError: a bad run folder, resume or launch (one message naming the fix).
+        RunInterrupted: SIGTERM / SIGINT stopped the run after saving a checkpoint.
+    """
     t_start = time.time()
+    rank = global_rank()
     out = resolve_output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = _attach_file_log(out)
+    raw = raw if raw is not None else OmegaConf.structured(cfg)
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    requeued = _requeued_checkpoint(out) if out.is_dir() else None
+    last = out / "checkpoints" / "last.ckpt"
+    if requeued is not None and last.is_file() and last.stat().st_mtime > requeued.stat().st_mtime:
+        requeued = last  # SIGTERM after Slurm's requeue signal saved a later state
+    ckpt = requeued or (last if cfg.resume else None)
+    if cfg.resume and ckpt is not None and not ckpt.is_file():
+        raise ConfigError([f"resume=true but {ckpt} does not exist; run without resume first"])
+    resume_step = _check_resumed_config(out, ckpt, resolved) if ckpt is not None else None
+    try:
+        devices, num_nodes = resolve_devices(cfg.trainer.devices, cfg.trainer.num_nodes)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from e
+    folder = RunFolder(out)
+    handler: logging.Handler | None = None
+    set_env = False
+    if rank == 0:
+        try:
+            folder.claim(resume=ckpt is not None, overwrite=cfg.overwrite)
+        except RunFolderError as e:
+            raise ConfigError([str(e)]) from e
+        if os.environ.get(RUN_DIR_ENV) != str(out):
+            os.environ[RUN_DIR_ENV], set_env = str(out), True
+        handler = _attach_file_log(out)
+        _write_config(out, OmegaConf.to_yaml(raw, resolve=True))
+        folder.set_status(
+            "running", command=resume_command(cfg, out, overrides), resumed_from=str(ckpt or "")
+        )
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # resumable
+    if ckpt is not None:
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+    trainer = None
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        raw = raw if raw is not None else OmegaConf.structured(cfg)
-        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(raw, resolve=True))
         dm = build_datamodule(cfg.data, cfg.seed)
         task = build_task(cfg, dm)
         ckpt_dir = out / "checkpoints"
-        callbacks = build_callbacks(cfg, ckpt_dir)
-        t = cfg.trainer
+        guard = RunGuard(str(ckpt_dir), resolved)
+        t = {**asdict(cfg.trainer), "devices": devices, "num_nodes": num_nodes}
         trainer = L.Trainer(
-            **{k: v for k, v in asdict(t).items()},
+            **t,
             default_root_dir=out,
-            callbacks=callbacks,
+            callbacks=[*build_callbacks(cfg, ckpt_dir), guard],
             logger=[
-                CSVLogger(out, name="", version=""),
+                HistoryCSVLogger(out, resume_step),
                 TensorBoardLogger(out, name="tensorboard", version=""),
             ],
             plugins=[AtomicCheckpointIO()],
@@ -188,22 +298,29 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
             enable_progress_bar=cfg.progress_bar,
             enable_model_summary=False,
         )
-        ckpt_path = str(ckpt_dir / "last.ckpt") if cfg.resume else None
-        earlier = (
-            _keep_metrics_history(out, Path(ckpt_path) if ckpt_path else None)
-            if trainer.is_global_zero
-            else []
-        )
         if trainer.is_global_zero:
             atomic_write_json(out / "data_report.json", dm.split_report)
             log.info("run folder: %s", out.resolve())
         t_fit = time.time()
-        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
-        fit_time = time.time() - t_fit
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(task, datamodule=dm, ckpt_path=best or None, verbose=False)
-        if trainer.is_global_zero:
-            _merge_metrics_history(out, earlier)
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+            fit_time = time.time() - t_fit
+            best = (
+                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            )
+            trainer.test(task, datamodule=dm, ckpt_path=best or None, verbose=False)
+        except SystemExit as e:  # Lightning turns SIGTERM / Ctrl-C into SystemExit
+            if guard.interrupted is None:
+                raise
+            code = 143 if guard.interrupted == "SIGTERM" else 130
+            message = (
+                f"interrupted by {guard.interrupted} at epoch {trainer.current_epoch}, global "
+                f"step {trainer.global_step}; checkpoint saved: {ckpt_dir / 'last.ckpt'}\n"
+                f"resume exactly with:\n  {resume_command(cfg, out, overrides)}"
+            )
+            if rank == 0:
+                folder.set_status("interrupted", signal=guard.interrupted, exit_code=code)
+            raise RunInterrupted(message, code) from e
         results: dict[str, Any] = {}
         if trainer.is_global_zero:
             sample = next(iter(dm.val_dataloader()))
@@ -241,9 +358,22 @@ def run_experiment(cfg: ExperimentConfig, raw: DictConfig | None = None) -> dict
             plot_training_curves(
                 out / "metrics.csv", out / "curves.png", title=f"{cfg.name} ({cfg.model.name})"
             )
+            folder.set_status("finished", exit_code=0)
             log.info("results written to %s", out / "results.json")
         return results
+    except (RunInterrupted, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        if rank == 0:
+            folder.set_status("failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
     finally:
-        for name in ("vlcompress", "lightning.pytorch"):
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
+        if set_env:
+            os.environ.pop(RUN_DIR_ENV, None)
+        if handler is not None:
+            for name in ("vlcompress", "lightning.pytorch"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+        folder.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # else gloo may abort at exit

@@ -32,6 +32,7 @@ def test_compute_and_breakdown():
     m.update(PREDS[3:], ANSWERS[3:], ATYPES[3:], QTYPES[3:])
     assert float(m.compute()) == pytest.approx(expected_overall())
     b = m.breakdown()
+    assert b["questions"] == len(PREDS)
     assert b["answer_type"]["yes/no"] == pytest.approx(0.5)
     assert b["answer_type"]["number"] == pytest.approx(answer_accuracy("2", ANSWERS[1]))
     assert b["question_type"]["what color is"] == pytest.approx(

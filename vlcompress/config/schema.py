@@ -68,7 +68,7 @@ class TrainerConfig:
     max_time: str | None = None
     accelerator: str = "auto"
     devices: Union[int, str] = "auto"  # noqa: UP007 - OmegaConf-friendly
-    num_nodes: int = field(default=1, metadata=in_range(1))
+    num_nodes: Union[int, str] = "auto"  # noqa: UP007 - 'auto': from Slurm / torchrun, else 1
     strategy: str = "auto"
     precision: str = field(
         default="32-true",
@@ -80,6 +80,7 @@ class TrainerConfig:
     limit_val_batches: float = field(default=1.0, metadata=in_range(0.0))
     limit_test_batches: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
     deterministic: bool = False
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -152,6 +153,7 @@ class ExperimentConfig:
     seed: int = 0
     output_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False
     threads: int = field(default=0, metadata=in_range(0))
     progress_bar: bool = True
     data: ComponentConfig = field(default_factory=lambda: ComponentConfig("easy_vqa"))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vlcompress.data.resplit import answer_distribution_report, changing_priors_split
+from vlcompress.data.sampler import EpochShuffleSampler, ShardSampler
 from vlcompress.options import check_fields, choices, in_range
 
 __all__ = [
@@ -148,6 +149,32 @@ class VQADataModule(L.LightningDataModule):
             "val": np.sort(train_all[perm[:n_val]]),
             "test": np.sort(np.asarray(test, dtype=np.int64)),
         }
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _consumed(self) -> int:
+        """Training indices this rank already consumed in the current epoch (non-zero only when
+        a run resumes in the middle of an epoch)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return int(done) * self.options.batch_size
+
+    def train_sampler(self, n: int) -> EpochShuffleSampler:
+        """The training sampler over ``n`` examples: seeded per epoch, sharded over the ranks,
+        resumable in the middle of an epoch."""
+        rank, world = self._ranks()
+        return EpochShuffleSampler(n, self.seed, rank, world, position=self._consumed)
+
+    def eval_sampler(self, n: int) -> ShardSampler:
+        """The validation / test sampler: this rank's shard, every example exactly once."""
+        rank, world = self._ranks()
+        return ShardSampler(n, rank, world)
 
     def split_report_for(
         self, question_types: Sequence[str], answers: Sequence[str], index: dict[str, Any]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -102,10 +103,11 @@ class VQAAccuracy(Metric):
         """Overall accuracy in [0, 1] (0 when nothing was scored)."""
         return (self.score_sum / self.count.clamp(min=1)).float()
 
-    def breakdown(self) -> dict[str, dict[str, float]]:
-        """Accuracy by answer type and by question type (categories that were seen)."""
+    def breakdown(self) -> dict[str, Any]:
+        """Accuracy by answer type and by question type (categories that were seen), and the
+        number of questions scored (``questions``), all summed over the DDP ranks."""
         with self.sync_context(should_sync=self._should_sync()):
-            out: dict[str, dict[str, float]] = {}
+            out: dict[str, Any] = {"questions": int(self.count)}
             for key, names, prefix in (
                 ("answer_type", self.answer_types, "at"),
                 ("question_type", self.question_types, "qt"),

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from vlcompress import registry
 from vlcompress.data.batch import VLBatch
@@ -73,6 +74,7 @@ class VQATask(L.LightningModule):
         self.scheduler_cfg = {"name": "none", **(scheduler or {})}
         self.val_acc = VQAAccuracy(answer_types, question_types)
         self.test_acc = VQAAccuracy(answer_types, question_types)
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.test_report: dict[str, Any] = {}
 
     def forward(self, batch: VLBatch) -> torch.Tensor:
@@ -99,12 +101,11 @@ class VQATask(L.LightningModule):
     def _eval_step(self, batch: VLBatch, metric: VQAAccuracy, stage: str) -> None:
         logits, extras = self.forward_extras(batch)
         if batch.targets is not None:
-            self.log(
-                f"{stage}/loss",
-                self.loss_fn(logits, batch, extras),
-                batch_size=len(batch),
-                sync_dist=True,
-            )
+            # A metric, not a per-step all-reduce: under DDP the ranks' evaluation shards may
+            # differ by a batch (no padding), so nothing may synchronise per step.
+            mean = self.eval_loss[stage]
+            mean.update(self.loss_fn(logits, batch, extras).detach(), weight=len(batch))
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, batch_size=len(batch))
         metric.update(self.decode(logits), batch.answers, batch.answer_type, batch.question_type)
 
     def validation_step(self, batch: VLBatch, batch_idx: int) -> None:
