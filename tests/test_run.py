@@ -12,25 +12,16 @@ from vlcompress.config import load_experiment
 from vlcompress.losses import BCELoss
 from vlcompress.run import run_experiment
 
-TINY = [
-    "model.name=mcan_tiny",
-    "model.options={visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}",
-    "progress_bar=false",
-    "data.options.batch_size=32",
-    "data.options.eval_batch_size=256",
-    "trainer.limit_train_batches=6",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=2",
-    "scheduler.name=none",
-]
+
+@pytest.fixture
+def tiny(tiny_run):
+    def make(out, *extra):
+        return load_experiment("default", [*tiny_run, f"output_dir={out}", *extra])
+
+    return make
 
 
-def tiny(tmp_path, *extra):
-    return load_experiment("default", [*TINY, f"output_dir={tmp_path}", *extra])
-
-
-def test_run_folder_contents(tmp_path):
+def test_run_folder_contents(tmp_path, tiny):
     cfg, raw = tiny(tmp_path, "trainer.max_epochs=2")
     results = run_experiment(cfg, raw)
     for f in (
@@ -64,7 +55,7 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, tiny):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     run_experiment(*tiny(straight, "trainer.max_epochs=2"))
     run_experiment(*tiny(cut, "trainer.max_epochs=1"))
@@ -77,7 +68,7 @@ def test_resume_continues_exactly(tmp_path):
     assert sorted({r["epoch"] for r in rows if r.get("val/acc")}) == ["0", "1"]  # history kept
 
 
-def test_resume_without_checkpoint_is_explained(tmp_path):
+def test_resume_without_checkpoint_is_explained(tmp_path, tiny):
     from vlcompress.config import ConfigError
 
     cfg, raw = tiny(tmp_path, "resume=true")
@@ -100,7 +91,7 @@ class NaNAtCall(BCELoss):
         return loss * float("nan") if self.calls == self.at else loss
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny, monkeypatch):
     registry.components("loss")  # load the built-ins, then register on a copy of the registry
     monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
     registry.register("loss", "nan_at")(NaNAtCall)

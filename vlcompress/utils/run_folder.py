@@ -134,9 +134,9 @@ class RunFolder:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
-        except PermissionError as e:
+        except OSError as e:  # permissions, a file in the way, a read-only disk
             raise RunFolderError(
-                f"cannot write the run folder {self.path}: {e.strerror}; choose a writable "
+                f"cannot write the run folder {self.path}: {e.strerror or e}; choose a writable "
                 "output_dir="
             ) from e
         self.clean_temp_files()
