@@ -9,8 +9,9 @@ EXP ?= default
 ARGS ?=
 WHAT ?=
 PYTEST_ARGS ?=
+SWEEP ?= runs/$(EXP)/sweep
 
-.PHONY: help venv train validate list test lint format clean bench
+.PHONY: help venv train validate list test lint format clean bench sweep report
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +35,12 @@ validate: $(STAMP) ## validate an experiment's configuration without running it
 
 list: $(STAMP) ## list the experiments (make list WHAT=components: the registered components)
 	$(PY) -m vlcompress list $(WHAT)
+
+sweep: $(STAMP) ## run an experiment's sweep: section: make sweep EXP=<name> ARGS="key=value ..."
+	$(PY) -m vlcompress sweep $(EXP) $(ARGS)
+
+report: $(STAMP) ## aggregate a sweep (mean ± std over seeds; CSV, Markdown, PNG): make report SWEEP=<folder>
+	$(PY) -m vlcompress report $(SWEEP) $(ARGS)
 
 lint: $(STAMP) ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .
