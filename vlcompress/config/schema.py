@@ -80,7 +80,6 @@ class TrainerConfig:
     limit_val_batches: float = field(default=1.0, metadata=in_range(0.0))
     limit_test_batches: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
     deterministic: bool = False
-    sync_batchnorm: bool = False
 
 
 @dataclass
