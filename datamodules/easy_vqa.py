@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type"]
 
 YES_NO = frozenset({"yes", "no"})
+_VERIFIED: set[tuple[str, int]] = set()  # caches whose checksum this process has verified
 NUM_ANNOTATORS = 10
 
 
@@ -183,14 +184,41 @@ class EasyVQADataModule(VQADataModule):
         key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:10]
         return self.cache_dir / "easy_vqa" / f"{part}-images-{key}.npy"
 
+    def _cache_problem(self, path: Path, n: int) -> str | None:
+        """What is wrong with the cache at ``path`` (``None`` when it is sound): missing, no
+        sidecar, a size or checksum that differs from the sidecar's, or the wrong image count.
+        The checksum is verified once per process; later calls check the size only."""
+        meta = path.with_suffix(".json")
+        if not path.is_file():
+            return "missing"
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return f"its sidecar {meta.name} is missing or unreadable"
+        size = path.stat().st_size
+        if size != info.get("bytes"):
+            return f"it has {size:,} bytes, its sidecar says {info.get('bytes'):,} (truncated?)"
+        if info.get("images") != n:
+            return f"it holds {info.get('images')} images, the data folder {n}"
+        if (str(path), size) not in _VERIFIED:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != info.get("sha256"):
+                return "its checksum differs from its sidecar's (corrupt)"
+            _VERIFIED.add((str(path), size))
+        return None
+
     def _image_cache(self, part: str) -> Path:
-        """Path of the ``uint8 (num_images, 64, 64, 3)`` cache of ``part``; the PNGs are
-        decoded (once) and the cache written atomically when it is missing or stale."""
+        """Path of the ``uint8 (num_images, 64, 64, 3)`` cache of ``part``. The PNGs are
+        decoded once; the cache is written atomically with a sidecar (size, SHA-256), and a
+        missing, truncated or corrupt cache is rebuilt (saying so)."""
         path = self._cache_path(part)
         folder = self.root / part / "images"
         n = sum(1 for f in folder.iterdir() if f.suffix == ".png")
-        if path.exists() and np.load(path, mmap_mode="r").shape[0] == n:  # header only
+        problem = self._cache_problem(path, n)
+        if problem is None:
             return path
+        if problem != "missing":
+            log.warning("easy-VQA image cache %s is unusable (%s); rebuilding it", path, problem)
         from PIL import Image
         from rich.progress import track
 
@@ -200,7 +228,11 @@ class EasyVQADataModule(VQADataModule):
             arr[i] = np.asarray(Image.open(folder / f"{i}.png").convert("RGB"))
         buf = io.BytesIO()
         np.save(buf, arr)
-        atomic_write_bytes(path, buf.getvalue())
+        data = buf.getvalue()
+        atomic_write_bytes(path, data)
+        sidecar = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "images": n}
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar).encode())
+        _VERIFIED.add((str(path), len(data)))
         log.info("cached %d decoded %s images at %s", n, part, path)
         return path
 

@@ -1,0 +1,58 @@
+"""The decoded-image cache is checked (size + SHA-256 sidecar) and rebuilt when damaged."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vlcompress.datamodules.easy_vqa as easy
+from vlcompress.datamodules import EasyVQADataModule
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A tiny folder in the easy-VQA package's exact layout."""
+    root = tmp_path / "data"
+    (root / "answers.txt").parent.mkdir(parents=True)
+    (root / "answers.txt").write_text("yes\nno\nred\nblue\n")
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 6), ("test", 3)):
+        (root / part / "images").mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / part / "images" / f"{i}.png")
+        rows = [["is there a red shape?", "yes" if i % 2 else "no", i] for i in range(n)]
+        rows += [["what color is the shape?", "red" if i % 2 else "blue", i] for i in range(n)]
+        (root / part / "questions.json").write_text(json.dumps(rows))
+    return root
+
+
+def _dm(data_dir, cache):
+    return EasyVQADataModule(data_dir=str(data_dir), cache_dir=str(cache), val_fraction=0.2)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "sidecar"])
+def test_a_damaged_cache_is_named_and_rebuilt(data_dir, tmp_path, damage, caplog):
+    cache = tmp_path / "cache"
+    _dm(data_dir, cache).prepare_data()
+    (npy,) = cache.glob("easy_vqa/train-images-*.npy")
+    good = npy.read_bytes()
+    if damage == "truncate":
+        npy.write_bytes(good[: len(good) // 2])
+    elif damage == "flip":
+        npy.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    else:
+        npy.with_suffix(".json").unlink()
+    easy._VERIFIED.clear()  # as in a new process
+    dm = _dm(data_dir, cache)
+    with caplog.at_level(logging.WARNING, logger="vlcompress.datamodules.easy_vqa"):
+        dm.prepare_data()
+    assert f"easy-VQA image cache {npy} is unusable" in caplog.text
+    assert {"truncate": "truncated?", "flip": "corrupt", "sidecar": "sidecar"}[
+        damage
+    ] in caplog.text
+    assert npy.read_bytes() == good  # rebuilt to the same content
+    dm.setup()
+    assert len(dm.index["test"]) == 6
