@@ -243,12 +243,14 @@ def run_experiment(
     out = resolve_output_dir(cfg)
     raw = raw if raw is not None else OmegaConf.structured(cfg)
     resolved = OmegaConf.to_container(raw, resolve=True)
-    requeued = _requeued_checkpoint(out) if out.is_dir() else None
     last = out / "checkpoints" / "last.ckpt"
-    if requeued is not None and last.is_file() and last.stat().st_mtime > requeued.stat().st_mtime:
-        requeued = last  # SIGTERM after Slurm's requeue signal saved a later state
-    ckpt = requeued or (last if cfg.resume else None)
-    if cfg.resume and ckpt is not None and not ckpt.is_file():
+    found = [p for p in (last, _requeued_checkpoint(out) if out.is_dir() else None) if p]
+    found = [p for p in found if p.is_file()]
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # Slurm restarted this job
+    ckpt = None
+    if cfg.resume or (requeued and found):  # the newest: last.ckpt or Lightning's hpc_ckpt
+        ckpt = max(found, key=lambda p: p.stat().st_mtime) if found else last
+    if cfg.resume and not ckpt.is_file():
         raise ConfigError([f"resume=true but {ckpt} does not exist; run without resume first"])
     resume_step = _check_resumed_config(out, ckpt, resolved) if ckpt is not None else None
     try:
