@@ -11,10 +11,10 @@ WHAT ?=
 PYTEST_ARGS ?=
 SWEEP ?= runs/$(EXP)/sweep
 
-.PHONY: help venv train validate list test lint format clean bench sweep report
+.PHONY: help venv train validate list test test-cluster lint format clean bench sweep report
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 
 test: $(STAMP) lint ## lint, then the test suite (CPU; TRITON_INTERPRET=1)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# A real single-host Slurm (cluster/slurm_up.sh: installs Debian's packages if missing, starts
+# the daemons; stopped by pid on exit unless it was already up) and torchrun on loopback.
+test-cluster: $(STAMP) ## distributed tests (Slurm 2-node DDP, submitit sweep, requeue, torchrun; root)
+	@test "$$(id -u)" = 0 || { echo "make test-cluster: needs root (it installs and starts Slurm)"; exit 2; }
+	@if cluster/slurm_up.sh --check; then keep=1; else keep=; fi; \
+	trap '[ -n "$$keep" ] || cluster/slurm_down.sh' EXIT; \
+	cluster/slurm_up.sh && \
+	TRITON_INTERPRET=1 timeout 1500 $(PY) -m pytest -m cluster -q -rA --durations=10 $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run the benchmarks in benchmarks/
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
