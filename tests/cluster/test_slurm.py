@@ -113,6 +113,34 @@ def test_two_node_ddp_through_sbatch_equals_one_process(slurm, reference_run, tm
     assert_same_run(out, reference_run)
 
 
+def test_srun_gives_devices_nodes_and_one_run_folder(slurm, tmp_path):
+    """``trainer.devices`` / ``num_nodes`` left at ``auto`` follow the allocation, and without
+    ``output_dir=`` the ranks share one run folder, ``runs/<experiment>/slurm-<job id>``."""
+    log = tmp_path / "job.out"
+    script = tmp_path / "job.sh"
+    script.write_text(f'#!/bin/bash\nsrun {PYTHON} -m vlcompress train default "$@"\n')
+    job = sbatch(
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--output={log}",
+        str(script),
+        *PER_RANK_OF_2,
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.max_epochs=1",
+        "trainer.strategy=ddp",
+        cwd=tmp_path,
+    )
+    state = wait_job(job, 300, log)
+    assert state == "COMPLETED", f"job {job} {state}:\n{_tail(log)}"
+    text = log.read_text()
+    assert "MEMBER: 2/2" in text and "MEMBER: 1/2" in text, text[-4000:]
+    assert [p.name for p in (tmp_path / "runs" / "default").iterdir()] == [f"slurm-{job}"]
+    res = json.loads((tmp_path / "runs" / "default" / f"slurm-{job}" / "results.json").read_text())
+    assert res["global_steps"] == 2 and res["test"]["questions"] == 2 * 128
+
+
 # --- a submitit sweep: a point fails, the re-submission runs only that point ----------------
 
 
