@@ -281,6 +281,8 @@ def run_experiment(
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+            # Lightning's DDP launcher sets its own thread count unless OMP_NUM_THREADS is set.
+            os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg.data, cfg.seed)
         task = build_task(cfg, dm)
