@@ -49,7 +49,13 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
-        raise ConfigError([f"cannot read {path}: {e}".replace("\n", " ")], str(path)) from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(e, "problem", None) or str(e).replace("\n", " ")
+        raise ConfigError(
+            [f"{where}{what}; fix the YAML syntax there (indentation, ':', brackets, quotes)"],
+            f"cannot read {path}",
+        ) from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError([f"{path} must hold a mapping at the top level"], str(path))
     return cfg

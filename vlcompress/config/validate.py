@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str], source: str = "configuration") -> None:
         self.errors = errors
-        if len(errors) == 1 and source == "configuration":  # one problem of a run, one line
-            super().__init__(errors[0])
+        if len(errors) == 1:  # one problem, one line
+            super().__init__(errors[0] if source == "configuration" else f"{source}: {errors[0]}")
             return
         super().__init__(
             f"{source} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors)
