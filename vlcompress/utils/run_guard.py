@@ -3,23 +3,26 @@
 * Every checkpoint carries the resolved configuration (``checkpoint["vlcompress_config"]``),
   so a resumed run can be checked against the run it continues.
 * On SIGTERM (``timeout``, Slurm pre-emption, Kubernetes) or SIGINT (Ctrl-C) during training,
-  ``checkpoints/last.ckpt`` is saved where the run stopped (Lightning's
-  ``OnExceptionCheckpoint``), and the signal is remembered so the run can exit with 143 / 130
-  and print the exact resume command.
+  ``checkpoints/last.ckpt`` is saved where the run stopped, and the signal is remembered so the
+  run can exit with 143 / 130 and print the exact resume command.
+
+Not Lightning's ``OnExceptionCheckpoint``: with one among the callbacks, ``fit(ckpt_path=None)``
+silently resumes from whatever last checkpoint it finds, and its ``teardown`` deletes its file.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["RunGuard"]
 
 
-class RunGuard(OnExceptionCheckpoint):
+class RunGuard(Callback):
     """Saves ``last.ckpt`` when training is interrupted by a signal; stores the config.
 
     Args:
@@ -28,7 +31,7 @@ class RunGuard(OnExceptionCheckpoint):
     """
 
     def __init__(self, dirpath: str, config: dict[str, Any]) -> None:
-        super().__init__(dirpath=dirpath, filename="last")
+        self.ckpt_path = str(Path(dirpath) / "last.ckpt")
         self.config = config
         self.interrupted: str | None = None
 
@@ -41,12 +44,8 @@ class RunGuard(OnExceptionCheckpoint):
         else:
             return  # other failures keep the last good checkpoint as it is
         if trainer.state.fn == TrainerFn.FITTING:
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.ckpt_path)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Put the resolved configuration into the checkpoint."""
         checkpoint["vlcompress_config"] = self.config
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Keep ``last.ckpt``: Lightning's version deletes its file when a run ends, which here
-        is the run's real last checkpoint."""
