@@ -114,6 +114,11 @@ def assert_same_run(ddp: Path, single: Path) -> None:
     """
     a = json.loads((single / "results.json").read_text())
     b = json.loads((ddp / "results.json").read_text())
+    for who, r in (("1 process ", a), ("2 processes", b)):
+        t = r["test"]
+        print(f"{who}: test accuracy {t['accuracy']:.6f} over {t['questions']} questions; "
+              f"{' '.join(f'{k} {v:.6f}' for k, v in sorted(t['answer_type'].items()))}; "
+              f"best val {r['best_val_accuracy']:.6f}; steps {r['global_steps']}")  # fmt: skip
     n_test = a["data"].get("test")
     assert a["test"]["questions"] == n_test == 9673, (a["test"]["questions"], n_test)
     assert b["test"]["questions"] == a["test"]["questions"], (
