@@ -312,7 +312,6 @@ class EasyVQADataModule(VQADataModule):
             batch_size=bs,
             sampler=self.train_sampler(len(rows)) if shuffle else self.eval_sampler(len(rows)),
             collate_fn=_identity,
-            generator=self.loader_generator(),
             num_workers=self.options.num_workers,
             persistent_workers=self.options.num_workers > 0,
         )

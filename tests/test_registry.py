@@ -88,14 +88,11 @@ def test_datamodule_contract(name, easy_vqa_dm):
         assert info.question_types[i] == qt
 
 
-def test_register_rejects_a_second_builder_and_unknown_kinds(monkeypatch):
-    registry.components("loss")
-    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
-
+def test_register_rejects_a_second_builder_and_unknown_kinds():
     class Other(VQALoss):
         """Another loss."""
 
-    with pytest.raises(ValueError, match="'bce' is registered twice"):
+    with registry.isolated(), pytest.raises(ValueError, match="'bce' is registered twice"):
         registry.register("loss", "bce")(Other)
     with pytest.raises(ValueError, match="unknown component kind 'metric'"):
         registry.register("metric", "x")
@@ -128,10 +125,11 @@ def test_a_broken_plugin_is_named_and_skipped(monkeypatch, caplog):
     class PluginLoss(VQALoss):
         """A loss from a third-party package."""
 
-    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
-    monkeypatch.setattr(registry, "_LOADED", set(registry._LOADED) - {"plugins"})
     eps = [EP("broken", "broken_pkg.components", True), EP("good", "good_pkg.losses", False)]
     monkeypatch.setattr(md, "entry_points", lambda group: eps)
-    registry._load_plugins()
-    assert "plugin_loss" in registry.names("loss")
+    with registry.isolated():
+        monkeypatch.setattr(registry, "_LOADED", set(registry._LOADED) - {"plugins"})
+        registry._load_plugins()
+        assert "plugin_loss" in registry.names("loss")
+    assert "plugin_loss" not in registry.names("loss")
     assert "plugin 'broken' (broken_pkg.components) failed to load" in caplog.text

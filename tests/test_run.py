@@ -91,14 +91,13 @@ class NaNAtCall(BCELoss):
         return loss * float("nan") if self.calls == self.at else loss
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny, monkeypatch):
-    registry.components("loss")  # load the built-ins, then register on a copy of the registry
-    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
-    registry.register("loss", "nan_at")(NaNAtCall)
-    cfg, raw = tiny(tmp_path, "trainer.max_epochs=3", "loss.name=nan_at", "loss.options.at=9")
-    # 6 training batches per epoch: the 9th training loss is step 8 (epoch 1, batch 2).
-    with pytest.raises(NonFiniteLossError, match=r"global step 8 \(epoch 1, batch 2\)"):
-        run_experiment(cfg, raw)
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny):
+    with registry.isolated():
+        registry.register("loss", "nan_at")(NaNAtCall)
+        cfg, raw = tiny(tmp_path, "trainer.max_epochs=3", "loss.name=nan_at", "loss.options.at=9")
+        # 6 training batches per epoch: the 9th training loss is step 8 (epoch 1, batch 2).
+        with pytest.raises(NonFiniteLossError, match=r"global step 8 \(epoch 1, batch 2\)"):
+            run_experiment(cfg, raw)
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6  # the end of epoch 0, the last good state
     assert all(

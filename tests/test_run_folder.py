@@ -95,10 +95,10 @@ class SigtermAt(Callback):
 
 
 @pytest.fixture
-def sigterm_callback(monkeypatch):
-    registry.components("callback")
-    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
-    registry.register("callback", "sigterm_at")(SigtermAt)
+def sigterm_callback():
+    with registry.isolated():
+        registry.register("callback", "sigterm_at")(SigtermAt)
+        yield
 
 
 def test_sigterm_saves_and_the_resumed_run_continues_exactly(tmp_path, tiny, sigterm_callback):

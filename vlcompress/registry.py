@@ -23,6 +23,7 @@ before any data is touched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -31,7 +32,7 @@ import inspect
 import logging
 import pkgutil
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "UnknownComponentError",
     "build",
     "components",
+    "isolated",
     "get",
     "names",
     "options_from_signature",
@@ -322,3 +324,18 @@ def build(kind: str, name: str, options: Mapping[str, Any] | None = None, **cont
         ValueError: from the options' or the component's own checks.
     """
     return get(kind, name).build(options, **context)
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Registrations made inside the block are undone when it ends (for tests): every built-in
+    kind is loaded first, so nothing loaded inside is lost afterwards."""
+    for kind in KINDS:
+        _load(kind)
+    saved = {k: dict(v) for k, v in _REGISTRY.items()}
+    try:
+        yield
+    finally:
+        for kind, entries in saved.items():
+            _REGISTRY[kind].clear()
+            _REGISTRY[kind].update(entries)

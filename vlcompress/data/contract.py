@@ -176,12 +176,6 @@ class VQADataModule(L.LightningDataModule):
         rank, world = self._ranks()
         return ShardSampler(n, rank, world)
 
-    def loader_generator(self) -> torch.Generator:
-        """A generator of its own for a ``DataLoader`` (its worker base seed). Without one, every
-        new iterator draws from the global RNG, so a run resumed in the middle of an epoch would
-        draw once more than the uninterrupted run and its dropout masks would differ."""
-        return torch.Generator().manual_seed(self.seed)
-
     def split_report_for(
         self, question_types: Sequence[str], answers: Sequence[str], index: dict[str, Any]
     ) -> dict[str, Any]:

@@ -147,10 +147,16 @@ class VQATask(L.LightningModule):
         """Restore the RNG states saved by :meth:`on_save_checkpoint`."""
         rng = checkpoint.get("vlcompress_rng")
         if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(rng["python"])
+            _set_rng(rng)
+        self._resumed_rng = rng
+
+    def on_train_batch_start(self, batch: VLBatch, batch_idx: int) -> None:
+        """After a resume in the middle of an epoch, restore the RNG states once more at the
+        first batch: creating the epoch's data iterator (and any evaluation in between) drew
+        from the global RNG, which the uninterrupted run did before the checkpoint."""
+        rng, self._resumed_rng = getattr(self, "_resumed_rng", None), None
+        if rng is not None and batch_idx > 0:
+            _set_rng(rng)
 
     def configure_optimizers(self) -> Any:
         """Optimiser and scheduler from the configuration."""
@@ -215,3 +221,11 @@ class VQATaskOptions:
 def vqa_task(options: VQATaskOptions, **context: Any) -> VQATask:
     """VQA: soft-score targets, a task loss, the official VQA accuracy (:class:`VQATask`)."""
     return VQATask(**context)
+
+
+def _set_rng(rng: dict[str, Any]) -> None:
+    """Set the torch / numpy / python RNG states stored by ``VQATask.on_save_checkpoint``."""
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(rng["python"])
