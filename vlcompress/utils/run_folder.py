@@ -126,7 +126,7 @@ class RunFolder:
             if not overwrite:
                 raise RunFolderError(
                     f"run folder {self.path} already holds a run "
-                    f"({', '.join(sorted(p.name for p in self.path.iterdir())[:6])}); continue "
+                    f"({', '.join(sorted(p.name for p in self.path.iterdir() if p.name not in _OWN_FILES)[:6])}); continue "
                     f"it with resume=true, choose another output_dir=, or give overwrite=true "
                     f"(the old run is kept as {self.path.name}.replaced-<time>, nothing is deleted)"
                 )
