@@ -35,7 +35,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from vlcompress.utils.io import atomic_write_bytes, atomic_write_text
+from vlcompress.utils.io import atomic_write_text
+from vlcompress.utils.mappings import flatten
+from vlcompress.utils.plots import save_figure
 
 __all__ = ["Report", "build_report", "lookup", "report_table", "write_report"]
 
@@ -89,18 +91,6 @@ def lookup(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -115,9 +105,7 @@ def _points_from_folders(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[st
         if d.name.startswith(("_", ".")) or not (d / "config.yaml").is_file():
             continue
         cfg = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"), resolve=False)
-        flats[d.name] = {
-            k: v for k, v in _flatten(cfg).items() if k.split(".")[0] not in _NOT_SWEPT
-        }
+        flats[d.name] = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_SWEPT}
     all_keys = sorted({k for f in flats.values() for k in f})
     swept = [
         k
@@ -349,11 +337,7 @@ def _plot(report: Report, x: str, path: Path) -> bool:
     ax.grid(alpha=0.3)
     if len(lines) > 1 or others:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return True
 
 

@@ -1,10 +1,11 @@
-"""Training-curve plot of a run (PNG), read from Lightning's ``metrics.csv``."""
+"""Plots: a run's training curves (PNG, from Lightning's ``metrics.csv``) and saving figures."""
 
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from vlcompress.utils.io import atomic_write_bytes
 
@@ -55,9 +56,16 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path, title: st
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    save_figure(fig, out_png)
+    return True
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """Lay out ``fig``, write it as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
-    return True
+    atomic_write_bytes(path, buf.getvalue())

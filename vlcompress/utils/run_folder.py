@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlcompress.utils.io import atomic_write_json
+from vlcompress.utils.mappings import flatten
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,10 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked; the message names the folder and the fix."""
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Differences between two resolved configurations outside :data:`RESUMABLE_KEYS`, as
     ``"key: <old> -> <new>"`` lines."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
 
     def allowed(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
