@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quick_run import TINY_RUN
 
 torch.set_num_threads(2)
 
@@ -23,21 +24,6 @@ def easy_vqa_dm():
 def easy_vqa_batch(easy_vqa_dm):
     """One training batch of 16 real easy-VQA examples."""
     return next(iter(easy_vqa_dm.train_dataloader()))
-
-
-TINY_RUN = [
-    "model.name=mcan_tiny",
-    "model.options={visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}",
-    "progress_bar=false",
-    "data.options.batch_size=32",
-    "data.options.eval_batch_size=256",
-    "trainer.limit_train_batches=6",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=2",
-    "scheduler.name=none",
-]
-"""Overrides of the default experiment that make a real easy-VQA run take seconds."""
 
 
 @pytest.fixture

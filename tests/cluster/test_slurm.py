@@ -22,6 +22,7 @@ from cluster_helpers import (
     train,
     weights,
 )
+from quick_run import TINY_RUN
 
 pytestmark = pytest.mark.cluster
 
@@ -145,16 +146,7 @@ def test_srun_gives_devices_nodes_and_one_run_folder(slurm, tmp_path):
 
 
 SWEEP = [
-    "model.name=mcan_tiny",
-    "model.options={visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}",
-    "progress_bar=false",
-    "data.options.batch_size=32",
-    "data.options.eval_batch_size=256",
-    "trainer.limit_train_batches=6",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=2",
-    "scheduler.name=none",
+    *TINY_RUN,
     "threads=1",
     "sweep.slurm.executor=slurm",
     "sweep.slurm.cpus_per_task=1",

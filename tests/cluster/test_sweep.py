@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+from quick_run import TINY_RUN
 from submitit.slurm.slurm import _make_sbatch_string
 
 from vlcompress import cli
@@ -15,19 +16,7 @@ from vlcompress.cluster import sweep as sw
 from vlcompress.config import ConfigError, load_experiment
 from vlcompress.config.schema import SlurmConfig
 
-TINY = [
-    "model.name=mcan_tiny",
-    "model.options={visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}",
-    "progress_bar=false",
-    "data.options.batch_size=32",
-    "data.options.eval_batch_size=256",
-    "trainer.limit_train_batches=6",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=2",
-    "scheduler.name=none",
-    "sweep.slurm.executor=local",
-]
+TINY = [*TINY_RUN, "sweep.slurm.executor=local"]
 
 
 def _cfg(*overrides):
