@@ -3,8 +3,16 @@
 A task loss is an ``nn.Module`` (so it may own parameters, such as LMH's gate, that the task
 puts into its optimiser and its checkpoints). Before training, the task calls
 :meth:`VQALoss.setup` once with a :class:`LossContext`: the answer count, the train-split
-question-type answer prior from the data module, and the size of the model's pooled features.
-Bias terms act only in training: in ``eval()`` mode a loss must score the main logits alone.
+question-type answer prior from the data module, and the sizes of the model's pooled features
+and question representation. Bias terms act only in training: in ``eval()`` mode a loss must
+score the main logits alone.
+
+Extras a model may return (``model(batch, return_extras=True) -> (logits, extras)``):
+
+- ``"pooled"``: ``(B, pooled_dim)``, the fused features the task head reads (LMH's gate).
+- ``"question"``: ``(B, question_dim)``, the model's question-only representation, before any
+  fusion with the image (MCAN: the AttFlat-reduced question vector); the original RUBi's
+  question-only branch reads it (detached).
 """
 
 from __future__ import annotations
@@ -31,12 +39,15 @@ class LossContext:
             soft score of each answer over the training questions of that type; ``None`` when
             the data module has no question types.
         pooled_dim: size of the model's pooled features (``extras["pooled"]``), if it has any.
+        question_dim: size of the model's question representation (``extras["question"]``),
+            if it has one.
     """
 
     num_answers: int
     question_types: list[str] = field(default_factory=list)
     question_type_prior: torch.Tensor | None = None
     pooled_dim: int | None = None
+    question_dim: int | None = None
 
 
 class VQALoss(nn.Module):
@@ -44,8 +55,9 @@ class VQALoss(nn.Module):
 
     ``forward(logits, batch, extras)`` receives the main answer logits ``(B, A)``, the
     :class:`~vlcompress.data.VLBatch` (soft ``targets``, ``question_type_id`` rows of the prior)
-    and the model's extra outputs (``extras["pooled"]``: ``(B, pooled_dim)`` when the model has
-    them); it returns a scalar. In ``eval()`` mode it must score the main logits alone.
+    and the model's extra outputs (``extras["pooled"]``: ``(B, pooled_dim)``,
+    ``extras["question"]``: ``(B, question_dim)``, when the model has them; see the module); it
+    returns a scalar. In ``eval()`` mode it must score the main logits alone.
 
     Subclasses implement :meth:`forward` and, when they need the prior or build parameters
     whose size depends on the model, :meth:`setup` (calling ``super().setup(context)`` first).
@@ -73,7 +85,9 @@ class VQALoss(nn.Module):
             raise ValueError(
                 f"the {type(self).__name__} loss needs {missing}, which this data module / model "
                 "does not provide (the prior comes from a data module with question types; "
-                "pooled features from a model with returns_extras whose extras hold 'pooled')."
+                "pooled features / question features from a model with returns_extras whose "
+                "extras hold 'pooled' / 'question', and whose pooled_dim / question_dim say "
+                "their sizes)."
             )
         self.context = context
         if context.question_type_prior is not None:

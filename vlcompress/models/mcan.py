@@ -320,6 +320,7 @@ class MCAN(nn.Module):
         self.norm = nn.LayerNorm(c.flat_out_size)
         self.classifier = nn.Linear(c.flat_out_size, num_answers)
         self.pooled_dim = c.flat_out_size
+        self.question_dim = c.flat_out_size
 
     @classmethod
     def from_variant(
@@ -358,8 +359,9 @@ class MCAN(nn.Module):
         self, batch: VLBatch, return_extras: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Answer logits ``(B, num_answers)``; with ``return_extras``, ``(logits, extras)`` where
-        ``extras = {"pooled": (B, flat_out_size)}`` holds the fused, normalised features the
-        classifier reads (debiasing losses such as LMH use them)."""
+        ``extras = {"pooled": (B, flat_out_size), "question": (B, flat_out_size)}`` holds the
+        fused, normalised features the classifier reads (LMH's gate) and the AttFlat question
+        vector before fusion (the original RUBi's question-only branch)."""
         lang_mask = batch.text_mask.bool()
         lang, _ = self.lstm(self.embedding(batch.text_ids))
         img, img_mask = self.encode_visual(batch)
@@ -367,9 +369,10 @@ class MCAN(nn.Module):
             lang = layer(lang, lang_mask)
         for layer in self.decoder:
             img = layer(img, lang, img_mask, lang_mask)
-        fused = self.norm(self.flat_lang(lang, lang_mask) + self.flat_img(img, img_mask))
+        question = self.flat_lang(lang, lang_mask)
+        fused = self.norm(question + self.flat_img(img, img_mask))
         logits = self.classifier(fused)
-        return (logits, {"pooled": fused}) if return_extras else logits
+        return (logits, {"pooled": fused, "question": question}) if return_extras else logits
 
     def anatomy(self) -> Anatomy:
         """MCAN's structure: the encoder (language self-attention), the decoder (cross: vision

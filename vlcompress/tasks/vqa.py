@@ -27,7 +27,8 @@ class VQATask(L.LightningModule):
         model: any module mapping a :class:`VLBatch` to answer logits ``(B, len(answers))``.
         answers: answer strings in the model's output order.
         loss: a registered loss name (``bce``, ``ce``, ...) or a :class:`VQALoss`; it is set up
-            with the answer count, the question-type prior and the model's ``pooled_dim``, and
+            with the answer count, the question-type prior and the model's ``pooled_dim`` and
+            ``question_dim``, and
             its parameters (if any) are trained with the model.
         optimizer: ``{"name": adam|adamw|sgd, "lr", "weight_decay", "betas", "momentum"}``.
         scheduler: ``{"name": none|cosine|warmup_cosine|step, "warmup_steps", "milestones",
@@ -68,6 +69,7 @@ class VQATask(L.LightningModule):
                 question_types=list(question_types or []),
                 question_type_prior=question_type_prior,
                 pooled_dim=getattr(model, "pooled_dim", None),
+                question_dim=getattr(model, "question_dim", None),
             )
         )
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-4, **(optimizer or {})}
