@@ -12,11 +12,18 @@ from vlcompress.callbacks.base import (
     collect_reports,
 )
 from vlcompress.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
+from vlcompress.callbacks.magnitude_pruning import MagnitudePruning, masks_in_checkpoint
+from vlcompress.callbacks.mask_training import MaskTraining
+from vlcompress.callbacks.pruning_base import PruningCallback
 
 __all__ = [
     "CompressionCallback",
     "FiniteLossGuard",
+    "MagnitudePruning",
+    "MaskTraining",
     "NonFiniteLossError",
+    "PruningCallback",
     "collect_report_rows",
     "collect_reports",
+    "masks_in_checkpoint",
 ]

@@ -1,0 +1,233 @@
+"""``MaskTraining``: learn which weights to keep (seed 000's stage 2) — real-valued scores, a
+straight-through threshold, per-matrix thresholds reset so each matrix holds its exact target."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vlcompress.callbacks.pruning_base import PruningCallback
+from vlcompress.compress.pruning import ForwardMasks, keep_count, threshold_mask
+from vlcompress.compress.pruning.ranking import exact_keep_mask
+from vlcompress.registry import register
+
+__all__ = ["MaskTraining"]
+
+log = logging.getLogger(__name__)
+
+FREEZE = ("all_but_head", "masked", "none")
+
+
+@register("callback", "mask_training")
+class MaskTraining(PruningCallback):
+    """Train a binary mask over the prunable weights (Zhao et al. 2020; seed 000, stage 2).
+
+    Every maskable weight ``W`` gets a real score ``s``. The forward pass uses ``W * 1[s >
+    tau]`` (the weight tensors are never changed), and the backward pass sends the gradient
+    straight through the threshold to ``s``. Scores start from the magnitudes: ``2 tau`` where
+    a per-matrix magnitude ranking keeps the weight, ``0`` where it prunes it (plus a seeded
+    jitter of ``1e-6 tau`` so that no two scores tie). Every ``reset_every`` steps each
+    matrix's ``tau`` is reset to its k-th smallest score, so every matrix holds exactly its
+    target sparsity again (between resets the masks may drift).
+
+    The scores have their own Adam optimiser (``score_lr``), stepped by this callback right
+    before the model's optimiser; their gradients are averaged over DDP ranks by the callback,
+    so every rank holds the same scores and masks. Scores, thresholds and the score
+    optimiser's state are in the checkpoint: a resumed run continues exactly.
+
+    Args:
+        sparsity: fraction zeroed, one number or per modality (see :class:`PruningCallback`).
+        tau: the initial threshold (seed 000: 0.01).
+        reset_every: steps between threshold resets (seed 000: 100); 0 never resets.
+        score_lr: learning rate of the scores.
+        freeze: ``all_but_head`` (seed 000: only the masks and the task head train),
+            ``masked`` (the masked weights are frozen, the rest trains) or ``none`` (the
+            weights train together with the masks).
+        make_permanent: at the end of training, multiply the weights by their masks and
+            remove the hooks (evaluation after ``fit`` then runs on the plain, sparse model).
+        include, exclude, seed, model_attr, patterns, name: see :class:`PruningCallback`.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[MaskTraining({"language": 0.6, "vision": 0.04,
+                                                     "cross": 0.6})])
+    """
+
+    def __init__(
+        self,
+        sparsity: float | Mapping[str, float] = 0.5,
+        *,
+        tau: float = 0.01,
+        reset_every: int = 100,
+        score_lr: float = 5e-5,
+        freeze: str = "all_but_head",
+        make_permanent: bool = True,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        seed: int | None = None,
+        model_attr: Any = None,
+        patterns: Any = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            sparsity,
+            include=include,
+            exclude=exclude,
+            seed=seed,
+            model_attr=model_attr,
+            patterns=patterns,
+            name=name,
+        )
+        self.tau = self.check_argument("tau", tau, float, low=1e-12)
+        self.reset_every = self.check_argument("reset_every", reset_every, int, low=0)
+        self.score_lr = self.check_argument("score_lr", score_lr, float, low=0.0)
+        self.freeze = self.check_argument("freeze", freeze, str, choices=FREEZE)
+        self.permanent = self.check_argument("make_permanent", make_permanent, bool)
+        self.scores: dict[str, torch.Tensor] = {}
+        self.taus: dict[str, float] = {}
+        self.resets: list[int] = []
+        self._opt: torch.optim.Optimizer | None = None
+        self._opt_state: dict[str, Any] | None = None
+        self._forward: ForwardMasks | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Find the weights and freeze what ``freeze`` says (before the optimiser is built)."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.freeze == "none":
+            return
+        masked = {id(t.param) for t in self.targets}
+        head = set()
+        for path in self.anatomy.head_modules:
+            head.update(id(p) for p in self.model.get_submodule(path).parameters())
+        frozen = 0
+        for p in self.model.parameters():
+            if id(p) in masked or (self.freeze == "all_but_head" and id(p) not in head):
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    frozen += p.numel()
+        if self.is_global_zero:
+            log.info("%s: froze %s weights (freeze=%s)", self.state_key, f"{frozen:,}", self.freeze)
+
+    def _initial_scores(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, t in enumerate(self.targets):
+            w = t.param.detach()
+            keep = exact_keep_mask(w.abs(), keep_count(w.numel(), t.sparsity))
+            jitter = torch.rand(w.shape, generator=self.generator(0, salt=f"jitter{i}"))
+            s = keep.float().cpu() * (2 * self.tau) + jitter * (1e-6 * self.tau)
+            out[t.name] = s.to(w.device)
+        return out
+
+    def _mask(self, name: str) -> torch.Tensor:
+        return threshold_mask(self.scores[name], self.taus[name])
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Create (or move) the scores, their optimiser, and the forward masks."""
+        params = self.params
+        if not self.scores:
+            self.scores = self._initial_scores()
+            self.taus = {n: self.tau for n in self.scores}
+        self.scores = {
+            n: s.detach().to(params[n].device, torch.float32).requires_grad_(True)
+            for n, s in self.scores.items()
+        }
+        self._opt = torch.optim.Adam(list(self.scores.values()), lr=self.score_lr)
+        if self._opt_state is not None:
+            self._opt.load_state_dict(self._opt_state)
+            self._opt_state = None
+        if self._forward is None:
+            self._forward = ForwardMasks(self.model, list(self.scores), self._mask)
+        self._refresh_masks()
+        self.log_report("at the start of mask training")
+
+    def _refresh_masks(self) -> None:
+        self.masks = {n: (s.detach() > self.taus[n]) for n, s in self.scores.items()}
+        self.reached = {t.name: t.sparsity for t in self.targets}
+
+    # ------------------------------------------------------------------ training
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Average the score gradients over ranks and step the scores."""
+        if self._opt is None:
+            return
+        grads = [
+            s.grad if s.grad is not None else torch.zeros_like(s) for s in self.scores.values()
+        ]
+        if self.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+            start = 0
+            for s, g in zip(self.scores.values(), grads):
+                s.grad = flat[start : start + g.numel()].view_as(g).clone()
+                start += g.numel()
+        else:
+            for s, g in zip(self.scores.values(), grads):
+                s.grad = g
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Reset the thresholds every ``reset_every`` steps."""
+        step = int(trainer.global_step)
+        if self.reset_every and step > 0 and step % self.reset_every == 0:
+            if not self.resets or self.resets[-1] != step:
+                self._reset_thresholds(step)
+
+    @torch.no_grad()
+    def _reset_thresholds(self, step: int) -> None:
+        for t in self.targets:
+            s = self.scores[t.name].detach().reshape(-1)
+            pruned = s.numel() - keep_count(s.numel(), t.sparsity)
+            if pruned > 0:
+                self.taus[t.name] = float(torch.kthvalue(s.float().cpu(), pruned).values)
+            else:
+                self.taus[t.name] = float(s.min()) - 1.0
+        self.resets.append(step)
+        self._refresh_masks()
+        rep = self.sparsity_report()["overall"]
+        self.events.append({"step": step, "sparsity": rep["actual"]})
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Report, and make the masks permanent if asked."""
+        if self.scores:
+            self._refresh_masks()
+        self.log_report("at the end of mask training")
+        if self.permanent:
+            self.make_permanent()
+
+    def make_permanent(self) -> None:
+        """Multiply the weights by their masks and remove the forward hooks."""
+        if self._forward is None:
+            return
+        self._refresh_masks()
+        self._forward.bake()
+        self._forward.remove()
+        self._forward = None
+        if self.is_global_zero:
+            log.info("%s: masks baked into the weights", self.state_key)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """Scores, thresholds, resets, the score optimiser, and the current masks."""
+        if self.scores:
+            self._refresh_masks()
+        out = self.mask_state()
+        out["scores"] = {n: s.detach().cpu().clone() for n, s in self.scores.items()}
+        out["taus"] = dict(self.taus)
+        out["resets"] = list(self.resets)
+        out["optimizer"] = self._opt.state_dict() if self._opt is not None else self._opt_state
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back the scores and thresholds (applied from ``on_fit_start``)."""
+        self.load_mask_state(state)
+        self.scores = {n: s.clone() for n, s in (state.get("scores") or {}).items()}
+        self.taus = {n: float(v) for n, v in (state.get("taus") or {}).items()}
+        self.resets = [int(s) for s in state.get("resets") or []]
+        self._opt_state = state.get("optimizer")
+        self._opt = None

@@ -1,0 +1,115 @@
+"""Putting masks on weights: in place (magnitude pruning) or in the forward pass (mask training).
+
+* :func:`zero_masked` multiplies weights by their masks in place: the model's tensors *are*
+  the pruned weights, forward costs nothing extra, and any parameter works (LSTM weights too).
+  Magnitude pruning calls it after every optimiser step, so pruned weights stay exactly zero.
+* :class:`ForwardMasks` leaves the weights untouched and, during each call of the module owning
+  a weight, shows the module ``weight * mask(scores)`` instead (the parameter keeps its name,
+  so ``state_dict`` keys do not change). With :func:`threshold_mask` the mask is ``1[score >
+  tau]`` and the gradient passes straight through to the scores (mask training).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ForwardMasks", "threshold_mask", "zero_masked"]
+
+
+@torch.no_grad()
+def zero_masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """``param *= mask`` in place for every name in ``masks``."""
+    for name, mask in masks.items():
+        p = params[name]
+        p.mul_(mask.to(device=p.device, dtype=p.dtype))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``1[scores > tau]`` forward; identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return (scores > tau).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def threshold_mask(scores: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """Binary mask ``1[scores > tau]`` whose gradient flows straight through to ``scores``."""
+    tau = torch.as_tensor(tau, dtype=scores.dtype, device=scores.device)
+    return _StraightThrough.apply(scores, tau)
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def _show(masks: ForwardMasks, owner: str, module: nn.Module, _args: tuple) -> None:
+    for attr, name in masks.by_owner[owner]:
+        weight = module._parameters[attr]
+        module.__dict__[attr] = weight * masks.mask_of(name).to(weight.dtype)
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
+def _hide(masks: ForwardMasks, owner: str, module: nn.Module, _args: tuple, _out: Any) -> None:
+    for attr, _name in masks.by_owner[owner]:
+        module.__dict__.pop(attr, None)
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
+class ForwardMasks:
+    """Masks applied in the forward pass of the modules owning the masked weights.
+
+    Args:
+        model: the model.
+        names: parameter names (``"encoder.0.ffn.up.weight"``) to mask.
+        mask_of: ``name -> mask tensor`` (called at every forward of the owning module, so it
+            may depend on trainable scores).
+
+    The effective weight is ``weight * mask_of(name)``; ``remove()`` takes the hooks away and
+    :meth:`bake` writes the masks into the weights for good.
+    """
+
+    def __init__(
+        self, model: nn.Module, names: list[str], mask_of: Callable[[str], torch.Tensor]
+    ) -> None:
+        self.model, self.mask_of = model, mask_of
+        self.by_owner: dict[str, list[tuple[str, str]]] = {}
+        for name in names:
+            owner, attr = _split(name)
+            module = model.get_submodule(owner)
+            if attr not in module._parameters:
+                raise ValueError(f"{name!r} is not a parameter of {type(module).__name__}")
+            self.by_owner.setdefault(owner, []).append((attr, name))
+        self.handles: list[Any] = []
+        for owner in self.by_owner:
+            module = model.get_submodule(owner)
+            self.handles.append(
+                module.register_forward_pre_hook(functools.partial(_show, self, owner))
+            )
+            self.handles.append(module.register_forward_hook(functools.partial(_hide, self, owner)))
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Multiply every weight by its current mask in place (then :meth:`remove`)."""
+        for owner, pairs in self.by_owner.items():
+            module = self.model.get_submodule(owner)
+            for attr, name in pairs:
+                w = module._parameters[attr]
+                w.mul_(self.mask_of(name).detach().to(w.dtype))
+
+    def remove(self) -> None:
+        """Take the hooks away (the model computes with its own weights again)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
