@@ -1,4 +1,4 @@
-"""Command line: ``python -m vlcompress {train,validate,list,sweep,report} [EXP] [key=value ...]``."""
+"""Command line: ``python -m vlcompress {train,validate,list,sweep,report,prepare} ...``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,35 @@ def _cluster_command(args: argparse.Namespace, console: Console) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _prepare_command(args: argparse.Namespace) -> int:
+    """``prepare``: convert a benchmark's region features once (exit 1 for bad inputs, 2 for a
+    benchmark with nothing to prepare, 130 when interrupted: rerun to continue)."""
+    from vlcompress.registry import UnknownComponentError, get
+
+    try:
+        builder = get("datamodule", args.benchmark).builder
+    except UnknownComponentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prepare = getattr(builder, "prepare_regions", None)
+    if prepare is None:
+        print(
+            f"error: data module {args.benchmark!r} has no region features to prepare",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        out = prepare(args.tsv, args.out, dtype=args.dtype, max_boxes=args.max_boxes)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopped: rerun the same command to continue the conversion", file=sys.stderr)
+        return 130
+    print(f"region store ready: {out} (data.options.regions_dir)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for configuration errors)."""
     parser = argparse.ArgumentParser(prog="vlcompress", description=__doc__)
@@ -136,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("folder", help="the sweep folder (holding sweep.json)")
     rep.add_argument("--metric", default=None, help="results.json value (default: sweep.metric)")
     rep.add_argument("--x", default=None, help="plot against this swept key only")
+    prep = sub.add_parser(
+        "prepare", help="convert region features once (LXMERT obj36 TSV -> memory-mapped arrays)"
+    )
+    prep.add_argument("benchmark", help="data module, e.g. vqa_v2 or vqa_cp_v2")
+    prep.add_argument("--tsv", nargs="+", required=True, help="obj36 TSV files (all the images)")
+    prep.add_argument(
+        "--out",
+        required=True,
+        help="store folder (data.options.regions_dir, default <data_dir>/regions_obj36)",
+    )
+    prep.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    prep.add_argument("--max-boxes", type=int, default=36, help="regions kept per image")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own console handler
@@ -143,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("sweep", "report"):
         return _cluster_command(args, console)
+    if args.command == "prepare":
+        return _prepare_command(args)
     if args.command == "list":
         if args.what == "experiments":
             for name in list_experiments():
