@@ -33,7 +33,7 @@ def test_iterative_pruning_reaches_each_target_and_keeps_pruned_weights_zero(tmp
     assert [e["step"] for e in cb.events] == [1, 3, 5, 7]
     sparsities = [e["sparsity"] for e in cb.events]
     assert sparsities == sorted(sparsities) and sparsities[0] == 0.0
-    for name, entry in rep["matrices"].items():  # per matrix: exactly the target
+    for entry in rep["matrices"].values():  # per matrix: exactly the target
         assert entry["actual"] == pytest.approx(entry["target"]) == pytest.approx(0.75, abs=0.02)
     # after 2 more optimiser steps the pruned weights are still exactly zero
     for name, zero in _zeros(model, cb).items():
