@@ -201,3 +201,25 @@ class RandomHeadDropper(CompressionCallback):
 
     def report_rows(self) -> list[tuple[str, str]]:
         return [("heads switched off", str(self.report()["heads_off"]))]
+
+
+class MaskRecorder(lp.Callback):
+    """Write, per rank, a digest of every pruning callback's masks (and scores) at train end."""
+
+    def __init__(self, record_dir: str) -> None:
+        self.record_dir = record_dir
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        from vlcompress.callbacks.pruning_base import PruningCallback, masks_digest
+
+        record = {}
+        for cb in trainer.callbacks:
+            if isinstance(cb, PruningCallback):
+                entry = {"masks": masks_digest(cb.masks), "n": len(cb.masks)}
+                if getattr(cb, "scores", None):
+                    entry["scores"] = sum(float(s.double().sum()) for s in cb.scores.values())
+                record[cb.state_key] = entry
+        weights = sum(float(p.double().abs().sum()) for p in pl_module.parameters())
+        record["weights"] = weights
+        path = Path(self.record_dir) / f"masks{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
