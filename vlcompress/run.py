@@ -3,10 +3,15 @@
 The run folder holds ``config.yaml`` (resolved), ``checkpoints/{last,best}.ckpt`` (atomic
 writes), ``metrics.csv``, ``tensorboard/``, ``data_report.json``, ``results.json``,
 ``curves.png`` and ``run.log``.
+
+A run may start from an earlier run's model weights (``init_from``, a pipeline stage; see
+:mod:`vlcompress.utils.init_from`); ``results.json`` and ``run.json`` then record the checkpoint
+file and its SHA-256 under ``init_from``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -37,6 +42,7 @@ from vlcompress.data.contract import check_data_contract
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
 from vlcompress.utils.csv_history import HistoryCSVLogger
 from vlcompress.utils.flops import count_parameters, flops_per_sample
+from vlcompress.utils.init_from import apply_init_checkpoint, resolve_init_path
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
 from vlcompress.utils.plots import plot_training_curves
 from vlcompress.utils.run_folder import RESUMABLE_KEYS, RunFolder, RunFolderError, config_changes
@@ -213,6 +219,14 @@ def _check_resumed_config(out: Path, ckpt: Path, resolved: dict[str, Any]) -> in
     return step
 
 
+def _recorded_init_from(out: Path) -> dict[str, Any] | None:
+    """The ``init_from`` record of an earlier launch of this run (``run.json``), if any."""
+    try:
+        return json.loads((out / "run.json").read_text()).get("init_from")
+    except (OSError, ValueError):
+        return None
+
+
 def _write_config(out: Path, text: str) -> None:
     """Write ``config.yaml``; a different earlier one is kept as ``config.<time>.yaml``."""
     path = out / "config.yaml"
@@ -253,6 +267,9 @@ def run_experiment(
     if cfg.resume and not ckpt.is_file():
         raise ConfigError([f"resume=true but {ckpt} does not exist; run without resume first"])
     resume_step = _check_resumed_config(out, ckpt, resolved) if ckpt is not None else None
+    if cfg.init_from and ckpt is not None:
+        log.info("resuming %s: its own checkpoint wins over init_from=%s", ckpt, cfg.init_from)
+    init_path = resolve_init_path(cfg.init_from) if cfg.init_from and ckpt is None else None
     try:
         devices, num_nodes = resolve_devices(cfg.trainer.devices, cfg.trainer.num_nodes)
     except ValueError as e:
@@ -286,6 +303,9 @@ def run_experiment(
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg.data, cfg.seed)
         task = build_task(cfg, dm)
+        init_record = apply_init_checkpoint(task, resolved, init_path) if init_path else None
+        if init_record is not None and rank == 0:
+            folder.set_status("running", init_from=init_record.to_dict())
         ckpt_dir = out / "checkpoints"
         guard = RunGuard(str(ckpt_dir), resolved)
         t = {**asdict(cfg.trainer), "devices": devices, "num_nodes": num_nodes}
@@ -349,6 +369,7 @@ def run_experiment(
                 "epochs": trainer.current_epoch,
                 "global_steps": trainer.global_step,
                 "best_checkpoint": best,
+                "init_from": (init_record.to_dict() if init_record else _recorded_init_from(out)),
                 "output_dir": str(out),
                 "environment": {
                     "torch": torch.__version__,

@@ -145,13 +145,19 @@ COMPONENT_SECTIONS: dict[str, str] = {
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment."""
+    """A whole experiment.
+
+    ``init_from`` (a run folder or a ``.ckpt`` file) starts a new pipeline stage from that
+    run's model weights with a fresh optimiser and step counter; ``resume`` wins over it (see
+    :mod:`vlcompress.utils.init_from`).
+    """
 
     name: str = "experiment"
     description: str = ""
     seed: int = 0
     output_dir: str | None = None
     resume: bool = False
+    init_from: str | None = None
     overwrite: bool = False
     threads: int = field(default=0, metadata=in_range(0))
     progress_bar: bool = True

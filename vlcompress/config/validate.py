@@ -207,6 +207,11 @@ def validate(cfg: DictConfig | dict, source: str = "configuration") -> Experimen
     data.pop("defaults", None)
     errors: list[str] = []
     _validate(ExperimentConfig, data, "", errors)
+    if isinstance(data.get("init_from"), str) and not data["init_from"].strip():
+        errors.append(
+            "init_from: an empty path; give the previous stage's run folder or a .ckpt file, "
+            "or null"
+        )
     if errors:
         raise ConfigError(errors, source)
     return _build(ExperimentConfig, data)

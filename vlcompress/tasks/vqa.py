@@ -42,11 +42,22 @@ class VQATask(L.LightningModule):
     reach the loss. Either way the model is called through ``nn.Module.__call__`` (its hooks
     fire, a compiled model stays compiled).
 
+    Attributes:
+        init_checkpoint: the previous stage's checkpoint when the run started from one
+            (``init_from``; see :mod:`vlcompress.utils.init_from`), else ``None``. Its
+            ``"callbacks"`` entry holds the callbacks' saved state (a pruning callback may take
+            a previous stage's masks from it in ``setup``); optimiser states are dropped.
+
+    Checkpoints also store the answer list (``checkpoint["vlcompress_answers"]``) so that a
+    later stage can check that it predicts the same answers.
+
     Raises:
         ValueError: for an unknown optimiser or scheduler name, or a loss whose needs the data
             or model cannot meet.
         vlcompress.registry.UnknownComponentError: for an unknown loss name.
     """
+
+    init_checkpoint: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -131,7 +142,9 @@ class VQATask(L.LightningModule):
         self.test_acc.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the global RNG states (dropout etc.) so a resumed run continues exactly."""
+        """Store the global RNG states (dropout etc.) so a resumed run continues exactly, and
+        the answer list (checked when a later stage starts from this checkpoint)."""
+        checkpoint["vlcompress_answers"] = list(self.answers)
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["vlcompress_rng"] = {  # tensors and plain types: loads with weights_only=True
             "torch": torch.get_rng_state(),

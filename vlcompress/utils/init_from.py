@@ -1,0 +1,238 @@
+"""Pipeline stages: start a run from an earlier run's model weights (``init_from``).
+
+``init_from: <run folder or .ckpt file>`` makes a new run start from that checkpoint's *model*
+weights, with a fresh optimiser, scheduler and step counter (a new stage, not a resume):
+
+* A run folder resolves to the checkpoint whose test accuracy the folder reports: the one its
+  ``results.json`` names as ``best_checkpoint`` (``checkpoints/best.ckpt``, best validation
+  accuracy), looked up inside the folder; a folder without ``results.json`` (an unfinished run)
+  resolves to ``checkpoints/last.ckpt``, with a warning. A ``.ckpt`` path is used as it is.
+* Before anything is loaded, the checkpoint's stored configuration must name the same model
+  with the same options (defaults filled in), and its answer list must equal this run's (same
+  answers in the same order); every parameter must have the same shape. Each mismatch is named
+  with the fix.
+* The loss's own parameters (LMH's gate, RUBi's question-only branch) are loaded only when the
+  previous stage used the same loss with the same options; otherwise they start fresh.
+* Callback state stored in the checkpoint (``checkpoint["callbacks"]``, e.g. a pruning
+  callback's masks) is not applied. The checkpoint (without optimiser states) is kept on the
+  task as ``pl_module.init_checkpoint`` so a callback can take it up in ``setup``.
+* A resumed run (``resume=true`` or a Slurm requeue) continues from its own ``last.ckpt``:
+  resume wins over ``init_from``, whose weights the run already started from.
+
+Example::
+
+    # stage 1: fine-tune with LPF; stage 2: start from it with LMH
+    python -m vlcompress train easy_vqa_cp loss.name=lpf output_dir=runs/stage1
+    python -m vlcompress train easy_vqa_cp loss.name=lmh init_from=runs/stage1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlcompress import registry
+from vlcompress.config import ConfigError
+
+__all__ = ["InitRecord", "apply_init_checkpoint", "load_init_checkpoint", "resolve_init_path"]
+
+log = logging.getLogger(__name__)
+
+_DROPPED = ("optimizer_states", "lr_schedulers")
+"""Checkpoint entries not kept in ``init_checkpoint`` (large and never used by a new stage)."""
+
+
+@dataclass
+class InitRecord:
+    """What a run started from (written to ``results.json`` and ``run.json``).
+
+    Attributes:
+        path: the resolved checkpoint file.
+        sha256: its SHA-256 (hex).
+        loaded: which parts were loaded (``model``, and ``loss`` when the loss matched).
+    """
+
+    path: str
+    sha256: str
+    loaded: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain types."""
+        return dataclasses.asdict(self)
+
+
+def resolve_init_path(init_from: str | Path) -> Path:
+    """The checkpoint file that ``init_from`` names (see the module docstring).
+
+    Raises:
+        ConfigError: the path does not exist, or a run folder holds no checkpoint.
+    """
+    path = Path(init_from)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise ConfigError(
+            [
+                f"init_from: {path} does not exist; give the run folder of the previous stage "
+                "(holding checkpoints/) or a .ckpt file"
+            ]
+        )
+    results = path / "results.json"
+    if results.is_file():
+        try:
+            best = json.loads(results.read_text()).get("best_checkpoint") or ""
+        except (OSError, ValueError):
+            best = ""
+        if best and (path / "checkpoints" / Path(best).name).is_file():
+            return path / "checkpoints" / Path(best).name
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        if not results.is_file():
+            log.warning(
+                "init_from: %s has no results.json (an unfinished run?); starting from %s",
+                path,
+                last,
+            )
+        return last
+    raise ConfigError(
+        [
+            f"init_from: the folder {path} holds no checkpoints/last.ckpt or best.ckpt; give "
+            "a finished run folder of the previous stage or a .ckpt file"
+        ]
+    )
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load_init_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint for ``init_from`` on the CPU, without its optimiser states.
+
+    Raises:
+        ConfigError: the file cannot be read as a checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ConfigError(
+            [f"init_from: cannot read the checkpoint {path} ({type(e).__name__}: {e})"]
+        ) from e
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError([f"init_from: {path} is not a Lightning checkpoint (no state_dict)"])
+    return {k: v for k, v in state.items() if k not in _DROPPED}
+
+
+def _filled_options(kind: str, name: str, options: Any) -> dict[str, Any] | None:
+    try:
+        return dataclasses.asdict(registry.get(kind, name).make_options(options or {}))
+    except (registry.UnknownComponentError, TypeError, ValueError):
+        return None  # not comparable here; the shape check still guards the weights
+
+
+def _component_problems(section: str, kind: str, stored: Any, new: dict[str, Any]) -> list[str]:
+    """How the checkpoint's ``section`` differs from this run's (empty: the same)."""
+    if not isinstance(stored, dict):
+        return []
+    if stored.get("name") != new["name"]:
+        return [
+            f"{section}.name: the checkpoint's is {stored.get('name')!r}, this run's {new['name']!r}"
+        ]
+    old = _filled_options(kind, stored["name"], stored.get("options"))
+    cur = _filled_options(kind, new["name"], new.get("options"))
+    if old is None or cur is None:
+        return []
+    return [
+        f"{section}.options.{k}: the checkpoint's is {old.get(k)!r}, this run's {cur.get(k)!r}"
+        for k in sorted(set(old) | set(cur))
+        if old.get(k) != cur.get(k)
+    ]
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _shape_problems(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    own = module.state_dict()
+    problems = [
+        f"{what}.{k}: the checkpoint's shape is {list(state[k].shape)}, this run's {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing:
+        problems.append(f"{what}: the checkpoint lacks {len(missing)} tensor(s): {missing[:5]}")
+    if extra:
+        problems.append(
+            f"{what}: the checkpoint has {len(extra)} tensor(s) this run's model lacks: {extra[:5]}"
+        )
+    return problems
+
+
+def apply_init_checkpoint(task: Any, config: dict[str, Any], init_from: str | Path) -> InitRecord:
+    """Load the previous stage's weights into ``task`` (a :class:`~vlcompress.tasks.VQATask`
+    with ``model`` and ``loss_fn``) and keep the checkpoint as ``task.init_checkpoint``.
+
+    Args:
+        task: the freshly built task of this run.
+        config: this run's resolved configuration (plain types).
+        init_from: a run folder or a ``.ckpt`` file (see :func:`resolve_init_path`).
+
+    Returns:
+        What was loaded from where (:class:`InitRecord`).
+
+    Raises:
+        ConfigError: a missing or unreadable checkpoint, or one of another model, other
+            options, other answers or other parameter shapes; every mismatch is listed.
+    """
+    path = resolve_init_path(init_from)
+    ckpt = load_init_checkpoint(path)
+    stored = ckpt.get("vlcompress_config") or {}
+    problems = _component_problems("model", "model", stored.get("model"), config["model"])
+    answers = ckpt.get("vlcompress_answers")
+    if answers is not None and list(answers) != list(task.answers):
+        a, b = list(answers), list(task.answers)
+        detail = (
+            f"{len(a)} answers vs this run's {len(b)}"
+            if len(a) != len(b)
+            else "the same number of answers in another order or with other names, first "
+            f"difference at {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}"
+        )
+        problems.append(f"answers: the checkpoint predicts {detail}")
+    state = ckpt["state_dict"]
+    model_state = _sub_state(state, "model.")
+    if not problems:
+        problems = _shape_problems(task.model, model_state, "model")
+    if problems:
+        raise ConfigError(
+            [f"init_from {path}: {p}" for p in problems]
+            + [
+                "a stage starts from a checkpoint of the same model on the same answers: use "
+                "the previous stage's model / data settings, or another init_from="
+            ]
+        )
+    task.model.load_state_dict(model_state)
+    loaded = ["model"]
+    same_loss = not _component_problems("loss", "loss", stored.get("loss"), config["loss"])
+    loss_state = _sub_state(state, "loss_fn.")
+    if same_loss and stored.get("loss") and loss_state:
+        task.loss_fn.load_state_dict(loss_state)
+        loaded.append("loss")
+    elif loss_state:
+        log.info(
+            "init_from: the loss differs from the previous stage's; its parameters start fresh"
+        )
+    task.init_checkpoint = ckpt
+    record = InitRecord(str(path.resolve()), _sha256(path), loaded)
+    log.info("init_from: started from %s (%s)", record.path, ", ".join(loaded))
+    return record
