@@ -76,10 +76,16 @@ def test_callback_contract(name):
 
 
 @pytest.mark.parametrize("name", registry.names("datamodule"))
-def test_datamodule_contract(name, easy_vqa_dm):
-    set_up = {"easy_vqa": easy_vqa_dm}
+def test_datamodule_contract(name, easy_vqa_dm, tmp_path):
+    from fixtures_vqa import fixture_datamodule
+
+    set_up = {
+        "easy_vqa": lambda: easy_vqa_dm,
+        "vqa_v2": lambda: fixture_datamodule(tmp_path, "vqa_v2"),
+        "vqa_cp_v2": lambda: fixture_datamodule(tmp_path, "vqa_cp_v2"),
+    }
     assert name in set_up, f"add a set-up instance of data module {name!r} to this test"
-    dm = set_up[name]
+    dm = set_up[name]()
     assert check_data_contract(dm) == []
     info = dm.info()
     batch = next(iter(dm.train_dataloader()))

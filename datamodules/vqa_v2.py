@@ -1,0 +1,503 @@
+"""VQA v2 and VQA-CP v2 with LXMERT's obj36 region features, as :class:`VQADataModule` s.
+
+Files expected in ``data_dir`` (the published formats, see :mod:`vlcompress.data.vqa_files`):
+
+* ``vqa_v2``: ``v2_OpenEnded_mscoco_{train2014,val2014}_questions.json`` and
+  ``v2_mscoco_{train2014,val2014}_annotations.json``; ``split: standard`` trains on train2014
+  (``val_fraction`` of it held out for validation) and tests on val2014;
+* ``vqa_cp_v2``: ``vqacp_v2_{train,test}_{questions,annotations}.json``; ``split: standard``
+  is VQA-CP's own train / test;
+* both: a region store converted once from LXMERT's obj36 TSV files
+  (``python -m vlcompress prepare vqa_v2 --tsv train2014_obj36.tsv val2014_obj36.tsv --out
+  <data_dir>/regions_obj36``), read through memory maps during training.
+
+``split: cp`` pools both parts and re-splits them with changing priors (shared by every
+benchmark, :func:`vlcompress.data.changing_priors_split`).
+
+Answers follow the standard codebases (bottom-up-attention-vqa's ``compute_softscore.py``,
+whose answer lists LXMERT and the VQA-CP debiasing code reuse): the vocabulary holds the
+normalised ``multiple_choice_answer`` s given to at least ``min_answer_count`` (9) questions,
+counted over both published parts (``answer_vocab_from: all``, which yields their 3,129 VQA v2
+answers) or over the training questions only (``train``); a question's target for an answer
+given by ``c`` of its annotators is 0 / .3 / .6 / .9 / 1 for ``c`` = 0..4+ (``soft_score: step``,
+theirs) or ``min(1, c / 3)`` (``linear``). Answers are normalised with the official VQA
+evaluation's rules (:func:`vlcompress.metrics.vqa_eval.normalize_answer`). Question types
+(the 65 VQA prefixes) and answer types come from the annotations; the question-type prior is
+computed on the training questions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlcompress.data import VLBatch, VQADataModule, VQADataOptions, WordVocab
+from vlcompress.data.answers import AnswerVocab
+from vlcompress.data.regions import RegionStore, convert_obj36
+from vlcompress.data.vqa_files import (
+    VQA_CP_V2_FILES,
+    VQA_V2_FILES,
+    VQAPart,
+    check_files,
+    expected_files,
+    load_vqa_part,
+)
+from vlcompress.metrics.vqa_eval import normalize_answer, soft_score
+from vlcompress.options import check_fields, choices, in_range
+from vlcompress.registry import register
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VQACPv2DataModule", "VQAv2DataModule", "VQAv2Options", "soft_targets"]
+
+REGIONS_DIR = "regions_obj36"
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+@dataclass(frozen=True)
+class VQAv2Options(VQADataOptions):
+    """Options of ``vqa_v2`` and ``vqa_cp_v2`` (beyond :class:`VQADataOptions`).
+
+    Attributes:
+        data_dir: folder of the question / annotation files (no default: set it).
+        regions_dir: the region store from ``python -m vlcompress prepare`` (default
+            ``<data_dir>/regions_obj36``).
+        text_encoding: ``words`` (a word vocabulary built on the training questions) or
+            ``wordpiece`` (a BERT tokenizer from the local folder ``tokenizer``; ``[CLS]`` and
+            ``[SEP]`` count towards ``max_question_len``).
+        tokenizer: local Hugging Face folder of the WordPiece tokenizer (nothing is downloaded).
+        min_answer_count: questions an answer must be the majority answer of to enter the
+            vocabulary (9 as bottom-up-attention-vqa; OpenVQA's "> 8" is the same).
+        answer_vocab_from: count answers over ``all`` published parts (the standard codebases)
+            or over the ``train`` questions only.
+        soft_score: ``step`` (0/.3/.6/.9/1, bottom-up-attention-vqa) or ``linear``
+            (``min(1, count / 3)``).
+        drop_missing_images: drop questions whose image has no region features (counted in the
+            data report) instead of stopping with an error.
+    """
+
+    regions_dir: str | None = None
+    text_encoding: str = field(default="words", metadata=choices("words", "wordpiece"))
+    tokenizer: str | None = None
+    min_answer_count: int = field(default=9, metadata=in_range(1))
+    answer_vocab_from: str = field(default="all", metadata=choices("all", "train"))
+    soft_score: str = field(default="step", metadata=choices("step", "linear"))
+    drop_missing_images: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.text_encoding == "wordpiece" and not self.tokenizer:
+            raise ValueError(
+                "text_encoding 'wordpiece' needs tokenizer: a local folder with a BERT "
+                "tokenizer (vocab.txt / tokenizer.json), e.g. the pretrained model's folder."
+            )
+
+
+def soft_targets(
+    annotator_answers: list[list[str]], index: dict[str, int], mode: str = "step"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse soft targets: for each question, the vocabulary answers its annotators gave.
+
+    Args:
+        annotator_answers: per question, the *normalised* annotator answers.
+        index: answer -> output index.
+        mode: ``step`` (0/.3/.6/.9/1 for 0..4+ annotators) or ``linear`` (``min(1, c / 3)``).
+
+    Returns:
+        ``labels`` ``(N, K)`` int64 (``-1`` pads) and ``scores`` ``(N, K)`` float32, K the most
+        distinct vocabulary answers of one question.
+
+    Raises:
+        ValueError: for an unknown ``mode``.
+    """
+    if mode not in ("step", "linear"):
+        raise ValueError(f"soft score mode must be 'step' or 'linear', got {mode!r}")
+    rows = []
+    for answers in annotator_answers:
+        counts = Counter(answers)
+        rows.append(
+            [
+                (index[a], soft_score(c) if mode == "step" else min(1.0, c / 3.0))
+                for a, c in counts.items()
+                if a in index
+            ]
+        )
+    k = max((len(r) for r in rows), default=0) or 1
+    labels = np.full((len(rows), k), -1, np.int64)
+    scores = np.zeros((len(rows), k), np.float32)
+    for i, r in enumerate(rows):
+        for j, (lab, s) in enumerate(r):
+            labels[i, j], scores[i, j] = lab, s
+    return labels, scores
+
+
+class _Split(Dataset):
+    """Question rows of one split; a batch is read at once (``__getitems__``)."""
+
+    def __init__(self, dm: _VQARegionsDataModule, rows: np.ndarray) -> None:
+        self.dm, self.rows = dm, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> VLBatch:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]) -> VLBatch:
+        dm = self.dm
+        r = self.rows[np.asarray(indices, dtype=np.int64)]
+        feats, boxes, mask = dm.regions.batch(dm._image_rows[r])
+        ids = dm._text_ids[torch.from_numpy(r)]
+        rl = r.tolist()
+        return VLBatch(
+            text_ids=ids,
+            text_mask=ids != 0,
+            visual=feats,
+            visual_mask=mask,
+            boxes=boxes,
+            targets=dm.targets(r),
+            question_id=torch.as_tensor(dm._question_ids[r]),
+            question_type=[dm._qtypes[i] for i in rl],
+            question_type_id=torch.as_tensor(dm._qtype_ids[r]),
+            answer_type=[dm._atypes[i] for i in rl],
+            answers=[dm._answers[i] for i in rl],
+        )
+
+
+def _identity(batch: VLBatch) -> VLBatch:
+    return batch
+
+
+class _VQARegionsDataModule(VQADataModule):
+    """What ``vqa_v2`` and ``vqa_cp_v2`` share: files, region store, answers, loaders."""
+
+    visual_input = "regions"
+    benchmark: ClassVar[str] = ""
+    files: ClassVar[dict[str, tuple[str, str]]] = {}
+    obtain: ClassVar[str] = ""
+
+    def __init__(
+        self, options: VQAv2Options | None = None, seed: int = 0, **overrides: Any
+    ) -> None:
+        if options is None:
+            options = VQAv2Options(**overrides)
+        elif overrides:
+            options = replace(options, **overrides)
+        super().__init__(options, seed)
+        self.text_encoding = options.text_encoding
+        self.batch_size = options.batch_size
+        self.eval_batch_size = options.eval_batch_size
+        self._ready = False
+
+    # ------------------------------------------------------------------ files
+    @property
+    def root(self) -> Path:
+        """The folder of the question and annotation files.
+
+        Raises:
+            FileNotFoundError: when ``data_dir`` is not set (it has no default).
+        """
+        if not self.options.data_dir:
+            raise FileNotFoundError(
+                f"{self.benchmark}: data_dir is not set; set data.options.data_dir to the folder "
+                f"holding {expected_files(self.files)}. {self.obtain}"
+            )
+        return Path(self.options.data_dir)
+
+    @property
+    def regions_path(self) -> Path:
+        """The region store folder in use."""
+        o = self.options
+        return Path(o.regions_dir) if o.regions_dir else self.root / REGIONS_DIR
+
+    @classmethod
+    def prepare_regions(
+        cls, tsv: list[str], out: str | Path, *, dtype: str = "float16", max_boxes: int = 36
+    ) -> Path:
+        """Convert obj36 TSV files into the region store this module reads (see
+        :func:`vlcompress.data.regions.convert_obj36`; ``python -m vlcompress prepare``)."""
+        return convert_obj36(tsv, out, dtype=dtype, max_boxes=max_boxes)
+
+    def _check_files(self) -> None:
+        check_files(self.root, expected_files(self.files), self.obtain)
+
+    def _load_parts(self) -> list[tuple[str, VQAPart]]:
+        """The benchmark's parts as ``("train" | "test", part)``."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Check that the JSON files and the region store exist (nothing is downloaded or
+        converted here: ``python -m vlcompress prepare`` converts the features once)."""
+        self._check_files()
+        RegionStore(self.regions_path)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str | None = None) -> None:
+        """Load questions and annotations, map images to store rows, build vocabularies,
+        targets and the split (idempotent).
+
+        Raises:
+            FileNotFoundError: for missing JSON files or region store.
+            ValueError: for questions whose image has no features (unless
+                ``drop_missing_images``), or malformed files.
+        """
+        if self._ready:
+            return
+        self._check_files()
+        self.regions = RegionStore(self.regions_path)
+        o = self.options
+        parts, data = [], VQAPart()
+        for name, part in self._load_parts():
+            parts += [name] * len(part)
+            for col in data.__dataclass_fields__:
+                getattr(data, col).extend(getattr(part, col))
+        images = data.image_names()
+        keep = self._keep_with_features(data, images)
+        if keep is not None:
+            parts = [parts[i] for i in keep]
+            images = [images[i] for i in keep]
+            for col in data.__dataclass_fields__:
+                setattr(data, col, [getattr(data, col)[i] for i in keep])
+        self._image_rows = self.regions.rows(images)
+        self._question_ids = np.asarray(data.question_id, dtype=np.int64)
+        self._answers = data.answers
+        self._qtypes, self._atypes = data.question_type, data.answer_type
+
+        cache: dict[str, str] = {}
+
+        def norm(a: str) -> str:
+            if a not in cache:
+                cache[a] = normalize_answer(a)
+            return cache[a]
+
+        majority = [norm(a) for a in data.multiple_choice_answer]
+        self.index = self.split_indices(parts, self._qtypes, majority)
+        train = self.index["train"]
+        counted = range(len(majority)) if o.answer_vocab_from == "all" else train
+        counts = Counter(majority[i] for i in counted)  # question ids are unique: one per question
+        kept = sorted(
+            (a for a, c in counts.items() if c >= o.min_answer_count), key=lambda a: (-counts[a], a)
+        )
+        if not kept:
+            raise ValueError(
+                f"no answer is the majority answer of >= {o.min_answer_count} questions; lower "
+                "data.options.min_answer_count (the standard is 9 on the full data)."
+            )
+        self.answer_vocab = AnswerVocab(kept)
+        normalised = [[norm(a) for a in answers] for answers in data.answers]
+        self._labels, self._scores = soft_targets(normalised, self.answer_vocab.index, o.soft_score)
+
+        self._text_ids = self._encode(data.question, train)
+        self.question_types = sorted(set(self._qtypes))
+        qt_index = {q: i for i, q in enumerate(self.question_types)}
+        self._qtype_ids = np.asarray([qt_index[q] for q in self._qtypes], dtype=np.int64)
+        self.answer_types = [*ANSWER_TYPES, *sorted(set(self._atypes) - set(ANSWER_TYPES))]
+        report = self.split_report_for(self._qtypes, majority, self.index)
+        in_vocab = np.asarray([a in self.answer_vocab.index for a in majority])
+        report.update(
+            benchmark=self.benchmark,
+            answers=len(self.answer_vocab),
+            min_answer_count=o.min_answer_count,
+            answer_vocab_from=o.answer_vocab_from,
+            soft_score=o.soft_score,
+            train_majority_answer_in_vocab=float(in_vocab[train].mean()) if len(train) else 0.0,
+            dropped_questions_missing_images=self._dropped,
+            region_store=str(self.regions_path),
+            region_features=f"{self.regions.max_boxes} x {self.regions.feature_dim} "
+            f"{self.regions.manifest['dtype']}",
+        )
+        self.split_report = report
+        log.info(
+            "%s %s split: %d train / %d val / %d test questions, %d answers (>= %d), %d "
+            "question types, %d questions dropped for missing features",
+            self.benchmark, o.split, len(train), len(self.index["val"]), len(self.index["test"]),
+            len(self.answer_vocab), o.min_answer_count, len(self.question_types), self._dropped,
+        )  # fmt: skip
+        self._ready = True
+
+    def _keep_with_features(self, data: VQAPart, images: list[str]) -> list[int] | None:
+        """Questions to keep (``None``: all); raises for missing features unless dropping."""
+        self._dropped = 0
+        missing = set(self.regions.missing(images))
+        if not missing:
+            return None
+        bad = [i for i, img in enumerate(images) if img in missing]
+        if self.options.drop_missing_images:
+            self._dropped = len(bad)
+            log.warning(
+                "%s: dropped %d question(s) whose %d image(s) have no region features in %s",
+                self.benchmark, len(bad), len(missing), self.regions_path,
+            )  # fmt: skip
+            return [i for i in range(len(images)) if images[i] not in missing]
+        i = bad[0]
+        raise ValueError(
+            f"{len(bad)} question(s) refer to {len(missing)} image(s) without region features "
+            f"in {str(self.regions_path)!r}; e.g. question {data.question_id[i]} "
+            f"({data.question[i]!r}) needs image {images[i]!r}. Convert the obj36 TSV holding "
+            f"these images into the store (`python -m vlcompress prepare {self.benchmark} --tsv "
+            f"<all the TSV files the questions need> --out {self.regions_path}`; a finished store "
+            "must be deleted first), or set data.options.drop_missing_images: true to drop them "
+            "(counted in the data report)."
+        )
+
+    def _encode(self, questions: list[str], train: np.ndarray) -> torch.Tensor:
+        """Question token ids ``(N, max_question_len)`` (0 pads)."""
+        o = self.options
+        if o.text_encoding == "words":
+            self.word_vocab = WordVocab.build(questions[i] for i in train)
+            return self.word_vocab.encode(questions, o.max_question_len)
+        from transformers import BertTokenizerFast
+
+        path = Path(o.tokenizer)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"tokenizer folder {str(path)!r} does not exist; set data.options.tokenizer to a "
+                "local folder holding a BERT WordPiece tokenizer (vocab.txt / tokenizer.json)."
+            )
+        self.tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        if self.tokenizer.pad_token_id != 0:
+            raise ValueError(
+                f"tokenizer {str(path)!r} pads with id {self.tokenizer.pad_token_id}; batches "
+                "mark padding with 0, so use a BERT tokenizer whose [PAD] is 0."
+            )
+        enc = self.tokenizer(
+            questions,
+            padding="max_length",
+            truncation=True,
+            max_length=o.max_question_len,
+            return_tensors="pt",
+        )
+        return enc["input_ids"].long()
+
+    # ------------------------------------------------------------------ targets and prior
+    def targets(self, rows: np.ndarray) -> torch.Tensor:
+        """Dense soft targets ``(len(rows), num_answers)`` of question ``rows``."""
+        labels = torch.from_numpy(self._labels[rows])
+        scores = torch.from_numpy(self._scores[rows])
+        out = torch.zeros(len(rows), len(self.answer_vocab) + 1)
+        out.scatter_(1, labels.where(labels >= 0, len(self.answer_vocab)), scores)
+        return out[:, :-1]
+
+    def question_type_prior(self) -> torch.Tensor:
+        """Per question type, the mean soft score of each answer over the training questions
+        (a type without training questions gets a zero row)."""
+        if not self._ready:
+            self.setup()
+        train = self.index["train"]
+        labels = torch.from_numpy(self._labels[train])
+        scores = torch.from_numpy(self._scores[train]).double()
+        types = torch.from_numpy(self._qtype_ids[train])
+        num_types, num_answers = len(self.question_types), len(self.answer_vocab)
+        sums = torch.zeros(num_types, num_answers + 1, dtype=torch.float64)
+        valid = labels >= 0
+        rows = types[:, None].expand_as(labels)[valid]
+        sums.index_put_((rows, labels[valid]), scores[valid], accumulate=True)
+        counts = torch.bincount(types, minlength=num_types).clamp(min=1).double()
+        return (sums[:, :num_answers] / counts[:, None]).float()
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, part: str, shuffle: bool) -> DataLoader:
+        if not self._ready:
+            self.setup()
+        bs = self.batch_size if part == "train" else self.eval_batch_size
+        rows = self.index[part]
+        return DataLoader(
+            _Split(self, rows),
+            batch_size=bs,
+            sampler=self.train_sampler(len(rows)) if shuffle else self.eval_sampler(len(rows)),
+            collate_fn=_identity,
+            num_workers=self.options.num_workers,
+            persistent_workers=self.options.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (carved from train)."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Test batches, for prediction."""
+        return self._loader("test", shuffle=False)
+
+
+@register("datamodule", "vqa_v2", options=VQAv2Options, context=("seed",))
+class VQAv2DataModule(_VQARegionsDataModule):
+    """VQA v2 with obj36 region features: train2014 to train (and validate), val2014 to test.
+
+    Args:
+        options: :class:`VQAv2Options` (``data_dir`` must be set).
+        seed: seed of every random choice (validation carve-out, ``cp`` re-split, shuffling).
+        **overrides: option fields given directly.
+
+    Raises:
+        ValueError: for bad options (see :class:`VQAv2Options`).
+        FileNotFoundError: at set-up, for an unset ``data_dir``, missing files or region store.
+
+    Example::
+
+        dm = VQAv2DataModule(data_dir="data/vqa_v2", batch_size=256)
+        dm.setup(); batch = next(iter(dm.train_dataloader()))  # batch.visual: (256, 36, 2048)
+    """
+
+    benchmark = "vqa_v2"
+    files = VQA_V2_FILES
+    obtain = (
+        "Download and unzip the VQA v2 questions and annotations (train and val 2014) from "
+        "https://visualqa.org/download.html into that folder."
+    )
+
+    def _load_parts(self) -> list[tuple[str, VQAPart]]:
+        out = []
+        for name, sub in (("train", "train2014"), ("test", "val2014")):
+            q, a = VQA_V2_FILES[sub]
+            out.append(
+                (name, load_vqa_part(self.root / q, self.root / a, flat=False, coco_split=sub))
+            )
+        return out
+
+
+@register("datamodule", "vqa_cp_v2", options=VQAv2Options, context=("seed",))
+class VQACPv2DataModule(_VQARegionsDataModule):
+    """VQA-CP v2 (changing priors) with obj36 region features: its own train / test parts.
+
+    Args:
+        options: :class:`VQAv2Options` (``data_dir`` must be set).
+        seed: seed of every random choice (validation carve-out, shuffling).
+        **overrides: option fields given directly.
+
+    Raises:
+        ValueError: for bad options (see :class:`VQAv2Options`).
+        FileNotFoundError: at set-up, for an unset ``data_dir``, missing files or region store.
+
+    Example::
+
+        dm = VQACPv2DataModule(data_dir="data/vqacp_v2", max_question_len=14)
+        dm.setup(); dm.question_type_prior().shape  # (65 question types, answers)
+    """
+
+    benchmark = "vqa_cp_v2"
+    files = VQA_CP_V2_FILES
+    obtain = (
+        "Download the VQA-CP v2 files (vqacp_v2_{train,test}_{questions,annotations}.json) "
+        "from https://www.cc.gatech.edu/grads/a/aagrawal307/vqa-cp/ into that folder."
+    )
+
+    def _load_parts(self) -> list[tuple[str, VQAPart]]:
+        return [
+            (part, load_vqa_part(self.root / q, self.root / a, flat=True))
+            for part, (q, a) in VQA_CP_V2_FILES.items()
+        ]
