@@ -11,7 +11,7 @@ WHAT ?=
 PYTEST_ARGS ?=
 SWEEP ?= runs/$(EXP)/sweep
 
-.PHONY: help venv train validate list test test-cluster lint format clean bench sweep report
+.PHONY: help venv train validate list test test-cluster lint format clean bench sweep report prepare
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ sweep: $(STAMP) ## run an experiment's sweep: section: make sweep EXP=<name> ARG
 
 report: $(STAMP) ## aggregate a sweep (mean ± std over seeds; CSV, Markdown, PNG): make report SWEEP=<folder>
 	$(PY) -m vlcompress report $(SWEEP) $(ARGS)
+
+prepare: $(STAMP) ## convert region features once: make prepare BENCH=vqa_cp_v2 TSV="train2014_obj36.tsv val2014_obj36.tsv" OUT=<data_dir>/regions_obj36
+	@test -n "$(BENCH)" -a -n "$(TSV)" -a -n "$(OUT)" || { echo 'make prepare: set BENCH=, TSV="..." and OUT='; exit 2; }
+	$(PY) -m vlcompress prepare $(BENCH) --tsv $(TSV) --out $(OUT) $(ARGS)
 
 lint: $(STAMP) ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,7 @@ atomic conversion, the prepare command."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -176,6 +177,21 @@ def test_resume_verifies_chunks_and_redoes_a_damaged_one(tmp_path):
     seen = []
     convert_obj36([path], out, chunk_rows=1, progress=False, after_chunk=seen.append)
     assert seen == [3, 4, 5]  # chunks 3 and 4 were converted again, chunks 1 and 2 kept
+    _same(_arrays(straight), _arrays(out))
+
+
+def test_killed_during_the_first_chunk_starts_afresh(tmp_path):
+    path = tmp_path / "a.tsv"
+    write_obj36_tsv(path, IMAGES, dim=DIM)
+    straight = convert_obj36([path], tmp_path / "straight", chunk_rows=2, progress=False)
+    out = tmp_path / "cut"
+    with pytest.raises(Stop):
+        convert_obj36([path], out, chunk_rows=2, progress=False, after_chunk=_stop_at(2))
+    progress = tmp_path / "cut.partial" / "progress.json"  # data written, chunk not recorded
+    progress.write_text(
+        json.dumps(json.loads(progress.read_text()) | {"chunks": [], "feature_dim": None})
+    )
+    convert_obj36([path], out, chunk_rows=2, progress=False)
     _same(_arrays(straight), _arrays(out))
 
 

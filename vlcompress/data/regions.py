@@ -569,28 +569,25 @@ def convert_obj36(
     partial = out.with_name(out.name + ".partial")
     store = _PartialStore(partial, settings)
     image_ids: list[str] = []
-    if (partial / PROGRESS).is_file():
-        old = json.loads((partial / PROGRESS).read_text())
-        diff = _same_inputs(old, settings)
-        if diff:
-            raise ValueError(
-                f"{str(partial)!r} holds an unfinished conversion of other inputs ({'; '.join(diff)}). "
-                "Rerun with the same --tsv/--dtype/--max-boxes to continue it, or delete that "
-                "folder to start over."
-            )
+    old = json.loads((partial / PROGRESS).read_text()) if (partial / PROGRESS).is_file() else None
+    diff = _same_inputs(old, settings) if old is not None else []
+    if diff:
+        raise ValueError(
+            f"{str(partial)!r} holds an unfinished conversion of other inputs "
+            f"({'; '.join(diff)}). Rerun with the same --tsv/--dtype/--max-boxes to continue it, "
+            "or delete that folder to start over."
+        )
+    if old is not None and old.get("feature_dim") and old["chunks"]:
         store.chunks = old["chunks"]
-        if old.get("feature_dim"):
-            store.set_dim(int(old["feature_dim"]))
-            dropped, image_ids = store.verify()
-            if dropped:
-                log.warning(
-                    "%d unverifiable chunk(s) of %s dropped; converting them again",
-                    dropped,
-                    partial,
-                )
+        store.set_dim(int(old["feature_dim"]))
+        dropped, image_ids = store.verify()
+        if dropped:
+            log.warning(
+                "%d unverifiable chunk(s) of %s dropped; converting again", dropped, partial
+            )
         log.info("resuming the conversion into %s at image %d", partial, store.rows)
-    else:
-        shutil.rmtree(partial, ignore_errors=True)  # killed before its first chunk
+    else:  # nothing committed yet (or killed during the first chunk): start afresh
+        shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         store.save_progress()
     seen = {name: None for name in image_ids}
