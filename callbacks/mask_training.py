@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vlcompress.callbacks.pruning_base import PruningCallback
+from vlcompress.callbacks.pruning_base import PruningCallback, pack_mask, unpack_mask
 from vlcompress.compress.pruning import ForwardMasks, keep_count, threshold_mask
 from vlcompress.compress.pruning.ranking import exact_keep_mask
 from vlcompress.registry import register
@@ -92,6 +92,10 @@ class MaskTraining(PruningCallback):
         self._opt: torch.optim.Optimizer | None = None
         self._opt_state: dict[str, Any] | None = None
         self._forward: ForwardMasks | None = None
+        self._train_taus: tuple[dict, dict] | None = None
+        self._val_taus: tuple[dict, dict] | None = None
+        self.ties: dict[str, torch.Tensor | None] = {}
+        self.final: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -123,7 +127,15 @@ class MaskTraining(PruningCallback):
         return out
 
     def _mask(self, name: str) -> torch.Tensor:
-        return threshold_mask(self.scores[name], self.taus[name])
+        scores, tau = self.scores[name], self.taus[name]
+        tie = self.ties.get(name)
+        if tie is None:
+            return threshold_mask(scores, tau)
+        # scores equal to the threshold: keep those the exact ranking kept (ties by position)
+        keep = (scores.detach() > tau) | (tie & (scores.detach() == tau))
+        return threshold_mask(scores, tau) + (
+            keep.to(scores.dtype) - (scores > tau).to(scores.dtype)
+        )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Create (or move) the scores, their optimiser, and the forward masks."""
@@ -131,9 +143,14 @@ class MaskTraining(PruningCallback):
         if not self.scores:
             self.scores = self._initial_scores()
             self.taus = {n: self.tau for n in self.scores}
+        if self._train_taus is not None:  # fit again after an earlier fit's final thresholds
+            (self.taus, self.ties), self._train_taus = self._train_taus, None
         self.scores = {
             n: s.detach().to(params[n].device, torch.float32).requires_grad_(True)
             for n, s in self.scores.items()
+        }
+        self.ties = {
+            n: (m.to(params[n].device) if m is not None else None) for n, m in self.ties.items()
         }
         self._opt = torch.optim.Adam(list(self.scores.values()), lr=self.score_lr)
         if self._opt_state is not None:
@@ -145,7 +162,7 @@ class MaskTraining(PruningCallback):
         self.log_report("at the start of mask training")
 
     def _refresh_masks(self) -> None:
-        self.masks = {n: (s.detach() > self.taus[n]) for n, s in self.scores.items()}
+        self.masks = {n: self._mask(n).detach() > 0.5 for n in self.scores}
         self.reached = {t.name: t.sparsity for t in self.targets}
 
     # ------------------------------------------------------------------ training
@@ -179,23 +196,54 @@ class MaskTraining(PruningCallback):
                 self._reset_thresholds(step)
 
     @torch.no_grad()
-    def _reset_thresholds(self, step: int) -> None:
+    def _exact_taus(self) -> tuple[dict[str, float], dict[str, torch.Tensor | None]]:
+        """Per matrix, the threshold under which exactly its target share of scores lies, and
+        which scores equal to it stay (float32 scores tie in large matrices)."""
+        taus: dict[str, float] = {}
+        ties: dict[str, torch.Tensor | None] = {}
         for t in self.targets:
-            s = self.scores[t.name].detach().reshape(-1)
-            pruned = s.numel() - keep_count(s.numel(), t.sparsity)
-            if pruned > 0:
-                self.taus[t.name] = float(torch.kthvalue(s.float().cpu(), pruned).values)
-            else:
-                self.taus[t.name] = float(s.min()) - 1.0
+            s = self.scores[t.name].detach()
+            keep = keep_count(s.numel(), t.sparsity)
+            if keep == s.numel():
+                taus[t.name], ties[t.name] = float(s.min()) - 1.0, None
+                continue
+            exact = exact_keep_mask(s, keep)
+            tau = float(torch.kthvalue(s.reshape(-1).float().cpu(), s.numel() - keep).values)
+            taus[t.name] = tau
+            tied = exact & (s == tau)
+            ties[t.name] = tied if bool(tied.any()) else None
+        return taus, ties
+
+    def _reset_thresholds(self, step: int) -> None:
+        self.taus, self.ties = self._exact_taus()
         self.resets.append(step)
         self._refresh_masks()
         rep = self.sparsity_report()["overall"]
         self.events.append({"step": step, "sparsity": rep["actual"]})
 
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """Validate at exactly the target sparsity (between resets the masks drift); the
+        training thresholds come back afterwards, so validation never changes training."""
+        if self._forward is not None and self.scores and self._val_taus is None:
+            self._val_taus = (dict(self.taus), dict(self.ties))
+            self.taus, self.ties = self._exact_taus()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Restore the training thresholds."""
+        if self._val_taus is not None:
+            (self.taus, self.ties), self._val_taus = self._val_taus, None
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Report, and make the masks permanent if asked."""
-        if self.scores:
+        """Reset the thresholds a last time (every matrix at exactly its target), report, and
+        make the masks permanent if asked."""
+        if self.scores and self._forward is not None:
             self._refresh_masks()
+            drift = self.sparsity_report()["overall"]["actual"]
+            if self._train_taus is None:  # what a resumed run continues from
+                self._train_taus = (dict(self.taus), dict(self.ties))
+            self.taus, self.ties = self._exact_taus()
+            self._refresh_masks()
+            self.final = {"step": int(trainer.global_step), "sparsity_before_final_reset": drift}
         self.log_report("at the end of mask training")
         if self.permanent:
             self.make_permanent()
@@ -211,14 +259,29 @@ class MaskTraining(PruningCallback):
         if self.is_global_zero:
             log.info("%s: masks baked into the weights", self.state_key)
 
+    def report(self) -> dict[str, Any]:
+        """The sparsity report, the resets, and the drift before the final thresholds."""
+        out = super().report()
+        if out and self.final:
+            out["final"] = dict(self.final)
+        return out
+
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """Scores, thresholds, resets, the score optimiser, and the current masks."""
         if self.scores:
             self._refresh_masks()
         out = self.mask_state()
+        # the masks handed to a later stage (masks_from) hold exactly the targets
+        out["masks"] = {
+            t.name: pack_mask(exact_keep_mask(self.scores[t.name], keep_count(t.numel, t.sparsity)))
+            for t in self.targets
+            if t.name in self.scores
+        }
         out["scores"] = {n: s.detach().cpu().clone() for n, s in self.scores.items()}
-        out["taus"] = dict(self.taus)
+        taus, ties = self._val_taus or self._train_taus or (self.taus, self.ties)
+        out["taus"] = dict(taus)  # the training thresholds, never the evaluation ones
+        out["ties"] = {n: pack_mask(m) for n, m in ties.items() if m is not None}
         out["resets"] = list(self.resets)
         out["optimizer"] = self._opt.state_dict() if self._opt is not None else self._opt_state
         return out
@@ -228,6 +291,7 @@ class MaskTraining(PruningCallback):
         self.load_mask_state(state)
         self.scores = {n: s.clone() for n, s in (state.get("scores") or {}).items()}
         self.taus = {n: float(v) for n, v in (state.get("taus") or {}).items()}
+        self.ties = {n: unpack_mask(m) for n, m in (state.get("ties") or {}).items()}
         self.resets = [int(s) for s in state.get("resets") or []]
         self._opt_state = state.get("optimizer")
         self._opt = None

@@ -79,6 +79,9 @@ def test_make_permanent_bakes_the_masks_and_a_later_stage_keeps_them(tmp_path):
         tmp_path / "a", MaskTraining(0.5, **{**KW, "make_permanent": True}), 1, save=ckpt
     )
     assert cb._forward is None  # hooks removed: the plain model is the sparse one
+    final = cb.report()["sparsity"]["overall"]  # a last reset: exactly the target at the end
+    assert final["actual"] == pytest.approx(final["target"]) == pytest.approx(0.5, abs=1e-3)
+    assert cb.report()["final"]["sparsity_before_final_reset"] < 0.5  # drift since the reset
     x = torch.randint(0, 50, (2, 8))
     for t in cb.targets:
         w = dict(model.model.named_parameters())[t.name]
