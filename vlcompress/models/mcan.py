@@ -376,20 +376,27 @@ class MCAN(nn.Module):
 
     def anatomy(self) -> Anatomy:
         """MCAN's structure: the encoder (language self-attention), the decoder (cross: vision
-        self-attention, then vision queries guided by language keys), inputs and task head."""
+        self-attention, then vision queries guided by language keys), inputs and task head.
+
+        Head counts and FFN sizes are read from the modules (the config's outside a bypassed
+        layer), so the anatomy stays right after heads or units are removed for good."""
         c = self.config
         an = Anatomy()
         lang, vis, cross = Modality.LANGUAGE, Modality.VISION, Modality.CROSS
+        modules = dict(self.named_modules())
 
         def attn(path: str, modality: Modality, kind: str, query: Modality, key: Modality) -> str:
+            heads = getattr(modules.get(path), "num_heads", c.num_heads)
             an.attentions.append(
-                AttentionSpec(path, c.num_heads, c.head_dim, f"{path}.q", f"{path}.k", f"{path}.v",
+                AttentionSpec(path, heads, c.head_dim, f"{path}.q", f"{path}.k", f"{path}.v",
                               f"{path}.out", modality, kind, query_side=query, key_side=key)
             )  # fmt: skip
             return path
 
         def ffn(path: str, modality: Modality, side: Modality) -> str:
-            an.ffns.append(FFNSpec(path, f"{path}.up", f"{path}.down", c.ffn_size, modality, side))
+            up = modules.get(f"{path}.up")
+            inner = up.out_features if isinstance(up, nn.Linear) else c.ffn_size
+            an.ffns.append(FFNSpec(path, f"{path}.up", f"{path}.down", inner, modality, side))
             return path
 
         for i in range(c.num_layers):  # SALayer.forward(x, x_mask) -> x
