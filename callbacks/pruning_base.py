@@ -103,6 +103,7 @@ class PruningCallback(CompressionCallback):
             self.targets = collect_targets(
                 self.model, self.anatomy, self.sparsity, self.include, self.exclude
             )
+            self._overall_rate(getattr(self.model, "overall_rate_weights", ()))
             n = sum(t.numel for t in self.targets)
             if self.is_global_zero:
                 log.info(
@@ -112,6 +113,18 @@ class PruningCallback(CompressionCallback):
                     f"{n:,}",
                     self.sparsity,
                 )
+
+    def _overall_rate(self, names: Sequence[str]) -> None:
+        """Weights a model names in ``overall_rate_weights`` (LXMERT's pooler, as seed 000)
+        are pruned at the overall rate of the other weights, not their modality's."""
+        special = [t for t in self.targets if t.name in set(names)]
+        if not special or len({t.sparsity for t in self.targets}) == 1:
+            return
+        rest = [t for t in self.targets if t.name not in set(names)]
+        total = sum(t.numel for t in rest)
+        overall = sum(t.numel * t.sparsity for t in rest) / total
+        for t in special:
+            t.sparsity = overall
 
     @property
     def params(self) -> dict[str, nn.Parameter]:
