@@ -266,7 +266,26 @@ class MagnitudePruning(PruningCallback):
         if self.masks and self.targets:
             zero_masked(self.params, self.masks)
 
-    def make_permanent(self) -> None:
-        """The pruned weights are already zero in the model's tensors (nothing to remove)."""
+    def make_permanent(self, semi_structured: bool = False) -> list[str]:
+        """Write the masks into the weights (they already are: pruned weights are zero).
+
+        Args:
+            semi_structured: for 2:4 masks on a CUDA model, also swap the ``nn.Linear`` weights
+                for ``torch.sparse`` semi-structured tensors (faster inference on sparse tensor
+                cores; see :func:`~vlcompress.compress.pruning.apply.to_semi_structured`).
+
+        Returns:
+            The weights converted to semi-structured tensors (empty otherwise).
+        """
         if self.masks:
             zero_masked(self.params, self.masks)
+        if not semi_structured:
+            return []
+        if self.granularity != "n:m" or (self.n, self.m) != (2, 4):
+            raise ValueError(
+                f"{self.state_key}: semi-structured tensors need 2:4 masks; this callback prunes "
+                f"{self.granularity}" + (f" {self.n}:{self.m}" if self.granularity == "n:m" else "")
+            )
+        from vlcompress.compress.pruning.apply import to_semi_structured
+
+        return to_semi_structured(self.model, list(self.masks))

@@ -117,3 +117,13 @@ def test_bad_arguments_are_named():
         MagnitudePruning(start_step=2, rewind_step=5)
     with pytest.raises(TypeError, match="include"):
         MagnitudePruning(include="encoder")
+
+
+def test_semi_structured_needs_2_4_masks_and_a_gpu(tmp_path):
+    model, cb = _fit(tmp_path, MagnitudePruning(granularity="n:m", exclude=["embeddings"]), 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="only on CUDA"):
+            cb.make_permanent(semi_structured=True)
+    _, unstructured = _fit(tmp_path, MagnitudePruning(0.5, seed=0), 1)
+    with pytest.raises(ValueError, match="need 2:4 masks"):
+        unstructured.make_permanent(semi_structured=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ForwardMasks", "threshold_mask", "zero_masked"]
+__all__ = ["ForwardMasks", "threshold_mask", "to_semi_structured", "zero_masked"]
 
 
 @torch.no_grad()
@@ -113,3 +113,37 @@ class ForwardMasks:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def to_semi_structured(model: nn.Module, names: list[str]) -> list[str]:
+    """Swap 2:4-pruned ``nn.Linear`` weights for ``torch.sparse`` semi-structured tensors (GPU
+    sparse tensor cores; inference only).
+
+    Args:
+        model: the model, on a CUDA device, in fp16 / bf16.
+        names: weight names already pruned 2:4 (e.g. by ``MagnitudePruning(granularity="n:m")``).
+
+    Returns:
+        The names converted (weights of other module types are left dense).
+
+    Raises:
+        RuntimeError: the weights are not on a CUDA device (the kernels exist only there).
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    done = []
+    for name in names:
+        owner, attr = _split(name)
+        module = model.get_submodule(owner)
+        if not isinstance(module, nn.Linear) or attr != "weight":
+            continue
+        w = module.weight
+        if w.device.type != "cuda":
+            raise RuntimeError(
+                f"2:4 semi-structured sparsity runs only on CUDA; {name} is on {w.device}. Move "
+                "the model to a GPU (model.cuda().half()) before converting, or keep the masked "
+                "dense weights on the CPU"
+            )
+        module.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
+        done.append(name)
+    return done
