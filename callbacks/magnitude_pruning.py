@@ -28,25 +28,27 @@ GRANULARITIES = ("unstructured", "n:m")
 RANKINGS = ("per_matrix", "global")
 
 
-def masks_in_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The masks a pruning callback stored in a checkpoint (or a run folder's ``last.ckpt``).
+def masks_in_checkpoint(source: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The masks a pruning callback stored in a checkpoint.
 
     Args:
-        path: a ``.ckpt`` file or a vlcompress run folder.
+        source: a ``.ckpt`` file, a vlcompress run folder (the checkpoint ``init_from`` would
+            take: the reported best one, else ``last.ckpt``), or a loaded checkpoint dict.
 
     Raises:
         FileNotFoundError: no such checkpoint.
         ValueError: the checkpoint holds no pruning masks, or masks of several callbacks.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"masks_from: no checkpoint at {p}; give a .ckpt file or a run folder holding "
-            "checkpoints/last.ckpt"
-        )
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(source, Mapping):
+        ckpt, where = source, "the init_from checkpoint"
+    else:
+        from vlcompress.utils.init_from import resolve_init_path
+
+        try:
+            p = resolve_init_path(source)
+        except Exception as e:  # a ConfigError naming the expected files
+            raise FileNotFoundError(f"masks_from: no checkpoint at {source}: {e}") from e
+        ckpt, where = torch.load(p, map_location="cpu", weights_only=True), str(p)
     found = {
         key: entry["state"]["masks"]
         for key, entry in (ckpt.get("callbacks") or {}).items()
@@ -55,12 +57,12 @@ def masks_in_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     }  # fmt: skip
     if not found:
         raise ValueError(
-            f"masks_from: {p} holds no pruning masks (no MagnitudePruning / MaskTraining state "
-            "in its callbacks); give the checkpoint of a pruning run"
+            f"masks_from: {where} holds no pruning masks (no MagnitudePruning / MaskTraining "
+            "state in its callbacks); give the checkpoint of a pruning run"
         )
     if len(found) > 1:
         raise ValueError(
-            f"masks_from: {p} holds masks of several callbacks {sorted(found)}; give a "
+            f"masks_from: {where} holds masks of several callbacks {sorted(found)}; give a "
             "checkpoint with one pruning callback"
         )
     (masks,) = found.values()
@@ -96,7 +98,8 @@ class MagnitudePruning(PruningCallback):
             the last pruning event, the surviving weights are set back to them.
         masks_from: a checkpoint (or run folder) of an earlier pruning run whose masks are
             applied at the start and kept fixed (stage 3 of seed 000: fine-tune the
-            subnetwork); the schedule is then not used.
+            subnetwork); the schedule is then not used. ``"init"``: the checkpoint the run
+            started from (``init_from``, kept as ``pl_module.init_checkpoint``).
         include, exclude: regular expressions on parameter names (which weights may be pruned;
             default: the anatomy's prunable weights).
         seed, model_attr, patterns, name: see :class:`CompressionCallback`.
@@ -204,7 +207,15 @@ class MagnitudePruning(PruningCallback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Apply the fixed masks of ``masks_from`` (once; a resumed run has them already)."""
         if self.masks_from is not None and not self.masks:
-            masks = masks_in_checkpoint(self.masks_from)
+            source: Any = self.masks_from
+            if source == "init":
+                source = getattr(pl_module, "init_checkpoint", None)
+                if source is None:
+                    raise ValueError(
+                        f"{self.state_key}: masks_from='init' needs a run started with "
+                        "init_from=<the pruning run>; this run has no init_from checkpoint"
+                    )
+            masks = masks_in_checkpoint(source)
             params = self.params
             missing = sorted(set(params) - set(masks))
             if missing:
