@@ -339,10 +339,13 @@ class EasyVQADataModule(VQADataModule):
                     f"the WordPiece tokenizer pads with id {self.tokenizer.pad_token_id}; "
                     "batches mark padding by id 0: use a BERT-style uncased tokenizer."
                 )
-            self._text_ids = self.tokenizer(
-                questions, padding="max_length", truncation=True,
+            unique = sorted(set(questions))  # the questions repeat: encode each once
+            row = {q: i for i, q in enumerate(unique)}
+            encoded = self.tokenizer(
+                unique, padding="max_length", truncation=True,
                 max_length=self.options.max_question_len, return_tensors="pt",
             )["input_ids"]  # fmt: skip
+            self._text_ids = encoded[torch.tensor([row[q] for q in questions])]
         self.question_types = sorted(set(self._qtypes))
         qt_index = {q: i for i, q in enumerate(self.question_types)}
         self._qtype_ids = torch.tensor([qt_index[q] for q in self._qtypes], dtype=torch.long)
