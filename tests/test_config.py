@@ -135,3 +135,11 @@ def test_cli_lists_registered_components(capsys):
     assert main(["list", "loss"]) == 0
     out = capsys.readouterr().out
     assert "ce" in out and "mcan_small" not in out
+
+
+def test_overrides_reach_list_items():
+    over = ["callbacks.0.name=finite_loss_guard", "trainer.max_epochs=2"]
+    _, cfg = load_experiment("default", over)
+    assert cfg.callbacks[0].name == "finite_loss_guard" and cfg.trainer.max_epochs == 2
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_experiment("default", ["callbacks.5.name=x"])

@@ -106,11 +106,13 @@ def load_experiment(
         raise ConfigError(
             [f"override {o!r} is not of the form key=value" for o in bad], "command line"
         )
-    if overrides:
+    for o in overrides or []:  # one by one: "callbacks.1.options.sparsity=0.9" reaches a list item
+        key, _, text = o.partition("=")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            value = OmegaConf.from_dotlist([f"v={text}"])["v"]
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         except Exception as e:  # e.g. overriding a list item with a mapping
-            raise ConfigError([f"cannot apply the overrides: {e}"], "command line") from e
+            raise ConfigError([f"cannot apply the override {o!r}: {e}"], "command line") from e
     if "name" not in cfg:
         cfg.name = (
             str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root) else path.stem
