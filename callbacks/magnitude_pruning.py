@@ -259,7 +259,7 @@ class MagnitudePruning(PruningCallback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log the final sparsity report."""
-        self.log_report("at the end of training")
+        self.log_report("at the end of training", layers=True)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:

@@ -244,7 +244,7 @@ class MaskTraining(PruningCallback):
             self.taus, self.ties = self._exact_taus()
             self._refresh_masks()
             self.final = {"step": int(trainer.global_step), "sparsity_before_final_reset": drift}
-        self.log_report("at the end of mask training")
+        self.log_report("at the end of mask training", layers=True)
         if self.permanent:
             self.make_permanent()
 

@@ -182,8 +182,8 @@ class PruningCallback(CompressionCallback):
         """Target and actual sparsity per matrix, layer, modality and overall."""
         return sparsity_report(self.targets, self.masks, self.reached or None)
 
-    def log_report(self, when: str) -> None:
-        """Log the per-modality summary (rank 0)."""
+    def log_report(self, when: str, layers: bool = False) -> None:
+        """Log the per-modality summary (rank 0); with ``layers``, one line per layer too."""
         if not self.is_global_zero or not self.targets:
             return
         rep = self.sparsity_report()
@@ -200,6 +200,16 @@ class PruningCallback(CompressionCallback):
             o["target"],
             ", ".join(parts),
         )
+        if layers:
+            for name, e in rep["layers"].items():
+                log.info(
+                    "%s   %-40s %12s weights  sparsity %.4f (target %.4f)",
+                    self.state_key,
+                    name,
+                    f"{e['numel']:,}",
+                    e["actual"],
+                    e["target"],
+                )
 
     def report(self) -> dict[str, Any]:
         """``results.json`` section: the sparsity report and the pruning events."""
