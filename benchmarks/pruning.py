@@ -1,4 +1,4 @@
-"""Pruning benchmarks: what structured removal and 2:4 sparsity buy at inference.
+"""Pruning benchmarks: what structured removal and 2:4 sparsity buy, what mask training costs.
 
     python benchmarks/pruning.py                 # every section, full sizes
     python benchmarks/pruning.py --quick         # smoke run: small models, few repeats
@@ -15,6 +15,9 @@ Sections (each an independent function printing one table; add one to :data:`SEC
   same batch; the issue's target is a speed-up of at least 1.6x. The FLOP ratio (torch's
   ``FlopCounterMode``) is the noise-free upper bound of the speed-up; a column checks that the
   reduced model computes what the masked dense model computes.
+* ``mask_step`` — one training step of mask training (``MaskTraining`` at 50%: weights frozen,
+  scores through the straight-through threshold, the scores' own Adam) against one dense
+  fine-tuning step (AdamW on every weight), same model and batch; target at most 1.3x.
 * ``semi_structured`` — with a CUDA GPU (compute capability 8.0 or newer): a stack of
   ``nn.Linear`` layers with 2:4 magnitude-masked weights, dense fp16 / bf16 against
   ``torch.sparse.to_sparse_semi_structured``; prints "skipped: no CUDA" otherwise.
@@ -210,6 +213,62 @@ def latency_section(args: argparse.Namespace, console: Console) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------------- mask-training step
+class _Holder(nn.Module):
+    """What a LightningModule looks like to a callback: the model under ``.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def mask_step_section(args: argparse.Namespace, console: Console) -> None:
+    """A mask-training step (MaskTraining: frozen weights, scores through the straight-through
+    threshold, the scores' Adam) against a dense fine-tuning step (every weight trained by
+    AdamW), same model and batch; the issue's target is at most 1.3x."""
+    from vlcompress.callbacks import MaskTraining
+
+    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
+    table = Table(
+        title=(
+            f"training step: mask training at 50% sparsity vs dense fine-tuning (torch threads "
+            f"{torch.get_num_threads()}, median of {repeats} alternating steps after {warmup} warm-up)"
+        )
+    )
+    for col in ("model", "batch", "masked weights", "dense step ms", "mask step ms", "ratio"):
+        table.add_column(col, justify="left" if col in ("model", "batch") else "right")
+    for build in (_bert_case, _mcan_case):
+        case = build(args.quick)
+        dense = case.model.train()
+        masked = copy.deepcopy(dense)
+        opt = torch.optim.AdamW(dense.parameters(), lr=1e-5)
+        holder = _Holder(masked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cb = MaskTraining(0.5, seed=0)
+            cb.setup(None, holder, "fit")
+            cb.on_fit_start(None, holder)
+
+        def dense_step(
+            m: nn.Module = dense, o: torch.optim.Optimizer = opt, c: Case = case
+        ) -> None:
+            o.zero_grad(set_to_none=True)
+            c.call(m).float().pow(2).mean().backward()
+            o.step()
+
+        def mask_step(
+            m: nn.Module = masked, c: Case = case, cb: Any = cb, h: nn.Module = holder
+        ) -> None:
+            c.call(m).float().pow(2).mean().backward()
+            cb.on_before_optimizer_step(None, h, None)  # the scores' Adam step
+
+        dense_s, mask_s = paired_median_seconds(dense_step, mask_step, warmup, repeats)
+        n = sum(t.numel for t in cb.targets)
+        table.add_row(case.name, case.shape, f"{n / 1e6:.1f}M", f"{dense_s * 1e3:.0f}",
+                      f"{mask_s * 1e3:.0f}", f"{mask_s / dense_s:.2f}x")  # fmt: skip
+    console.print(table)
+
+
 # ---------------------------------------------------------------------- 2:4 (GPU)
 def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
     """Keep the 2 largest-magnitude weights of every 4 consecutive ones in each row."""
@@ -263,6 +322,7 @@ def semi_structured_section(args: argparse.Namespace, console: Console) -> None:
 # ---------------------------------------------------------------------- entry point
 SECTIONS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
     "latency": latency_section,
+    "mask_step": mask_step_section,
     "semi_structured": semi_structured_section,
 }
 """Name -> section; each prints one table (or one line saying why it was skipped)."""

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from vlcompress.callbacks.pruning_base import PruningCallback, pack_mask, unpack_mask
-from vlcompress.compress.pruning import ForwardMasks, keep_count, threshold_mask
+from vlcompress.compress.pruning import ForwardMasks, keep_count
+from vlcompress.compress.pruning.apply import masked_weight
 from vlcompress.compress.pruning.ranking import exact_keep_mask
 from vlcompress.registry import register
 
@@ -127,15 +128,16 @@ class MaskTraining(PruningCallback):
         return out
 
     def _mask(self, name: str) -> torch.Tensor:
-        scores, tau = self.scores[name], self.taus[name]
+        """The current binary mask of ``name`` (no gradient)."""
+        scores, tau = self.scores[name].detach(), self.taus[name]
+        keep = scores > tau
         tie = self.ties.get(name)
-        if tie is None:
-            return threshold_mask(scores, tau)
-        # scores equal to the threshold: keep those the exact ranking kept (ties by position)
-        keep = (scores.detach() > tau) | (tie & (scores.detach() == tau))
-        return threshold_mask(scores, tau) + (
-            keep.to(scores.dtype) - (scores > tau).to(scores.dtype)
-        )
+        if tie is not None:
+            keep |= tie & (scores == tau)
+        return keep
+
+    def _effective(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return masked_weight(weight, self.scores[name], self.taus[name], self.ties.get(name))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Create (or move) the scores, their optimiser, and the forward masks."""
@@ -157,12 +159,12 @@ class MaskTraining(PruningCallback):
             self._opt.load_state_dict(self._opt_state)
             self._opt_state = None
         if self._forward is None:
-            self._forward = ForwardMasks(self.model, list(self.scores), self._mask)
+            self._forward = ForwardMasks(self.model, list(self.scores), effective=self._effective)
         self._refresh_masks()
         self.log_report("at the start of mask training")
 
     def _refresh_masks(self) -> None:
-        self.masks = {n: self._mask(n).detach() > 0.5 for n in self.scores}
+        self.masks = {n: self._mask(n) for n in self.scores}
         self.reached = {t.name: t.sparsity for t in self.targets}
 
     # ------------------------------------------------------------------ training

@@ -13,6 +13,7 @@ from vlcompress.compress.pruning import (
     exact_keep_mask,
     group_masks,
     keep_count,
+    masked_weight,
     nm_mask,
     parse_sparsity,
     threshold_mask,
@@ -129,4 +130,23 @@ def test_forward_masks_use_masked_weights_and_pass_gradients_to_scores():
     fm.bake()
     fm.remove()
     assert torch.allclose(model(x)[0], out)
-    assert torch.equal(model[0].weight == 0, (scores["0.weight"] <= 0.5) | (before["0.weight"] == 0))
+    assert torch.equal(
+        model[0].weight == 0, (scores["0.weight"] <= 0.5) | (before["0.weight"] == 0)
+    )
+
+
+def test_masked_weight_matches_mask_times_weight_with_straight_through_gradients():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 6, generator=g, requires_grad=True)
+    s = torch.rand(5, 6, generator=g, requires_grad=True)
+    tie = torch.zeros(5, 6, dtype=torch.bool)
+    with torch.no_grad():
+        s[0, 0] = 0.5  # a score exactly at the threshold, kept by the tie mask
+    tie[0, 0] = True
+    out = masked_weight(w, s, 0.5, tie)
+    up = torch.randn(5, 6, generator=g)
+    (out * up).sum().backward()
+    keep = (s.detach() > 0.5) | tie
+    assert torch.equal(out.detach(), w.detach() * keep)
+    assert torch.allclose(w.grad, up * keep)
+    assert torch.allclose(s.grad, up * w.detach())  # straight through the threshold

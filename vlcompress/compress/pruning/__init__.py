@@ -4,7 +4,12 @@ The Lightning callbacks ``MagnitudePruning`` and ``MaskTraining`` (:mod:`vlcompr
 orchestrate these pieces; other code may use them directly.
 """
 
-from vlcompress.compress.pruning.apply import ForwardMasks, threshold_mask, zero_masked
+from vlcompress.compress.pruning.apply import (
+    ForwardMasks,
+    masked_weight,
+    threshold_mask,
+    zero_masked,
+)
 from vlcompress.compress.pruning.ranking import exact_keep_mask, group_masks, keep_count, nm_mask
 from vlcompress.compress.pruning.schedule import SCHEDULES, PruningSchedule
 from vlcompress.compress.pruning.sparsity import overall_sparsity, parse_sparsity, target_for
@@ -19,6 +24,7 @@ __all__ = [
     "exact_keep_mask",
     "group_masks",
     "keep_count",
+    "masked_weight",
     "nm_mask",
     "overall_sparsity",
     "parse_sparsity",

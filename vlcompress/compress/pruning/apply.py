@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ForwardMasks", "threshold_mask", "to_semi_structured", "zero_masked"]
+__all__ = [
+    "ForwardMasks",
+    "masked_weight",
+    "threshold_mask",
+    "to_semi_structured",
+    "zero_masked",
+]
 
 
 @torch.no_grad()
@@ -41,6 +47,41 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _MaskedWeight(torch.autograd.Function):
+    """``weight * 1[scores > tau]`` in one pass; the gradient reaches the weight through the
+    mask and the scores straight through the threshold (``grad * weight``). Saves a bool mask,
+    not a float one."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        weight: torch.Tensor,
+        scores: torch.Tensor,
+        tau: float,
+        tie: torch.Tensor | None,
+    ) -> torch.Tensor:
+        keep = scores > tau
+        if tie is not None:
+            keep |= tie & (scores == tau)
+        ctx.save_for_backward(weight, keep)
+        return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        weight, keep = ctx.saved_tensors
+        g_weight = grad * keep if ctx.needs_input_grad[0] else None
+        g_scores = (grad * weight).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        return g_weight, g_scores, None, None
+
+
+def masked_weight(
+    weight: torch.Tensor, scores: torch.Tensor, tau: float, tie: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``weight * 1[scores > tau]`` with straight-through gradients to ``scores`` (mask
+    training); ``tie`` (bool, optional) keeps the scores equal to ``tau`` where it is True."""
+    return _MaskedWeight.apply(weight, scores, float(tau), tie)
+
+
 def threshold_mask(scores: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """Binary mask ``1[scores > tau]`` whose gradient flows straight through to ``scores``."""
     tau = torch.as_tensor(tau, dtype=scores.dtype, device=scores.device)
@@ -54,8 +95,7 @@ def _split(name: str) -> tuple[str, str]:
 
 def _show(masks: ForwardMasks, owner: str, module: nn.Module, _args: tuple) -> None:
     for attr, name in masks.by_owner[owner]:
-        weight = module._parameters[attr]
-        module.__dict__[attr] = weight * masks.mask_of(name).to(weight.dtype)
+        module.__dict__[attr] = masks.effective(name, module._parameters[attr])
     if isinstance(module, nn.RNNBase):
         module._init_flat_weights()
 
@@ -74,16 +114,24 @@ class ForwardMasks:
         model: the model.
         names: parameter names (``"encoder.0.ffn.up.weight"``) to mask.
         mask_of: ``name -> mask tensor`` (called at every forward of the owning module, so it
-            may depend on trainable scores).
+            may depend on trainable scores); the effective weight is ``weight * mask``.
+        effective: instead of ``mask_of``, ``(name, weight) -> effective weight`` (e.g.
+            :func:`masked_weight`, which fuses the threshold and the product).
 
-    The effective weight is ``weight * mask_of(name)``; ``remove()`` takes the hooks away and
-    :meth:`bake` writes the masks into the weights for good.
+    ``remove()`` takes the hooks away and :meth:`bake` writes the masks into the weights.
     """
 
     def __init__(
-        self, model: nn.Module, names: list[str], mask_of: Callable[[str], torch.Tensor]
+        self,
+        model: nn.Module,
+        names: list[str],
+        mask_of: Callable[[str], torch.Tensor] | None = None,
+        effective: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        self.model, self.mask_of = model, mask_of
+        if (mask_of is None) == (effective is None):
+            raise ValueError("ForwardMasks: give exactly one of mask_of and effective")
+        self.model = model
+        self.effective = effective or (lambda name, w: w * mask_of(name).to(w.dtype))
         self.by_owner: dict[str, list[tuple[str, str]]] = {}
         for name in names:
             owner, attr = _split(name)
@@ -106,7 +154,7 @@ class ForwardMasks:
             module = self.model.get_submodule(owner)
             for attr, name in pairs:
                 w = module._parameters[attr]
-                w.mul_(self.mask_of(name).detach().to(w.dtype))
+                w.copy_(self.effective(name, w).detach())
 
     def remove(self) -> None:
         """Take the hooks away (the model computes with its own weights again)."""
