@@ -136,8 +136,14 @@ class MaskTraining(PruningCallback):
             keep |= tie & (scores == tau)
         return keep
 
-    def _effective(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return masked_weight(weight, self.scores[name], self.taus[name], self.ties.get(name))
+    def _effective(
+        self, name: str, weight: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        scores, tie = self.scores[name], self.ties.get(name)
+        if rows is not None:  # an embedding's looked-up rows
+            scores = torch.nn.functional.embedding(rows, scores)
+            tie = tie[rows] if tie is not None else None
+        return masked_weight(weight, scores, self.taus[name], tie)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Create (or move) the scores, their optimiser, and the forward masks."""

@@ -150,3 +150,22 @@ def test_masked_weight_matches_mask_times_weight_with_straight_through_gradients
     assert torch.equal(out.detach(), w.detach() * keep)
     assert torch.allclose(w.grad, up * keep)
     assert torch.allclose(s.grad, up * w.detach())  # straight through the threshold
+
+
+def test_embedding_masks_only_the_looked_up_rows_with_the_same_result():
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 6, padding_idx=0)
+    scores = torch.rand(20, 6, requires_grad=True)
+    ids = torch.tensor([[1, 2, 0], [5, 5, 19]])
+    full = emb.weight.detach() * (scores.detach() > 0.5)
+    fm = ForwardMasks(emb, ["weight"], effective=lambda n, w, rows=None: masked_weight(
+        w, scores if rows is None else nn.functional.embedding(rows, scores), 0.5))  # fmt: skip
+    out = emb(ids)
+    assert torch.equal(out.detach(), full[ids])
+    out.sum().backward()
+    expected = torch.zeros(20, 6)
+    expected.index_add_(0, ids.reshape(-1), emb.weight.detach()[ids.reshape(-1)])
+    assert torch.allclose(scores.grad, expected)  # straight through, summed over repeats
+    fm.bake()
+    fm.remove()
+    assert torch.equal(emb.weight.detach(), full)

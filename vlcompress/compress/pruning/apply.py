@@ -100,6 +100,14 @@ def _show(masks: ForwardMasks, owner: str, module: nn.Module, _args: tuple) -> N
         module._init_flat_weights()
 
 
+def _rows(masks: ForwardMasks, name: str, module: nn.Embedding, args: tuple, _out: Any) -> Any:
+    """An embedding's output from its masked rows only: gathering first and masking the
+    gathered rows equals masking the whole table first, for a fraction of the work."""
+    ids = args[0]
+    rows = torch.nn.functional.embedding(ids, module.weight, module.padding_idx)
+    return masks.effective(name, rows, ids)
+
+
 def _hide(masks: ForwardMasks, owner: str, module: nn.Module, _args: tuple, _out: Any) -> None:
     for attr, _name in masks.by_owner[owner]:
         module.__dict__.pop(attr, None)
@@ -115,8 +123,10 @@ class ForwardMasks:
         names: parameter names (``"encoder.0.ffn.up.weight"``) to mask.
         mask_of: ``name -> mask tensor`` (called at every forward of the owning module, so it
             may depend on trainable scores); the effective weight is ``weight * mask``.
-        effective: instead of ``mask_of``, ``(name, weight) -> effective weight`` (e.g.
-            :func:`masked_weight`, which fuses the threshold and the product).
+        effective: instead of ``mask_of``, ``(name, weight, rows) -> effective weight`` (e.g.
+            built on :func:`masked_weight`, which fuses the threshold and the product). For a
+            plain ``nn.Embedding`` only the looked-up rows are masked: ``weight`` is then those
+            rows and ``rows`` their indices (``None`` for the whole table).
 
     ``remove()`` takes the hooks away and :meth:`bake` writes the masks into the weights.
     """
@@ -126,12 +136,17 @@ class ForwardMasks:
         model: nn.Module,
         names: list[str],
         mask_of: Callable[[str], torch.Tensor] | None = None,
-        effective: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        effective: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         if (mask_of is None) == (effective is None):
             raise ValueError("ForwardMasks: give exactly one of mask_of and effective")
         self.model = model
-        self.effective = effective or (lambda name, w: w * mask_of(name).to(w.dtype))
+
+        def from_mask(name: str, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+            mask = mask_of(name) if rows is None else mask_of(name)[rows]
+            return w * mask.to(w.dtype)
+
+        self.effective = effective or from_mask
         self.by_owner: dict[str, list[tuple[str, str]]] = {}
         for name in names:
             owner, attr = _split(name)
@@ -142,6 +157,12 @@ class ForwardMasks:
         self.handles: list[Any] = []
         for owner in self.by_owner:
             module = model.get_submodule(owner)
+            if type(module) is nn.Embedding and module.max_norm is None:
+                ((_, name),) = self.by_owner[owner]
+                self.handles.append(
+                    module.register_forward_hook(functools.partial(_rows, self, name))
+                )
+                continue
             self.handles.append(
                 module.register_forward_pre_hook(functools.partial(_show, self, owner))
             )
