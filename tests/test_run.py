@@ -103,3 +103,17 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny)
     assert all(
         torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
     )
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path, tiny):
+    # lr ~0: validation accuracy never improves after epoch 0, best.ckpt stays at epoch 0
+    cfg, raw = tiny(tmp_path, "trainer.max_epochs=3", "optim.lr=1e-12")
+    run_experiment(cfg, raw)
+    last = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(tmp_path / "checkpoints/best.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 18)
+    assert best["global_step"] == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]

@@ -101,7 +101,13 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
     cbs: list[Callback] = [
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max",
-            save_last=True, save_top_k=1, auto_insert_metric_name=False,
+            save_top_k=1, auto_insert_metric_name=False,
+        ),
+        # last.ckpt on its own: Lightning's save_last only refreshes it when best.ckpt changes,
+        # so an epoch that did not improve would be lost to a resume
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+            enable_version_counter=False, auto_insert_metric_name=False,
         ),
     ]  # fmt: skip
     if not any(isinstance(cb, FiniteLossGuard) for cb in own):
