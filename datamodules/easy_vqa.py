@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from vlcompress.data import (
     AnswerVocab,
@@ -133,41 +132,6 @@ class EasyVQAOptions(VQADataOptions):
             )
 
 
-class _Split(Dataset):
-    """In-memory split: tensors indexed a whole batch at a time (``__getitems__``)."""
-
-    def __init__(self, dm: EasyVQADataModule, rows: np.ndarray) -> None:
-        self.dm, self.rows = dm, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> VLBatch:
-        return self.__getitems__([i])
-
-    def __getitems__(self, indices: list[int]) -> VLBatch:
-        r = torch.as_tensor(self.rows[indices])
-        dm = self.dm
-        ids = dm._text_ids[r]
-        pixels = dm._images[dm._image_index[r]].permute(0, 3, 1, 2).float().div_(255.0)
-        answers = [dm._answers[i] for i in r.tolist()]
-        return VLBatch(
-            text_ids=ids,
-            text_mask=ids != 0,
-            visual=pixels,
-            targets=dm._targets[r],
-            question_id=r.clone(),
-            question_type=[dm._qtypes[i] for i in r.tolist()],
-            question_type_id=dm._qtype_ids[r],
-            answer_type=[dm._atypes[i] for i in r.tolist()],
-            answers=[[a] * NUM_ANNOTATORS for a in answers],
-        )
-
-
-def _identity(batch: VLBatch) -> VLBatch:
-    return batch
-
-
 @register("datamodule", "easy_vqa", options=EasyVQAOptions, context=("seed",))
 class EasyVQADataModule(VQADataModule):
     """easy-VQA: 64x64 images of one shape in one colour, 13 answers (pixels in; word or WordPiece ids).
@@ -201,8 +165,6 @@ class EasyVQADataModule(VQADataModule):
         self.text_encoding = options.text_encoding
         self.data_dir = Path(options.data_dir) if options.data_dir else None
         self.split = options.split
-        self.batch_size = options.batch_size
-        self.eval_batch_size = options.eval_batch_size
         self.cache_dir = Path(
             options.cache_dir
             or os.environ.get("VLCOMPRESS_CACHE", Path.home() / ".cache" / "vlcompress")
@@ -368,33 +330,21 @@ class EasyVQADataModule(VQADataModule):
             self._targets[train], self._qtype_ids[train], len(self.question_types)
         )
 
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        if not self._ready:
-            self.setup()
-        bs = self.batch_size if part == "train" else self.eval_batch_size
-        rows = self.index[part]
-        return DataLoader(
-            _Split(self, rows),
-            batch_size=bs,
-            sampler=self.train_sampler(len(rows)) if shuffle else self.eval_sampler(len(rows)),
-            collate_fn=_identity,
-            num_workers=self.options.num_workers,
-            persistent_workers=self.options.num_workers > 0,
+    # ------------------------------------------------------------------ batches
+    def batch_rows(self, rows: np.ndarray) -> VLBatch:
+        """In-memory tensors indexed a whole batch at a time."""
+        r = torch.as_tensor(rows)
+        ids = self._text_ids[r]
+        pixels = self._images[self._image_index[r]].permute(0, 3, 1, 2).float().div_(255.0)
+        answers = [self._answers[i] for i in r.tolist()]
+        return VLBatch(
+            text_ids=ids,
+            text_mask=ids != 0,
+            visual=pixels,
+            targets=self._targets[r],
+            question_id=r.clone(),
+            question_type=[self._qtypes[i] for i in r.tolist()],
+            question_type_id=self._qtype_ids[r],
+            answer_type=[self._atypes[i] for i in r.tolist()],
+            answers=[[a] * NUM_ANNOTATORS for a in answers],
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (carved from train)."""
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Test batches, for prediction."""
-        return self._loader("test", shuffle=False)

@@ -36,7 +36,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from vlcompress.data import VLBatch, VQADataModule, VQADataOptions, WordVocab
 from vlcompress.data.answers import AnswerVocab
@@ -138,43 +137,6 @@ def soft_targets(
     return labels, scores
 
 
-class _Split(Dataset):
-    """Question rows of one split; a batch is read at once (``__getitems__``)."""
-
-    def __init__(self, dm: _VQARegionsDataModule, rows: np.ndarray) -> None:
-        self.dm, self.rows = dm, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> VLBatch:
-        return self.__getitems__([i])
-
-    def __getitems__(self, indices: list[int]) -> VLBatch:
-        dm = self.dm
-        r = self.rows[np.asarray(indices, dtype=np.int64)]
-        feats, boxes, mask = dm.regions.batch(dm._image_rows[r])
-        ids = dm._text_ids[torch.from_numpy(r)]
-        rl = r.tolist()
-        return VLBatch(
-            text_ids=ids,
-            text_mask=ids != 0,
-            visual=feats,
-            visual_mask=mask,
-            boxes=boxes,
-            targets=dm.targets(r),
-            question_id=torch.as_tensor(dm._question_ids[r]),
-            question_type=[dm._qtypes[i] for i in rl],
-            question_type_id=torch.as_tensor(dm._qtype_ids[r]),
-            answer_type=[dm._atypes[i] for i in rl],
-            answers=[dm._answers[i] for i in rl],
-        )
-
-
-def _identity(batch: VLBatch) -> VLBatch:
-    return batch
-
-
 class _VQARegionsDataModule(VQADataModule):
     """What ``vqa_v2`` and ``vqa_cp_v2`` share: files, region store, answers, loaders."""
 
@@ -192,8 +154,6 @@ class _VQARegionsDataModule(VQADataModule):
             options = replace(options, **overrides)
         super().__init__(options, seed)
         self.text_encoding = options.text_encoding
-        self.batch_size = options.batch_size
-        self.eval_batch_size = options.eval_batch_size
         self._ready = False
 
     # ------------------------------------------------------------------ files
@@ -402,36 +362,25 @@ class _VQARegionsDataModule(VQADataModule):
         counts = torch.bincount(types, minlength=num_types).clamp(min=1).double()
         return (sums[:, :num_answers] / counts[:, None]).float()
 
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        if not self._ready:
-            self.setup()
-        bs = self.batch_size if part == "train" else self.eval_batch_size
-        rows = self.index[part]
-        return DataLoader(
-            _Split(self, rows),
-            batch_size=bs,
-            sampler=self.train_sampler(len(rows)) if shuffle else self.eval_sampler(len(rows)),
-            collate_fn=_identity,
-            num_workers=self.options.num_workers,
-            persistent_workers=self.options.num_workers > 0,
+    # ------------------------------------------------------------------ batches
+    def batch_rows(self, rows: np.ndarray) -> VLBatch:
+        """Region features read from the memory-mapped store, a whole batch at a time."""
+        feats, boxes, mask = self.regions.batch(self._image_rows[rows])
+        ids = self._text_ids[torch.from_numpy(rows)]
+        rl = rows.tolist()
+        return VLBatch(
+            text_ids=ids,
+            text_mask=ids != 0,
+            visual=feats,
+            visual_mask=mask,
+            boxes=boxes,
+            targets=self.targets(rows),
+            question_id=torch.as_tensor(self._question_ids[rows]),
+            question_type=[self._qtypes[i] for i in rl],
+            question_type_id=torch.as_tensor(self._qtype_ids[rows]),
+            answer_type=[self._atypes[i] for i in rl],
+            answers=[self._answers[i] for i in rl],
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (carved from train)."""
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Test batches, for prediction."""
-        return self._loader("test", shuffle=False)
 
 
 @register("datamodule", "vqa_v2", options=VQAv2Options, context=("seed",))

@@ -31,7 +31,9 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
+from vlcompress.data.batch import VLBatch
 from vlcompress.data.resplit import answer_distribution_report, changing_priors_split
 from vlcompress.data.sampler import EpochShuffleSampler, ShardSampler
 from vlcompress.options import check_fields, choices, in_range
@@ -97,12 +99,34 @@ class DataInfo:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+class _Rows(Dataset):
+    """The question rows of one part; a whole batch is read at once (``__getitems__``)."""
+
+    def __init__(self, dm: VQADataModule, rows: np.ndarray) -> None:
+        self.dm, self.rows = dm, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> VLBatch:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]) -> VLBatch:
+        return self.dm.batch_rows(self.rows[np.asarray(indices, dtype=np.int64)])
+
+
+def _identity(batch: VLBatch) -> VLBatch:
+    return batch
+
+
 class VQADataModule(L.LightningDataModule):
     """Base of every VQA-style benchmark module (see the module docstring for the contract).
 
     Subclasses set ``text_encoding`` / ``visual_input``, fill ``answer_vocab``,
-    ``answer_types``, ``question_types``, ``split_report`` (and ``word_vocab`` or
-    ``tokenizer``) in ``setup()``, and implement :meth:`question_type_prior`.
+    ``answer_types``, ``question_types``, ``split_report``, ``index`` (``{"train"|"val"|"test":
+    question rows}``) (and ``word_vocab`` or ``tokenizer``) in ``setup()``, set ``_ready`` at its
+    end, and implement :meth:`question_type_prior` and :meth:`batch_rows`; the data loaders
+    come from here.
     """
 
     text_encoding: ClassVar[str] = "words"
@@ -111,11 +135,47 @@ class VQADataModule(L.LightningDataModule):
     def __init__(self, options: VQADataOptions, seed: int = 0) -> None:
         super().__init__()
         self.options, self.seed = options, seed
+        self.batch_size, self.eval_batch_size = options.batch_size, options.eval_batch_size
         self.split_report: dict[str, Any] = {}
 
     def question_type_prior(self) -> torch.Tensor:
         """``(len(question_types), len(answers))`` mean soft scores over the training split."""
         raise NotImplementedError
+
+    def batch_rows(self, rows: np.ndarray) -> VLBatch:
+        """The batch of the question rows ``rows`` (int64 indices into the module's arrays)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, part: str, shuffle: bool) -> DataLoader:
+        if not getattr(self, "_ready", False):
+            self.setup()
+        bs = self.batch_size if part == "train" else self.eval_batch_size
+        rows = self.index[part]
+        return DataLoader(
+            _Rows(self, rows),
+            batch_size=bs,
+            sampler=self.train_sampler(len(rows)) if shuffle else self.eval_sampler(len(rows)),
+            collate_fn=_identity,
+            num_workers=self.options.num_workers,
+            persistent_workers=self.options.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (carved from train)."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Test batches, for prediction."""
+        return self._loader("test", shuffle=False)
 
     def split_indices(
         self, parts: Sequence[str], question_types: Sequence[str], answers: Sequence[str]
