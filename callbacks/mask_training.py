@@ -277,15 +277,13 @@ class MaskTraining(PruningCallback):
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """Scores, thresholds, resets, the score optimiser, and the current masks."""
-        if self.scores:
-            self._refresh_masks()
-        out = self.mask_state()
         # the masks handed to a later stage (masks_from) hold exactly the targets
-        out["masks"] = {
-            t.name: pack_mask(exact_keep_mask(self.scores[t.name], keep_count(t.numel, t.sparsity)))
+        exact = {
+            t.name: exact_keep_mask(self.scores[t.name], keep_count(t.numel, t.sparsity))
             for t in self.targets
             if t.name in self.scores
         }
+        out = self.mask_state(exact if self.scores else None)
         out["scores"] = {n: s.detach().cpu().clone() for n, s in self.scores.items()}
         taus, ties = self._val_taus or self._train_taus or (self.taus, self.ties)
         out["taus"] = dict(taus)  # the training thresholds, never the evaluation ones

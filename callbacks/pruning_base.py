@@ -151,10 +151,12 @@ class PruningCallback(CompressionCallback):
         return {n: unpack_mask(p).to(masks[n].device) for n, p in packed.items()}
 
     # ------------------------------------------------------------------ state
-    def mask_state(self) -> dict[str, Any]:
-        """The masks, bit-packed, and the reached sparsities, for :meth:`state`."""
+    def mask_state(self, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The masks (default :attr:`masks`), bit-packed, and the reached sparsities, for
+        :meth:`state`."""
+        masks = self.masks if masks is None else masks
         return {
-            "masks": {n: pack_mask(m) for n, m in self.masks.items()},
+            "masks": {n: pack_mask(m) for n, m in masks.items()},
             "reached": dict(self.reached),
             "events": [dict(e) for e in self.events],
         }
