@@ -55,6 +55,38 @@ def test_points_flat_and_nested_grid_times_points_times_seeds():
     assert len(long) <= 120 and long != sw.point_name({"k": "x" * 299})
 
 
+def test_a_point_can_carry_its_own_seeds():
+    # 3 seeds at the 50% point, 1 elsewhere (the seed-000 sparsity sweeps); names match the
+    # same point swept with sweep.seeds, so finished runs are found again
+    pts = sw.expand_points(
+        _cfg(
+            "sweep.grid={optim.name: [adam, sgd]}",
+            "sweep.points=[{optim.lr: 0.1}, {optim.lr: 0.5, seeds: [0, 1, 2]}]",
+            "sweep.seeds=[0]",
+        )
+    )
+    names = [p.name for p in pts]
+    assert names == [
+        "optim.lr=0.1,optim.name=adam,seed=0",
+        "optim.lr=0.1,optim.name=sgd,seed=0",
+        "optim.lr=0.5,optim.name=adam,seed=0",
+        "optim.lr=0.5,optim.name=adam,seed=1",
+        "optim.lr=0.5,optim.name=adam,seed=2",
+        "optim.lr=0.5,optim.name=sgd,seed=0",
+        "optim.lr=0.5,optim.name=sgd,seed=1",
+        "optim.lr=0.5,optim.name=sgd,seed=2",
+    ]
+    assert all("seeds" not in p.values for p in pts)
+    for bad, needle in (
+        ("sweep.points=[{optim.lr: 0.5, seeds: []}]", "non-empty list"),
+        ("sweep.points=[{optim.lr: 0.5, seeds: [1, 1]}]", "repeated"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            sw.expand_points(_cfg(bad, "sweep.seeds=[0]"))
+    with pytest.raises(ConfigError, match="give sweep.seeds"):
+        sw.expand_points(_cfg("sweep.points=[{optim.lr: 0.5, seeds: [1]}, {optim.lr: 0.1}]"))
+
+
 def test_sweep_section_problems_are_reported_together():
     with pytest.raises(ConfigError) as e:
         sw.expand_points(

@@ -84,6 +84,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST = "sweep.json"
+POINT_SEEDS = "seeds"
+"""Key of an explicit point that gives that point its own seeds."""
 """File name of a sweep folder's manifest."""
 
 OUTCOMES = ("finished", "skipped", "resumed", "failed", "submitted", "running")
@@ -222,6 +224,9 @@ def _flatten_point(point: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def expand_points(cfg: ExperimentConfig) -> list[Point]:
     """The points of ``cfg.sweep``: explicit points x grid combinations x seeds.
 
+    An explicit point may carry its own ``seeds: [...]`` (replacing ``sweep.seeds`` for it),
+    e.g. 3 seeds at the 50% point of a sparsity sweep and 1 elsewhere.
+
     Keys are ordered alphabetically with ``seed`` last, so a point keeps its folder name when
     the YAML is reordered.
 
@@ -245,7 +250,30 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
     """
     sw = cfg.sweep
     grid, problems = flatten_grid(dict(sw.grid))
-    explicit = [_flatten_point(dict(p)) for p in sw.points] or [{}]
+    explicit: list[dict[str, Any]] = []
+    point_seeds: list[list[int] | None] = []
+    for i, raw in enumerate(sw.points):
+        raw = dict(raw)
+        own = raw.pop(POINT_SEEDS, None)
+        if own is not None:
+            own = list(own) if isinstance(own, (list, tuple)) else own
+            if not isinstance(own, list) or not own or not all(isinstance(s, int) for s in own):
+                problems.append(
+                    f"sweep.points[{i}].{POINT_SEEDS}: a non-empty list of integer seeds, "
+                    f"got {own!r}"
+                )
+                own = None
+            elif not sw.seeds:
+                problems.append(
+                    f"sweep.points[{i}].{POINT_SEEDS}: per-point seeds replace sweep.seeds "
+                    "for that point; give sweep.seeds for the others too"
+                )
+            elif len(set(own)) != len(own):
+                problems.append(f"sweep.points[{i}].{POINT_SEEDS}: repeated seeds in {own}")
+        explicit.append(_flatten_point(raw))
+        point_seeds.append(own)
+    if not explicit:
+        explicit, point_seeds = [{}], [None]
     swept = set(grid) | {k for p in explicit for k in p}
     for key in sorted(swept):
         if key.split(".")[0] in _RESERVED:
@@ -267,9 +295,9 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
 
     points: list[Point] = []
     combos = list(itertools.product(*grid.values())) if grid else [()]
-    for base in explicit:
+    for base, own_seeds in zip(explicit, point_seeds):
         for combo in combos:
-            for seed in sw.seeds or [None]:
+            for seed in own_seeds or sw.seeds or [None]:
                 values = {**base, **dict(zip(grid, combo))}
                 if seed is not None:
                     values["seed"] = seed

@@ -118,7 +118,8 @@ class SweepConfig:
 
     Attributes:
         grid: config key -> list of values; every combination is a point.
-        points: explicit points (each a mapping of config key -> value), combined with the grid.
+        points: explicit points (each a mapping of config key -> value), combined with the grid;
+            a point's own ``seeds: [...]`` replace ``seeds`` for that point.
         seeds: every point runs once per seed (``seed=`` override); empty = the experiment's.
         metric: the results.json value reported and plotted (dotted path).
         output_dir: the sweep folder (default ``runs/<experiment>/sweep``).
