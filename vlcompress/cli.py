@@ -21,6 +21,8 @@ def results_table(results: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     test = results.get("test", {})
     table.add_row("test accuracy (VQA)", f"{test.get('accuracy', float('nan')):.4f}")
+    if test.get("balanced_accuracy") is not None:
+        table.add_row("test balanced accuracy", f"{test['balanced_accuracy']:.4f}")
     for kind in ("answer_type", "question_type"):
         for k, v in sorted(test.get(kind, {}).items()):
             table.add_row(f"  {kind.replace('_', ' ')}: {k}", f"{v:.4f}")
@@ -32,6 +34,11 @@ def results_table(results: dict[str, Any]) -> Table:
             f"data: {data.get('name')} / {data.get('split')}",
             f"{data.get('train')}/{data.get('val')}/{data.get('test')} "
             f"(train-test TV {data['mean_tv_distance']:.2f})",
+        )
+    if data.get("anti_prior_baseline") is not None:
+        table.add_row(
+            "blind test baselines: prior / anti-prior",
+            f"{data['prior_baseline']:.4f} / {data['anti_prior_baseline']:.4f}",
         )
     for metric, value in results.get("callback_rows", []):
         table.add_row(metric, value)

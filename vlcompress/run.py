@@ -363,6 +363,8 @@ def run_experiment(
                     "split": dm.split_report.get("split"),
                     **dm.split_report.get("sizes", {}),
                     "mean_tv_distance": dm.split_report.get("mean_tv_distance"),
+                    "prior_baseline": dm.split_report.get("prior_baseline"),
+                    "anti_prior_baseline": dm.split_report.get("anti_prior_baseline"),
                 },
                 "test": task.test_report,
                 "callbacks": collect_reports(trainer.callbacks),

@@ -55,6 +55,13 @@ def test_cp_split_shifts_priors(cp_dm, easy_vqa_dm):
         assert set(rep["test"]) <= set(rep["train"]), qt
     total = sum(cp["sizes"].values())
     assert total == 38575 + 9673  # all questions pooled, none lost
+    # the blind baselines: answering the train prior fails on the cp split, not on the standard
+    # one; answering against it is the shortcut a debiasing loss can take
+    assert std["prior_baseline"] > 0.3 > cp["prior_baseline"]
+    assert cp["anti_prior_baseline"] > 0.5 > std["anti_prior_baseline"]
+    yes_no = cp["per_question_type"]["does the image"]
+    assert {yes_no["prior_answer"], yes_no["anti_prior_answer"]} == {"yes", "no"}
+    assert yes_no["prior_baseline"] + yes_no["anti_prior_baseline"] == pytest.approx(1.0)
     assert 0.25 < cp["sizes"]["test"] / total < 0.5
 
 

@@ -20,6 +20,7 @@ ANSWERS = [
 ]
 ATYPES = ["yes/no", "number", "other", "yes/no", "other", "other"]
 QTYPES = ["is the", "how many", "what color is", "is the", "what is", "what color is"]
+VOCAB = ["yes", "no", "2", "3", "red", "blue", "cat", "dog"]
 
 
 def expected_overall() -> float:
@@ -42,6 +43,35 @@ def test_compute_and_breakdown():
     assert float(m.compute()) == 0.0
 
 
+def test_balanced_accuracy_exposes_blind_prior_answers():
+    # per type, the test set answers "no" 9 times out of 10; a blind model answering "no"
+    # scores 0.9 overall but 0.5 balanced (it is right on one answer of two); a model that
+    # looks scores 1.0 on both
+    answers = [["no"] * 10] * 9 + [["yes"] * 10]
+    qtypes = ["is the"] * 10
+    blind = VQAAccuracy(question_types=["is the"], answers=VOCAB)
+    blind.update(["no"] * 10, answers, ["yes/no"] * 10, qtypes)
+    assert float(blind.compute()) == pytest.approx(0.9)
+    assert blind.breakdown()["balanced_accuracy"] == pytest.approx(0.5)
+    seeing = VQAAccuracy(question_types=["is the"], answers=VOCAB)
+    seeing.update(["no"] * 9 + ["yes"], answers, ["yes/no"] * 10, qtypes)
+    assert seeing.breakdown()["balanced_accuracy"] == pytest.approx(1.0)
+    # the mean over types of the mean over each type's majority answers
+    m = VQAAccuracy(question_types=sorted(set(QTYPES)), answers=VOCAB)
+    m.update(PREDS, ANSWERS, ATYPES, QTYPES)
+    b = m.breakdown()
+    # majority answers: "is the" yes (x2), "how many" 3, "what color is" blue (x2), "what is" dog
+    per_type = {
+        "is the": 0.5,
+        "how many": answer_accuracy("2", ANSWERS[1]),
+        "what color is": (answer_accuracy("red", ANSWERS[2]) + 1.0) / 2,
+        "what is": answer_accuracy("cat", ANSWERS[4]),
+    }
+    assert b["balanced_question_type"] == pytest.approx(per_type)
+    assert b["balanced_accuracy"] == pytest.approx(sum(per_type.values()) / 4)
+    assert "balanced_accuracy" not in VQAAccuracy(question_types=["is the"]).breakdown()
+
+
 def test_bad_input_is_named():
     m = VQAAccuracy()
     with pytest.raises(ValueError, match="pair up"):
@@ -53,7 +83,7 @@ def test_bad_input_is_named():
 def _worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    m = VQAAccuracy(question_types=sorted(set(QTYPES)))
+    m = VQAAccuracy(question_types=sorted(set(QTYPES)), answers=VOCAB)
     idx = list(range(rank, len(PREDS), world))  # uneven split across ranks
     m.update(
         [PREDS[i] for i in idx],
@@ -79,8 +109,9 @@ def test_ddp_reduction_matches_single_process():
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    single = VQAAccuracy(question_types=sorted(set(QTYPES)))
+    single = VQAAccuracy(question_types=sorted(set(QTYPES)), answers=VOCAB)
     single.update(PREDS, ANSWERS, ATYPES, QTYPES)
+    assert "balanced_accuracy" in single.breakdown()
     for _, acc, breakdown in results:
         assert acc == pytest.approx(expected_overall())
         for kind, expected in single.breakdown().items():

@@ -47,6 +47,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     momentum: float = field(default=0.9, metadata=in_range(0.0))
     grad_clip: float = field(default=0.0, metadata=in_range(0.0))
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Parameter-name regex -> learning-rate multiplier (the first matching pattern wins), e.g.
+    ``{"lxmert\\.(embeddings|encoder\\.layer)\\.": 0.1}``: pretrained layers at a tenth of the
+    rate of the fresh ones. Every pattern must match a trainable parameter."""
 
 
 @dataclass

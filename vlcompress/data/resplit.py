@@ -102,7 +102,16 @@ def answer_distribution_report(
     index: Mapping[str, Sequence[int]],
     split: str,
 ) -> dict[str, Any]:
-    """Per question type: the answer distributions of train and test and their TV distance.
+    """Per question type: the answer distributions of train and test, their TV distance, and
+    two blind baselines on test.
+
+    The baselines read only the question type: ``prior`` answers the type's most frequent
+    train answer, ``anti_prior`` its least frequent one (for yes/no types: the other answer).
+    On a changing-priors split a model that learned to answer *against* the train prior
+    scores ``anti_prior`` without looking at the image; a debiasing loss that merely reaches
+    it has learned that shortcut, not the task (Teney et al., 2020). Both are the share of
+    test questions whose majority answer they match (the soft VQA score differs only for
+    questions with disagreeing annotators).
 
     Args:
         question_types, answers: per question.
@@ -110,20 +119,32 @@ def answer_distribution_report(
         split: the split's name, recorded in the report.
     """
     per_type: dict[str, Any] = {}
+    hits = {"prior": 0, "anti_prior": 0}
+    n_test = 0
     for qt in sorted(set(question_types)):
-        dist = {}
+        counts = {}
         for part in ("train", "test"):
-            c = Counter(answers[i] for i in index[part] if question_types[i] == qt)
-            dist[part] = _distribution(c)
-        per_type[qt] = {
+            counts[part] = Counter(answers[i] for i in index[part] if question_types[i] == qt)
+        dist = {part: _distribution(c) for part, c in counts.items()}
+        entry: dict[str, Any] = {
             "tv_distance": total_variation(dist["train"], dist["test"]),
             "train": dist["train"],
             "test": dist["test"],
         }
+        if counts["train"]:
+            ranked = sorted(counts["train"], key=lambda a: (-counts["train"][a], a))
+            for name, ans in (("prior", ranked[0]), ("anti_prior", ranked[-1])):
+                entry[f"{name}_answer"] = ans
+                entry[f"{name}_baseline"] = dist["test"].get(ans, 0.0)
+                hits[name] += counts["test"].get(ans, 0)
+        n_test += sum(counts["test"].values())
+        per_type[qt] = entry
     tvs = [v["tv_distance"] for v in per_type.values()]
     return {
         "split": split,
         "sizes": {k: int(len(v)) for k, v in index.items()},
         "mean_tv_distance": float(np.mean(tvs)) if tvs else 0.0,
+        "prior_baseline": hits["prior"] / n_test if n_test else 0.0,
+        "anti_prior_baseline": hits["anti_prior"] / n_test if n_test else 0.0,
         "per_question_type": per_type,
     }

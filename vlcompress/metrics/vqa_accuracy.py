@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,9 +21,17 @@ class VQAAccuracy(Metric):
     must be declared up front (the data module knows them), which keeps the state layout
     identical on every rank.
 
+    With ``answers`` (the answer vocabulary) and question types, :meth:`breakdown` also gives
+    the *balanced* accuracy: per question type the mean over ground-truth (majority) answers of
+    the accuracy on that answer's questions, averaged over question types. A model that never
+    looks at the image (always the train prior, or always against it) scores about
+    ``1 / answers per type`` there whatever the test priors are, so it tells on a
+    changing-priors split whether a debiasing loss learned the task or a prior shortcut.
+
     Args:
         answer_types: answer-type names for the breakdown (VQA's three by default).
         question_types: question-type names for the breakdown, or ``None`` for none.
+        answers: the answer vocabulary, for the balanced accuracy (``None``: not computed).
 
     Example::
 
@@ -40,6 +49,7 @@ class VQAAccuracy(Metric):
         self,
         answer_types: Sequence[str] = ANSWER_TYPES,
         question_types: Sequence[str] | None = None,
+        answers: Sequence[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -52,6 +62,10 @@ class VQAAccuracy(Metric):
         for name, n in (("at", len(self.answer_types)), ("qt", len(self.question_types))):
             self.add_state(f"{name}_sum", torch.zeros(n, dtype=torch.float64), "sum")
             self.add_state(f"{name}_count", torch.zeros(n, dtype=torch.long), "sum")
+        self._ans_index = {a: i for i, a in enumerate(answers or [])}
+        shape = (len(self.question_types), len(self._ans_index)) if self._ans_index else (0, 0)
+        self.add_state("qa_sum", torch.zeros(shape, dtype=torch.float64), "sum")
+        self.add_state("qa_count", torch.zeros(shape, dtype=torch.long), "sum")
 
     def _indices(self, values: Sequence[str] | None, index: dict[str, int], what: str) -> list[int]:
         if values is None or not index:
@@ -98,6 +112,27 @@ class VQAAccuracy(Metric):
                 s, c = getattr(self, f"{prefix}_sum"), getattr(self, f"{prefix}_count")
                 s.index_add_(0, i.to(s.device), scores.to(s.device))
                 c.index_add_(0, i.to(c.device), torch.ones_like(i).to(c.device))
+        if self._ans_index and question_types is not None and self._qt_index:
+            self._update_balanced(scores, answers, question_types)
+
+    def _update_balanced(
+        self, scores: torch.Tensor, answers: list[list[str]], question_types: Sequence[str]
+    ) -> None:
+        rows, cols, kept = [], [], []
+        for k, (gts, qt) in enumerate(zip(answers, question_types)):
+            if not gts:
+                continue
+            majority = Counter(gts).most_common(1)[0][0]
+            if majority in self._ans_index:  # out-of-vocabulary answers: no class to balance
+                rows.append(self._qt_index[qt])
+                cols.append(self._ans_index[majority])
+                kept.append(k)
+        if not kept:
+            return
+        flat = torch.tensor(rows) * self.qa_sum.shape[1] + torch.tensor(cols)
+        flat = flat.to(self.qa_sum.device)
+        self.qa_sum.view(-1).index_add_(0, flat, scores[kept].to(self.qa_sum.device))
+        self.qa_count.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def compute(self) -> torch.Tensor:
         """Overall accuracy in [0, 1] (0 when nothing was scored)."""
@@ -114,6 +149,15 @@ class VQAAccuracy(Metric):
             ):
                 s, c = getattr(self, f"{prefix}_sum"), getattr(self, f"{prefix}_count")
                 out[key] = {n: float(s[i] / c[i]) for i, n in enumerate(names) if int(c[i]) > 0}
+            if self.qa_count.numel() and int(self.qa_count.sum()) > 0:
+                seen = self.qa_count > 0
+                per_answer = self.qa_sum / self.qa_count.clamp(min=1)
+                per_type = (per_answer * seen).sum(1) / seen.sum(1).clamp(min=1)
+                has = seen.any(1)
+                out["balanced_accuracy"] = float(per_type[has].mean())
+                out["balanced_question_type"] = {
+                    n: float(per_type[i]) for i, n in enumerate(self.question_types) if has[i]
+                }
         return out
 
     def _should_sync(self) -> bool:

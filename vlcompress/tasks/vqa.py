@@ -20,6 +20,46 @@ from vlcompress.losses.base import LossContext, VQALoss
 from vlcompress.metrics import ANSWER_TYPES, VQAAccuracy
 
 
+def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
+    """Trainable parameters in optimiser groups: one per ``lr_scale`` pattern (parameter-name
+    regex -> learning-rate multiplier; the first matching pattern wins), one for the rest.
+
+    Raises:
+        ValueError: a pattern that is not a regex, a multiplier that is not positive, or a
+            pattern that matches no trainable parameter (a typo would silently train
+            everything at the base rate).
+    """
+    import re
+
+    compiled = []
+    for pattern, scale in lr_scale.items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(
+                f"optim.lr_scale: {pattern!r} -> {scale!r}: use a positive number (write "
+                f"'{{{pattern!r}: 0.1}}' with a space after the colon on the command line)"
+            )
+        try:
+            compiled.append((pattern, re.compile(pattern), float(scale)))
+        except re.error as e:
+            raise ValueError(f"optim.lr_scale: {pattern!r} is not a regular expression: {e}") from e
+    groups: dict[str, list[nn.Parameter]] = {p: [] for p, _, _ in compiled}
+    rest: list[nn.Parameter] = []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        hit = next((p for p, rx, _ in compiled if rx.search(name)), None)
+        (groups[hit] if hit is not None else rest).append(param)
+    empty = [p for p, ps in groups.items() if not ps]
+    if empty:
+        names = [n for n, q in module.named_parameters() if q.requires_grad][:5]
+        raise ValueError(
+            f"optim.lr_scale: {empty} match no trainable parameter (names look like {names}); "
+            "fix the patterns (Python regexes searched in the parameter names)."
+        )
+    out = [{"params": groups[p], "lr": lr * s, "name": p} for p, _, s in compiled]
+    return [*out, {"params": rest, "lr": lr, "name": "default"}] if rest else out
+
+
 class VQATask(L.LightningModule):
     """Train and evaluate a VQA model: soft-score targets, a loss, the official accuracy.
 
@@ -86,7 +126,7 @@ class VQATask(L.LightningModule):
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-4, **(optimizer or {})}
         self.scheduler_cfg = {"name": "none", **(scheduler or {})}
         self.val_acc = VQAAccuracy(answer_types, question_types)
-        self.test_acc = VQAAccuracy(answer_types, question_types)
+        self.test_acc = VQAAccuracy(answer_types, question_types, answers=self.answers)
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.test_report: dict[str, Any] = {}
 
@@ -176,7 +216,7 @@ class VQATask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """Optimiser and scheduler from the configuration."""
         o = self.optimizer_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = param_groups(self, o["lr"], o.get("lr_scale") or {})
         name = o["name"]
         if name in ("adam", "adamw"):
             cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
