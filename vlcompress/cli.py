@@ -72,7 +72,8 @@ def _cluster_command(args: argparse.Namespace, console: Console) -> int:
 
         try:
             report = build_report(args.folder, args.metric)
-            written = write_report(report, args.x)
+            base = build_report(args.baseline, report.metric) if args.baseline else None
+            written = write_report(report, args.x, base)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -172,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("folder", help="the sweep folder (holding sweep.json)")
     rep.add_argument("--metric", default=None, help="results.json value (default: sweep.metric)")
     rep.add_argument("--x", default=None, help="plot against this swept key only")
+    rep.add_argument(
+        "--baseline",
+        default=None,
+        help="another sweep folder (e.g. the dense models) drawn as dashed lines",
+    )
     prep = sub.add_parser(
         "prepare", help="convert region features once (LXMERT obj36 TSV -> memory-mapped arrays)"
     )

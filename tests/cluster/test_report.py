@@ -119,3 +119,18 @@ def test_other_metric_one_plot_and_errors(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no sweep folder" in capsys.readouterr().err
     assert lookup({"a": {"b": 1}}, "a.c") is None
+
+
+def test_a_baseline_sweep_is_drawn_and_listed(tmp_path, capsys):
+    sweep, dense = tmp_path / "pruned", tmp_path / "dense"
+    _fake_sweep(sweep)
+    _fake_sweep(dense)
+    args = ["report", str(sweep), "--baseline", str(dense), "--x", "optim.lr"]
+    assert cli.main(args) == 0
+    md = (sweep / "report.md").read_text()
+    head, base = md.split("## Baselines: test.accuracy")
+    assert f"`{dense}`" in base and "| 0.001 | adam | 3 | 0.6000 |" in base
+    png = sweep / "report_test.accuracy_vs_optim.lr.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main([*args[:3], str(tmp_path / "nowhere")]) == 2
+    assert "no sweep folder" in capsys.readouterr().err

@@ -298,7 +298,14 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def _plot(report: Report, x: str, path: Path) -> bool:
+def _baseline_label(base: Report, row: dict[str, Any]) -> str:
+    values = ", ".join(
+        f"{k}={_fmt(row['values'][k])}" for k in base.keys if row["values"].get(k) is not None
+    )
+    return f"{base.sweep_dir.name}: {values}" if values else base.sweep_dir.name
+
+
+def _plot(report: Report, x: str, path: Path, baselines: Report | None = None) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,6 +330,14 @@ def _plot(report: Report, x: str, path: Path) -> bool:
         ys = [r["mean"] for r in rows]
         err = [r["std"] or 0.0 for r in rows]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=label)
+    for k, row in enumerate(
+        r for r in (baselines.rows if baselines else []) if r["mean"] is not None
+    ):
+        style = dict(color=f"C{(len(lines) + k) % 10}", linestyle="--", linewidth=1.2)
+        ax.axhline(row["mean"], label=_baseline_label(baselines, row), **style)
+        if row["std"]:
+            ax.axhspan(row["mean"] - row["std"], row["mean"] + row["std"], alpha=0.08,
+                       color=style["color"])  # fmt: skip
     if numeric:
         pos = [float(v) for v in xs_all if v > 0]
         if len(pos) == len(xs_all) and max(pos) / min(pos) >= 10:
@@ -335,18 +350,25 @@ def _plot(report: Report, x: str, path: Path) -> bool:
     )
     ax.set_title(f"{report.sweep_dir.name}: {report.metric} vs {x}")
     ax.grid(alpha=0.3)
-    if len(lines) > 1 or others:
+    if baselines is not None and baselines.rows:  # many lines: the legend beside the plot
+        fig.set_size_inches(10.5, 4.6)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif len(lines) > 1 or others:
         ax.legend(fontsize=8)
     save_figure(fig, path)
     return True
 
 
-def write_report(report: Report, x: str | None = None) -> dict[str, Any]:
+def write_report(
+    report: Report, x: str | None = None, baselines: Report | None = None
+) -> dict[str, Any]:
     """Write ``report.csv``, ``report.md`` and the PNG plots into the sweep folder.
 
     Args:
         report: from :func:`build_report`.
         x: plot only against this swept key (default: one plot per swept key).
+        baselines: another sweep's report (e.g. the dense models of a pruning sweep): each of
+            its rows is drawn as a dashed line (± std band) and listed under the table.
 
     Returns:
         ``{"csv": path, "md": path, "png": [paths]}``.
@@ -360,11 +382,14 @@ def write_report(report: Report, x: str | None = None) -> dict[str, Any]:
         )
     out = report.sweep_dir
     atomic_write_text(out / "report.csv", _csv(report))
-    atomic_write_text(out / "report.md", _markdown(report))
+    md = _markdown(report)
+    if baselines is not None:
+        md += "\n" + _markdown(baselines).replace("# Sweep report:", "## Baselines:", 1)
+    atomic_write_text(out / "report.md", md)
     pngs = []
     for key in [x] if x else report.keys:
         path = out / f"report_{_safe(report.metric)}_vs_{_safe(key)}.png"
-        if _plot(report, key, path):
+        if _plot(report, key, path, baselines):
             pngs.append(path)
     log.info("report written to %s (%d plot(s))", out / "report.md", len(pngs))
     return {"csv": out / "report.csv", "md": out / "report.md", "png": pngs}
