@@ -79,6 +79,10 @@ def test_component_options_and_cross_field_checks_reported_together():
             "task.loss: unknown key; a component has only 'name' and 'options' ('loss' is",
         ),
         ("model.name=[1]", "model.name: expected the name of a registered model, got [1]"),
+        ("optim.lr_scale={encoder: -1}", "optim.lr_scale.encoder: -1 is not a positive number"),
+        ("optim.lr_scale={encoder: abc}", "optim.lr_scale"),
+        ("optim.lr_scale={'enc(': 0.1}", "optim.lr_scale: 'enc(' is not a regular expression"),
+        ("optim.lr_scale={encoder:0.1}", "a missing space after the colon"),
     ],
 )
 def test_single_component_errors(override, expected):

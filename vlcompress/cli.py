@@ -37,7 +37,7 @@ def results_table(results: dict[str, Any]) -> Table:
         )
     if data.get("anti_prior_baseline") is not None:
         table.add_row(
-            "blind test baselines: prior / anti-prior",
+            "blind baselines (whole test split): prior / anti-prior",
             f"{data['prior_baseline']:.4f} / {data['anti_prior_baseline']:.4f}",
         )
     for metric, value in results.get("callback_rows", []):

@@ -87,6 +87,28 @@ def test_a_point_can_carry_its_own_seeds():
         sw.expand_points(_cfg("sweep.points=[{optim.lr: 0.5, seeds: [1]}, {optim.lr: 0.1}]"))
 
 
+def test_interpolations_in_swept_values_follow_each_point(tmp_path):
+    # a stage-2 sweep starts each seed from the stage-1 run of the same seed
+    overrides = [
+        "sweep.points=[{init_from: 'runs/dense/loss=${loss.name},seed=${seed}', "
+        "optim.lr: 0.1, seeds: [0, 1, 2]}]",
+        "sweep.seeds=[0]",
+        "loss.name=lmh",
+    ]
+    cfg, raw = load_experiment("default", overrides)
+    pts = sw.expand_points(cfg, raw)
+    assert [p.values["init_from"] for p in pts] == [
+        f"runs/dense/loss=lmh,seed={s}" for s in (0, 1, 2)
+    ]
+    assert pts[1].overrides[0] == "init_from=runs/dense/loss=lmh,seed=1"
+    assert pts[1].name == "init_from=runs_dense_loss=lmh,seed=1,optim.lr=0.1,seed=1"
+    # without the tree, the experiment's own seed fills them in (the old behaviour)
+    assert {p.values["init_from"] for p in sw.expand_points(cfg)} == {"runs/dense/loss=lmh,seed=0"}
+    bad = ["sweep.points=[{init_from: 'runs/${nowhere.key}'}]", "sweep.seeds=[0]"]
+    with pytest.raises(ConfigError, match="cannot resolve"):
+        sw.expand_points(*load_experiment("default", bad))
+
+
 def test_sweep_section_problems_are_reported_together():
     with pytest.raises(ConfigError) as e:
         sw.expand_points(

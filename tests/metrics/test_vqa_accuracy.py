@@ -70,6 +70,10 @@ def test_balanced_accuracy_exposes_blind_prior_answers():
     assert b["balanced_question_type"] == pytest.approx(per_type)
     assert b["balanced_accuracy"] == pytest.approx(sum(per_type.values()) / 4)
     assert "balanced_accuracy" not in VQAAccuracy(question_types=["is the"]).breakdown()
+    # the majority answer is taken after the official normalisation ("two" -> "2")
+    m = VQAAccuracy(question_types=["how many"], answers=["2", "3"])
+    m.update(["2"], [["two"] * 6 + ["3"] * 4], ["number"], ["how many"])
+    assert m.breakdown()["balanced_accuracy"] == pytest.approx(1.0)
 
 
 def test_bad_input_is_named():

@@ -384,7 +384,8 @@ def write_report(
     atomic_write_text(out / "report.csv", _csv(report))
     md = _markdown(report)
     if baselines is not None:
-        md += "\n" + _markdown(baselines).replace("# Sweep report:", "## Baselines:", 1)
+        base_md = _markdown(baselines).replace("## Points without", "### Points without")
+        md += "\n" + base_md.replace("# Sweep report:", "## Baselines:", 1)
     atomic_write_text(out / "report.md", md)
     pngs = []
     for key in [x] if x else report.keys:

@@ -84,9 +84,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST = "sweep.json"
+"""File name of a sweep folder's manifest."""
+
 POINT_SEEDS = "seeds"
 """Key of an explicit point that gives that point its own seeds."""
-"""File name of a sweep folder's manifest."""
 
 OUTCOMES = ("finished", "skipped", "resumed", "failed", "submitted", "running")
 """What happened to a point in the latest submission (the manifest's ``outcome``):
@@ -221,11 +222,16 @@ def _flatten_point(point: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def expand_points(cfg: ExperimentConfig) -> list[Point]:
+def expand_points(cfg: ExperimentConfig, raw: Any = None) -> list[Point]:
     """The points of ``cfg.sweep``: explicit points x grid combinations x seeds.
 
     An explicit point may carry its own ``seeds: [...]`` (replacing ``sweep.seeds`` for it),
     e.g. 3 seeds at the 50% point of a sparsity sweep and 1 elsewhere.
+
+    With ``raw`` (the experiment's unresolved OmegaConf tree, from :func:`load_experiment`),
+    interpolations in swept values are resolved *per point*, after its seed and other values
+    are set: ``init_from: "runs/dense/seed=${seed}"`` follows each point's seed. Without it
+    they hold what the experiment's own seed gave them.
 
     Keys are ordered alphabetically with ``seed`` last, so a point keeps its folder name when
     the YAML is reordered.
@@ -239,7 +245,9 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
     Raises:
         ConfigError: an empty sweep section, a grid leaf that is not a list, a swept key
             the sweep itself controls (``output_dir``, ``resume``, ``sweep.*``), ``seed`` both
-            in the grid/points and in ``seeds``, or two points with the same values.
+            in the grid/points and in ``seeds``, a point's own ``seeds`` that are not a
+            non-empty list of distinct integers (or given without ``sweep.seeds``), an
+            interpolation that cannot be resolved, or two points with the same values.
 
     Example:
         >>> from vlcompress.config import load_experiment
@@ -249,15 +257,24 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
          'optim.lr=0.0003,seed=0', 'optim.lr=0.0003,seed=1']
     """
     sw = cfg.sweep
-    grid, problems = flatten_grid(dict(sw.grid))
+    grid_in, points_in = dict(sw.grid), [dict(p) for p in sw.points]
+    if raw is not None and OmegaConf.select(raw, "sweep") is not None:
+        unresolved = OmegaConf.to_container(raw.sweep, resolve=False)
+        grid_in = dict(unresolved.get("grid") or {})
+        points_in = [dict(p) for p in unresolved.get("points") or []]
+    grid, problems = flatten_grid(grid_in)
     explicit: list[dict[str, Any]] = []
     point_seeds: list[list[int] | None] = []
-    for i, raw in enumerate(sw.points):
-        raw = dict(raw)
-        own = raw.pop(POINT_SEEDS, None)
+    for i, given in enumerate(points_in):
+        given = dict(given)
+        own = given.pop(POINT_SEEDS, None)
         if own is not None:
             own = list(own) if isinstance(own, (list, tuple)) else own
-            if not isinstance(own, list) or not own or not all(isinstance(s, int) for s in own):
+            if (
+                not isinstance(own, list)
+                or not own
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in own)
+            ):
                 problems.append(
                     f"sweep.points[{i}].{POINT_SEEDS}: a non-empty list of integer seeds, "
                     f"got {own!r}"
@@ -270,7 +287,7 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
                 )
             elif len(set(own)) != len(own):
                 problems.append(f"sweep.points[{i}].{POINT_SEEDS}: repeated seeds in {own}")
-        explicit.append(_flatten_point(raw))
+        explicit.append(_flatten_point(given))
         point_seeds.append(own)
     if not explicit:
         explicit, point_seeds = [{}], [None]
@@ -302,6 +319,8 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
                 if seed is not None:
                     values["seed"] = seed
                 values = {k: values[k] for k in sorted(values, key=order)}
+                if raw is not None:
+                    values = _resolve_values(raw, values)
                 points.append(
                     Point(
                         name=point_name(values),
@@ -317,6 +336,30 @@ def expand_points(cfg: ExperimentConfig) -> list[Point]:
             p.name = f"{p.name}~{hashlib.sha1(repr(p.values).encode()).hexdigest()[:8]}"
         seen[p.name] = p
     return points
+
+
+def _resolve_values(raw: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with their interpolations (``${seed}``, ``${loss.name}``) resolved in the
+    experiment's tree once the point's other values are set."""
+
+    def interpolated(v: Any) -> bool:
+        return "${" in json.dumps(v, default=str)
+
+    todo = [k for k, v in values.items() if interpolated(v)]
+    if not todo:
+        return values
+    tree = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))
+    OmegaConf.set_struct(tree, False)
+    for k, v in values.items():
+        if k not in todo:
+            OmegaConf.update(tree, k, v, merge=False)
+    tree["_sweep_point_"] = {str(i): values[k] for i, k in enumerate(todo)}
+    try:
+        done = OmegaConf.to_container(tree["_sweep_point_"], resolve=True)
+    except Exception as e:  # a missing key, a bad resolver
+        problem = f"sweep: cannot resolve {[values[k] for k in todo]}: {e}"
+        raise ConfigError([problem], "sweep") from e
+    return {k: done[str(todo.index(k))] if k in todo else v for k, v in values.items()}
 
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], str | None]:
@@ -643,9 +686,9 @@ def plan_sweep(
     """
     base, out_override = _split_overrides(list(overrides or []))
     root_path = Path(root) if root else None
-    cfg, _ = load_experiment(exp, base, root_path)
+    cfg, raw = load_experiment(exp, base, root_path)
     sweep_dir = _default_sweep_dir(cfg, out_override).absolute()
-    points = expand_points(cfg)
+    points = expand_points(cfg, raw)
     found: dict[str, list[str]] = {}
     for p in points:
         try:

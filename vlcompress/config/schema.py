@@ -49,8 +49,9 @@ class OptimConfig:
     grad_clip: float = field(default=0.0, metadata=in_range(0.0))
     lr_scale: dict[str, float] = field(default_factory=dict)
     """Parameter-name regex -> learning-rate multiplier (the first matching pattern wins), e.g.
-    ``{"lxmert\\.(embeddings|encoder\\.layer)\\.": 0.1}``: pretrained layers at a tenth of the
-    rate of the fresh ones. Every pattern must match a trainable parameter."""
+    ``{'lxmert\\.(embeddings|encoder\\.layer)\\.': 0.1}`` (single quotes in YAML: backslashes
+    stay as they are): pretrained layers at a tenth of the rate of the fresh ones. Every pattern
+    must match a trainable parameter."""
 
 
 @dataclass

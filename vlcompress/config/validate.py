@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Union
@@ -61,6 +62,9 @@ def _check_type(value: Any, tp: Any) -> bool:
         inner = (typing.get_args(tp) or (Any,))[0]
         return isinstance(value, (list, tuple)) and all(_check_type(v, inner) for v in value)
     if origin is dict:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] in (bool, int, float, str):  # e.g. dict[str, float]
+            return isinstance(value, dict) and all(_check_type(v, args[1]) for v in value.values())
         return isinstance(value, dict)
     if tp is bool:
         return isinstance(value, bool)
@@ -191,6 +195,26 @@ def _build(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
+def _lr_scale_problems(scale: Any) -> list[str]:
+    """``optim.lr_scale``: regexes that compile, positive multipliers (checked before any data
+    is touched; that every pattern matches a parameter is checked when the optimiser is built)."""
+    if not isinstance(scale, dict):
+        return []
+    problems = []
+    for pattern, factor in scale.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            hint = ""
+            if ":" in str(pattern) and factor is None:
+                key = str(pattern).split(":")[0]
+                hint = f" (a missing space after the colon? write {{{key!r}: 0.1}})"
+            problems.append(f"optim.lr_scale.{pattern}: {factor!r} is not a positive number{hint}")
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            problems.append(f"optim.lr_scale: {pattern!r} is not a regular expression ({e})")
+    return problems
+
+
 def validate(cfg: DictConfig | dict, source: str = "configuration") -> ExperimentConfig:
     """Check ``cfg`` against the schema and every component's options; build the typed
     :class:`ExperimentConfig`.
@@ -207,6 +231,7 @@ def validate(cfg: DictConfig | dict, source: str = "configuration") -> Experimen
     data.pop("defaults", None)
     errors: list[str] = []
     _validate(ExperimentConfig, data, "", errors)
+    errors += _lr_scale_problems((data.get("optim") or {}).get("lr_scale"))
     if isinstance(data.get("init_from"), str) and not data["init_from"].strip():
         errors.append(
             "init_from: an empty path; give the previous stage's run folder or a .ckpt file, "

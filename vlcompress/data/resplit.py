@@ -106,7 +106,8 @@ def answer_distribution_report(
     two blind baselines on test.
 
     The baselines read only the question type: ``prior`` answers the type's most frequent
-    train answer, ``anti_prior`` its least frequent one (for yes/no types: the other answer).
+    train answer, ``anti_prior`` its least frequent one (for yes/no types with both answers in
+    train: the other answer).
     On a changing-priors split a model that learned to answer *against* the train prior
     scores ``anti_prior`` without looking at the image; a debiasing loss that merely reaches
     it has learned that shortcut, not the task (Teney et al., 2020). Both are the share of

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from vlcompress.metrics.vqa_eval import answer_accuracy
+from vlcompress.metrics.vqa_eval import answer_accuracy, normalize_answer
 
 ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
 
@@ -122,7 +122,7 @@ class VQAAccuracy(Metric):
         for k, (gts, qt) in enumerate(zip(answers, question_types)):
             if not gts:
                 continue
-            majority = Counter(gts).most_common(1)[0][0]
+            majority = Counter(normalize_answer(a) for a in gts).most_common(1)[0][0]
             if majority in self._ans_index:  # out-of-vocabulary answers: no class to balance
                 rows.append(self._qt_index[qt])
                 cols.append(self._ans_index[majority])
