@@ -134,3 +134,19 @@ def test_a_baseline_sweep_is_drawn_and_listed(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert cli.main([*args[:3], str(tmp_path / "nowhere")]) == 2
     assert "no sweep folder" in capsys.readouterr().err
+
+
+def test_points_of_one_interpolated_group_average_over_seeds(tmp_path):
+    # init_from: runs/dense/seed=${seed} differs per seed but is one group (sweep.json "group")
+    points = []
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        name = f"init_from=runs_dense_seed={seed},seed={seed}"
+        values = {"init_from": f"runs/dense/seed={seed}", "seed": seed}
+        group = {"init_from": "runs/dense/seed=${seed}", "seed": seed}
+        points.append({"name": name, "dir": name, "values": values, "group": group})
+        atomic_write_json(tmp_path / name / "results.json", {"test": {"accuracy": acc}})
+    manifest = {"points": points, "keys": ["init_from"], "seed_key": "seed"}
+    atomic_write_json(tmp_path / "sweep.json", manifest)
+    (row,) = build_report(tmp_path).rows
+    assert row["n"] == 2 and row["mean"] == pytest.approx(0.6)
+    assert row["values"] == {"init_from": "runs/dense/seed=${seed}"}

@@ -101,6 +101,8 @@ def test_interpolations_in_swept_values_follow_each_point(tmp_path):
         f"runs/dense/loss=lmh,seed={s}" for s in (0, 1, 2)
     ]
     assert pts[1].overrides[0] == "init_from=runs/dense/loss=lmh,seed=1"
+    # ... and the report averages them as one group
+    assert {p.group["init_from"] for p in pts} == {"runs/dense/loss=${loss.name},seed=${seed}"}
     assert pts[1].name == "init_from=runs_dense_loss=lmh,seed=1,optim.lr=0.1,seed=1"
     # without the tree, the experiment's own seed fills them in (the old behaviour)
     assert {p.values["init_from"] for p in sw.expand_points(cfg)} == {"runs/dense/loss=lmh,seed=0"}

@@ -191,7 +191,7 @@ def build_report(sweep_dir: str | Path, metric: str | None = None) -> Report:
         report.points.append(p)
         if problem:
             report.problems.append(f"{p['name']}: {problem.splitlines()[0]}")
-        gvals = {k: p["values"].get(k) for k in keys}
+        gvals = {k: (p.get("group") or p["values"]).get(k) for k in keys}
         g = groups.setdefault(
             json.dumps(gvals, sort_keys=True, default=str),
             {"values": gvals, "per_seed": {}, "missing": 0, "_vals": []},

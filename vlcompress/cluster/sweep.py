@@ -109,11 +109,15 @@ class Point:
         name: its folder name under the sweep folder (see :func:`point_name`).
         values: swept config key -> value (``seed`` last when seeds are swept).
         overrides: ``key=value`` overrides that set ``values``.
+        group: the values as the experiment writes them (interpolations such as
+            ``init_from: runs/dense/seed=${seed}`` unresolved): a report averages the points of
+            one group over seeds; ``None`` when no value was interpolated.
     """
 
     name: str
     values: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
+    group: dict[str, Any] | None = None
 
 
 def format_override(key: str, value: Any) -> str:
@@ -319,6 +323,7 @@ def expand_points(cfg: ExperimentConfig, raw: Any = None) -> list[Point]:
                 if seed is not None:
                     values["seed"] = seed
                 values = {k: values[k] for k in sorted(values, key=order)}
+                written = values
                 if raw is not None:
                     values = _resolve_values(raw, values)
                 points.append(
@@ -326,6 +331,7 @@ def expand_points(cfg: ExperimentConfig, raw: Any = None) -> list[Point]:
                         name=point_name(values),
                         values=values,
                         overrides=[format_override(k, v) for k, v in values.items()],
+                        group=written if written != values else None,
                     )
                 )
     seen: dict[str, Point] = {}
@@ -812,6 +818,7 @@ def submit_sweep(
             "name": p.name,
             "dir": p.name,
             "values": p.values,
+            "group": p.group,
             "overrides": p.overrides,
             "state": "pending",
             "outcome": None,
