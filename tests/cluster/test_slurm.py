@@ -176,10 +176,32 @@ def test_submitit_sweep_failure_and_resubmission(slurm, tmp_path):
         return {p["name"]: p for p in json.loads((sweep_dir / "sweep.json").read_text())["points"]}
 
     def cancel_all() -> None:
+        # only jobs the sweep did not see end (a timed-out test): a job whose outcome is known
+        # may still be in its epilog, and cancelling it there turns COMPLETED into CANCELLED
         if (sweep_dir / "sweep.json").is_file():
-            ids = [p["job_id"] for p in manifest().values() if p.get("job_id")]
+            ended = ("finished", "failed", "skipped")
+            ids = [
+                p["job_id"]
+                for p in manifest().values()
+                if p.get("job_id") and p.get("outcome") not in ended
+            ]
             if ids:
                 run(["scancel", *ids], 30)
+
+    def final_states(jobs: dict[str, str]) -> dict[str, str]:
+        # sacct may still report a job that has just ended as RUNNING / COMPLETING
+        import submitit
+
+        deadline = time.time() + 60
+        while True:
+            states = {
+                n: submitit.SlurmJob(folder=sweep_dir / "slurm", job_id=j).state
+                for n, j in jobs.items()
+            }
+            busy = {"RUNNING", "COMPLETING", "PENDING", "UNKNOWN"}
+            if not busy & set(states.values()) or time.time() > deadline:
+                return states
+            time.sleep(2)
 
     # 1. Four points as a job array; the point with the missing data folder fails.
     try:
@@ -201,12 +223,7 @@ def test_submitit_sweep_failure_and_resubmission(slurm, tmp_path):
 
     # Slurm's accounting knows the outcome of every job (submitit reads states from sacct:
     # without it they read UNKNOWN and a re-submission cannot tell a finished job).
-    import submitit
-
-    log_folder = sweep_dir / "slurm"
-    states = {
-        n: submitit.SlurmJob(folder=log_folder, job_id=j).state for n, j in first_jobs.items()
-    }
+    states = final_states(first_jobs)
     assert {n: states[n] for n in good} == dict.fromkeys(good, "COMPLETED"), states
     assert states[bad] == "FAILED", states
     done = {n: (sweep_dir / n / "results.json").stat().st_mtime_ns for n in good}
@@ -222,7 +239,7 @@ def test_submitit_sweep_failure_and_resubmission(slurm, tmp_path):
     assert {n: m[n]["outcome"] for n in m} == {**dict.fromkeys(good, "skipped"), bad: "finished"}
     assert {n: m[n]["job_id"] for n in good} == {n: first_jobs[n] for n in good}
     assert m[bad]["job_id"] != first_jobs[bad] and m[bad]["attempts"] == 2
-    assert submitit.SlurmJob(folder=log_folder, job_id=m[bad]["job_id"]).state == "COMPLETED"
+    assert final_states({bad: m[bad]["job_id"]})[bad] == "COMPLETED"
     assert {n: (sweep_dir / n / "results.json").stat().st_mtime_ns for n in good} == done
     res = json.loads((sweep_dir / bad / "results.json").read_text())
     assert 0.0 <= res["test"]["accuracy"] <= 1.0
