@@ -253,10 +253,10 @@ def report_table(report: Report) -> Any:
     return table
 
 
-def _markdown(report: Report) -> str:
+def _markdown(report: Report, title: str = "# Sweep report") -> str:
     head = _header(report)
     lines = [
-        f"# Sweep report: {report.metric}",
+        f"{title}: {report.metric}",
         "",
         f"Sweep folder: `{report.sweep_dir}`. Mean ± sample std (n - 1) over "
         f"{report.seed_key + 's' if report.seed_key else 'points'}.",
@@ -269,7 +269,8 @@ def _markdown(report: Report) -> str:
     for row in report.rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(report, row)) + " |")
     if report.problems:
-        lines += ["", f"## Points without a result ({len(report.problems)})", ""]
+        sub = "#" * (len(title) - len(title.lstrip("#")) + 1)
+        lines += ["", f"{sub} Points without a result ({len(report.problems)})", ""]
         lines += [f"- {p}" for p in report.problems]
     return "\n".join(lines) + "\n"
 
@@ -384,8 +385,7 @@ def write_report(
     atomic_write_text(out / "report.csv", _csv(report))
     md = _markdown(report)
     if baselines is not None:
-        base_md = _markdown(baselines).replace("## Points without", "### Points without")
-        md += "\n" + base_md.replace("# Sweep report:", "## Baselines:", 1)
+        md += "\n" + _markdown(baselines, title="## Baselines")
     atomic_write_text(out / "report.md", md)
     pngs = []
     for key in [x] if x else report.keys:

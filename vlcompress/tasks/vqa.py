@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from vlcompress import registry
+from vlcompress.config.validate import lr_scale_problems
 from vlcompress.data.batch import VLBatch
 from vlcompress.losses.base import LossContext, VQALoss
 from vlcompress.metrics import ANSWER_TYPES, VQAAccuracy
@@ -31,17 +32,10 @@ def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> li
     """
     import re
 
-    compiled = []
-    for pattern, scale in lr_scale.items():
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(
-                f"optim.lr_scale: {pattern!r} -> {scale!r}: use a positive number (write "
-                f"'{{{pattern!r}: 0.1}}' with a space after the colon on the command line)"
-            )
-        try:
-            compiled.append((pattern, re.compile(pattern), float(scale)))
-        except re.error as e:
-            raise ValueError(f"optim.lr_scale: {pattern!r} is not a regular expression: {e}") from e
+    problems = lr_scale_problems(lr_scale)
+    if problems:
+        raise ValueError("; ".join(problems))
+    compiled = [(p, re.compile(p), float(s)) for p, s in lr_scale.items()]
     groups: dict[str, list[nn.Parameter]] = {p: [] for p, _, _ in compiled}
     rest: list[nn.Parameter] = []
     for name, param in module.named_parameters():
