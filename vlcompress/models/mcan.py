@@ -25,7 +25,9 @@ from vlcompress.models.anatomy import (
     FFNSpec,
     LayerSpec,
     Modality,
+    SlimSpec,
     Stream,
+    default_depth_priority,
     prunable_weights_in,
 )
 from vlcompress.options import check_fields, in_range
@@ -49,6 +51,10 @@ class MCANConfig:
             a conv stem).
         region_dim: region feature size; ``use_boxes``/``box_dim``: optional box features.
         grid_channels, grid_context_layers, grid_pool, grid_cells: the conv stem of ``grid``.
+        width_adapters: BST's input adapters (seed 001), needed for width slimming: a linear
+            layer + LayerNorm after the LSTM (``lang_adapter``) and a LayerNorm after the
+            visual input projection (``visual_norm``), so that both streams can enter the
+            encoder / decoder at any width while the LSTM and region features stay full.
     """
 
     hidden_size: int = field(default=512, metadata=_POSITIVE)
@@ -68,6 +74,8 @@ class MCANConfig:
     grid_context_layers: int = field(default=2, metadata=in_range(0))
     grid_pool: bool = True
     grid_cells: int = field(default=16, metadata=_POSITIVE)
+    width_adapters: bool = False
+    lstm_size: int | None = field(default=None, metadata=in_range(1))
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +88,12 @@ class MCANConfig:
             raise ValueError(
                 f"MCAN hidden_size ({self.hidden_size}) must be divisible by num_heads "
                 f"({self.num_heads}); e.g. hidden_size={self.num_heads * max(1, self.head_dim)}."
+            )
+        if self.lstm_size not in (None, self.hidden_size) and not self.width_adapters:
+            raise ValueError(
+                f"MCAN lstm_size ({self.lstm_size}) differs from hidden_size "
+                f"({self.hidden_size}); that needs width_adapters: true (the LSTM output goes "
+                "through lang_adapter to the hidden size)."
             )
         if self.visual_input not in ("regions", "grid"):
             raise ValueError(
@@ -131,12 +145,16 @@ class MultiHeadAttention(nn.Module):
         """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)``; mask True = real."""
         b, lq, _ = query.shape
         lk = key.shape[1]
-        h, d = self.num_heads, self.head_dim
-        q = self.q(query).view(b, lq, h, d).transpose(1, 2)
-        k = self.k(key).view(b, lk, h, d).transpose(1, 2)
-        v = self.v(value).view(b, lk, h, d).transpose(1, 2)
+        d = self.head_dim  # the head count follows the projections (width slimming: fewer)
+        q = self.q(query).view(b, lq, -1, d).transpose(1, 2)
+        k = self.k(key).view(b, lk, -1, d).transpose(1, 2)
+        v = self.v(value).view(b, lk, -1, d).transpose(1, 2)
+        h = q.shape[1]
         p = self.dropout if self.training else 0.0
-        ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=self.head_mask, dropout_p=p)
+        mask = self.head_mask
+        if mask is not None and mask.shape[-1] != h:
+            mask = mask[..., :h]
+        ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=mask, dropout_p=p)
         return self.out(ctx.transpose(1, 2).reshape(b, lq, h * d))
 
 
@@ -264,7 +282,8 @@ class GridStem(nn.Module):
                 f"the grid stem made {f.shape[1]} cells but has position embeddings for "
                 f"{self.pos.shape[1]}; set grid_cells = (image_size / 2**len(grid_channels))**2."
             )
-        return self.proj(f) + self.pos
+        x = self.proj(f)
+        return x + self.pos[..., : x.shape[-1]]  # width slimming: the first features
 
 
 class RegionInput(nn.Module):
@@ -305,7 +324,8 @@ class MCAN(nn.Module):
         self.config, self.vocab_size, self.num_answers = config, vocab_size, num_answers
         c = config
         self.embedding = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
-        self.lstm = nn.LSTM(c.word_dim, c.hidden_size, batch_first=True)
+        lstm_size = c.lstm_size or c.hidden_size
+        self.lstm = nn.LSTM(c.word_dim, lstm_size, batch_first=True)
         self.visual = (
             GridStem(
                 c.grid_channels, c.hidden_size, c.grid_context_layers, c.grid_pool, c.grid_cells
@@ -313,6 +333,11 @@ class MCAN(nn.Module):
             if c.visual_input == "grid"
             else RegionInput(c)
         )
+        if c.width_adapters:
+            self.lang_adapter = nn.Sequential(
+                nn.Linear(lstm_size, c.hidden_size), nn.LayerNorm(c.hidden_size, eps=1e-6)
+            )
+            self.visual_norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
         self.encoder = nn.ModuleList(SALayer(c) for _ in range(c.num_layers))
         self.decoder = nn.ModuleList(SGALayer(c) for _ in range(c.num_layers))
         self.flat_lang = AttFlat(c)
@@ -345,12 +370,15 @@ class MCAN(nn.Module):
                 raise ValueError(
                     "this MCAN expects pixels (B, 3, H, W) (visual_input='grid'); got region features."
                 )
-            return self.visual(batch.visual), None
+            return self._visual_norm(self.visual(batch.visual)), None
         if batch.is_pixels:
             raise ValueError(
                 "this MCAN expects region features (B, N, D) (visual_input='regions'); got pixels."
             )
-        return self.visual(batch.visual, batch.boxes), batch.visual_mask
+        return self._visual_norm(self.visual(batch.visual, batch.boxes)), batch.visual_mask
+
+    def _visual_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual_norm(x) if self.config.width_adapters else x
 
     returns_extras = True
     """``forward(batch, return_extras=True)`` also returns the extra outputs (loss contract)."""
@@ -364,6 +392,8 @@ class MCAN(nn.Module):
         vector before fusion (the original RUBi's question-only branch)."""
         lang_mask = batch.text_mask.bool()
         lang, _ = self.lstm(self.embedding(batch.text_ids))
+        if self.config.width_adapters:
+            lang = self.lang_adapter(lang)
         img, img_mask = self.encode_visual(batch)
         for layer in self.encoder:
             lang = layer(lang, lang_mask)
@@ -420,7 +450,61 @@ class MCAN(nn.Module):
         }  # fmt: skip
         an.extra_modules = {lang: ["embedding", "lstm"], vis: ["visual"], cross: ["flat_lang", "flat_img", "norm"]}  # fmt: skip
         an.head_modules = ["classifier"]
+        if c.width_adapters:
+            an.extra_weights[lang] += prunable_weights_in(self.lang_adapter, "lang_adapter")
+            an.extra_modules[lang].append("lang_adapter")
+            an.extra_modules[vis].append("visual_norm")
+        an.slim = self._slim_spec()
         return an
+
+    def _slim_spec(self) -> SlimSpec:
+        """BST's slimming of MCAN: the hidden width inside the adapters, the encoder, the
+        decoder and both AttFlat reductions (their MLP and output too, as in MILVLG/bst); the
+        embeddings, the LSTM and the answer classifier's outputs stay full. Depth keeps the
+        encoder's layers in the order ``[0, 5, 1, 4, 2, 3]`` and the decoder's in
+        ``[5, 0, 1, 4, 2, 3]`` (generalised: the decoder's last layer first)."""
+        c = self.config
+        enc = default_depth_priority(c.num_layers)
+        dec = (c.num_layers - 1, *(i for i in enc if i != c.num_layers - 1))
+        priority = {"encoder": enc, "decoder": dec}
+        if not c.width_adapters or c.flat_glimpses != 1:
+            return SlimSpec(region=(), depth_priority=priority)  # depth only
+        region = ("lang_adapter", "encoder", "decoder", "flat_lang", "flat_img")
+        visual = ("visual.proj",)
+        params = ("visual.pos",) if c.visual_input == "grid" else ()
+        return SlimSpec(
+            region=region + visual,
+            fixed=("flat_lang.mlp.3", "flat_img.mlp.3"),
+            params=params,
+            depth_priority=priority,
+        )
+
+    def slimmed_options(self, width: float, layers: int) -> dict[str, Any]:
+        """Option overrides that build this model's submodel at ``width`` with ``layers``
+        encoder and decoder layers (what an exported submodel's config records).
+
+        Raises:
+            ValueError: when the width does not keep the head size (hidden / heads).
+        """
+        from vlcompress.compress.slimmable import scaled
+
+        c = self.config
+        out = {
+            "hidden_size": scaled(c.hidden_size, width),
+            "num_heads": scaled(c.num_heads, width),
+            "ffn_size": scaled(c.ffn_size, width),
+            "flat_mlp_size": scaled(c.flat_mlp_size, width),
+            "flat_out_size": scaled(c.flat_out_size, width),
+            "num_layers": int(layers),
+            "lstm_size": c.lstm_size or c.hidden_size,
+        }
+        if out["hidden_size"] != out["num_heads"] * c.head_dim:
+            raise ValueError(
+                f"width {width} gives hidden {out['hidden_size']} but {out['num_heads']} heads "
+                f"of {c.head_dim}; choose a width that keeps whole heads (multiples of "
+                f"1/{c.num_heads})."
+            )
+        return out
 
 
 for _variant, _defaults in MCAN_VARIANTS.items():

@@ -28,7 +28,7 @@ Example::
     original = anatomy.bypass_layer(model, anatomy.stacks["encoder.layer"][-1])
 """
 
-from vlcompress.models.anatomy.bypass import LayerBypass, build_output, output_template
+from vlcompress.models.anatomy.bypass import LayerBypass, SkipForward, build_output, output_template
 from vlcompress.models.anatomy.core import Anatomy, prunable_weights_in
 from vlcompress.models.anatomy.coverage import CoverageReport
 from vlcompress.models.anatomy.masks import MaskHandle
@@ -53,7 +53,9 @@ from vlcompress.models.anatomy.specs import (
     LayerSpec,
     Modality,
     OutputTemplate,
+    SlimSpec,
     Stream,
+    default_depth_priority,
 )
 
 __all__ = [
@@ -72,10 +74,13 @@ __all__ = [
     "MaskHandle",
     "Modality",
     "OutputTemplate",
+    "SkipForward",
+    "SlimSpec",
     "Stream",
     "anatomy_from_patterns",
     "anatomy_of",
     "build_output",
+    "default_depth_priority",
     "num_heads_of",
     "output_template",
     "prunable_weights_in",

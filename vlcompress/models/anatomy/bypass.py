@@ -30,7 +30,7 @@ from torch import nn
 
 from vlcompress.models.anatomy.specs import OutputTemplate, Stream, _check_template
 
-__all__ = ["LayerBypass", "build_output", "output_template"]
+__all__ = ["LayerBypass", "SkipForward", "build_output", "output_template"]
 
 log = logging.getLogger(__name__)
 
@@ -417,3 +417,36 @@ class LayerBypass(nn.Module):
     def extra_repr(self) -> str:
         """Streams and output structure."""
         return f"streams={self.streams}, output={self.output_template}"
+
+
+# ---------------------------------------------------------------------- skipping in place
+class SkipForward:
+    """A layer's ``forward`` while it is skipped in place (see :meth:`Anatomy.skip_layer`).
+
+    Set as an instance attribute of the layer, it shadows the class's ``forward``: the layer
+    stays where it is (its parameters stay in ``state_dict``, its hooks still fire) but returns
+    its input streams in its output structure. Without a declared template the structure is
+    learned on the first call by running the layer's own forward once.
+
+    Args:
+        layer: the layer.
+        streams: as :attr:`~vlcompress.models.anatomy.specs.LayerSpec.streams`.
+        output: the output template (``None`` = learn it on the first call).
+    """
+
+    def __init__(
+        self, layer: nn.Module, streams: Sequence[int | str], output: OutputTemplate
+    ) -> None:
+        self.layer = layer
+        self.streams = tuple(streams)
+        self.output = output
+        self.signature = tuple(_positional_names(type(layer).forward)[1:])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Return the input streams in the layer's output structure."""
+        streams = _get_streams(self.streams, args, kwargs, self.signature)
+        if self.output is None:
+            with torch.no_grad():
+                out = type(self.layer).forward(self.layer, *args, **kwargs)
+            self.output = output_template(out, streams)
+        return build_output(self.output, streams)

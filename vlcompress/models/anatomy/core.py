@@ -14,6 +14,7 @@ from torch import nn
 
 from vlcompress.models.anatomy.bypass import (
     LayerBypass,
+    SkipForward,
     _get_streams,
     _positional_names,
     output_template,
@@ -26,6 +27,8 @@ from vlcompress.models.anatomy.specs import (
     LayerSpec,
     Modality,
     OutputTemplate,
+    SlimSpec,
+    default_depth_priority,
 )
 
 __all__ = ["Anatomy", "prunable_weights_in"]
@@ -115,6 +118,9 @@ class Anatomy:
             belong to it (embeddings, input projections, norms, pooler): they count as
             declared in :meth:`coverage` but are not pruned unless also in ``extra_weights``.
         head_modules: module paths of the task head (never pruned by default).
+        slim: where the hidden width lives and the depth order of each stack, for width and
+            depth slimming (``None``: the layers and :attr:`extra_modules` are the width
+            region, the stacks keep :func:`default_depth_priority`).
 
     Example::
 
@@ -131,6 +137,7 @@ class Anatomy:
     extra_weights: dict[Modality, list[str]] = field(default_factory=dict)
     extra_modules: dict[Modality, list[str]] = field(default_factory=dict)
     head_modules: list[str] = field(default_factory=list)
+    slim: SlimSpec | None = None
 
     # ------------------------------------------------------------ building
     def add_layer(self, spec: LayerSpec, readout: bool = True) -> LayerSpec:
@@ -189,6 +196,7 @@ class Anatomy:
             extra_weights={m: [p(n) for n in ns] for m, ns in self.extra_weights.items()},
             extra_modules={m: [p(n) for n in ns] for m, ns in self.extra_modules.items()},
             head_modules=[p(n) for n in self.head_modules],
+            slim=self.slim.prefixed(prefix) if self.slim is not None else None,
         )
 
     def merge(self, other: Anatomy) -> Anatomy:
@@ -217,6 +225,13 @@ class Anatomy:
             for m, names in source.items():
                 target.setdefault(m, []).extend(n for n in names if n not in target.get(m, []))
         self.head_modules += [h for h in other.head_modules if h not in self.head_modules]
+        if other.slim is not None:
+            mine = self.slim
+            self.slim = other.slim if mine is None else SlimSpec(
+                mine.region + other.slim.region, mine.fixed + other.slim.fixed,
+                mine.params + other.slim.params,
+                {**mine.depth_priority, **other.slim.depth_priority},
+            )  # fmt: skip
         return self
 
     # ------------------------------------------------------------ look-ups
@@ -359,6 +374,19 @@ class Anatomy:
                          for p in paths if p not in modules and p not in params]  # fmt: skip
         for p in self.head_modules:
             need(p, "task-head module")
+        if self.slim is not None:
+            for path in self.slim.region + self.slim.fixed:
+                if path:
+                    need(path, "slimming-region module")
+            problems += [f"slimmed parameter {n!r} is not a parameter of the model"
+                         for n in self.slim.params if n not in params]  # fmt: skip
+            for stack, order in self.slim.depth_priority.items():
+                if stack not in self.stacks:
+                    problems.append(f"depth_priority names {stack!r}, not a stack "
+                                    f"({sorted(self.stacks)})")  # fmt: skip
+                elif len(order) != len(self.stacks[stack]):
+                    problems.append(f"depth_priority[{stack!r}] orders {len(order)} layers; "
+                                    f"the stack has {len(self.stacks[stack])}")  # fmt: skip
         if problems:
             raise ValueError(
                 f"the anatomy does not match {type(model).__name__} ({len(problems)} "
@@ -533,6 +561,53 @@ class Anatomy:
         current = model.get_submodule(name)
         bypass = LayerBypass.standing_in_for(current, adapter, spec.streams, spec.output)
         return self.replace_layer(model, name, bypass)
+
+    def skip_layer(self, model: nn.Module, name: str) -> None:
+        """Skip layer ``name`` in place: it returns its input streams (in exactly the
+        structure its caller expects) until :meth:`unskip_layer`.
+
+        Unlike :meth:`bypass_layer` the layer stays in the model: its parameters stay in
+        ``model.parameters()`` and ``state_dict`` (an optimiser and a checkpoint see no
+        change), which suits switching layers on and off every step (depth slimming, skipping
+        search). Skipping a skipped layer does nothing.
+
+        Raises:
+            KeyError: for an undeclared layer.
+        """
+        spec = self.layer(name)
+        layer = model.get_submodule(name)
+        if not isinstance(layer.__dict__.get("forward"), SkipForward):
+            layer.__dict__["forward"] = SkipForward(layer, spec.streams, spec.output)
+
+    def unskip_layer(self, model: nn.Module, name: str) -> None:
+        """Run layer ``name`` again after :meth:`skip_layer` (nothing happens if it is not
+        skipped).
+
+        Raises:
+            KeyError: for an undeclared layer.
+        """
+        self.layer(name)
+        layer = model.get_submodule(name)
+        if isinstance(layer.__dict__.get("forward"), SkipForward):
+            del layer.__dict__["forward"]
+
+    def skipped(self, model: nn.Module) -> list[str]:
+        """The declared layers now skipped in place (:meth:`skip_layer`)."""
+        modules = dict(model.named_modules())
+        return [x.name for x in self.layers
+                if isinstance(getattr(modules.get(x.name), "__dict__", {}).get("forward"), SkipForward)]  # fmt: skip
+
+    def depth_priority(self, stack: str) -> tuple[int, ...]:
+        """The order in which ``stack`` keeps its layers when depth shrinks (declared in
+        :attr:`slim`, else :func:`~vlcompress.models.anatomy.specs.default_depth_priority`).
+
+        Raises:
+            KeyError: for an unknown stack.
+        """
+        if stack not in self.stacks:
+            raise KeyError(f"unknown stack {stack!r}; the anatomy has {sorted(self.stacks)}")
+        declared = self.slim.depth_priority.get(stack) if self.slim is not None else None
+        return declared or default_depth_priority(len(self.stacks[stack]))
 
     def learn_calls(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, OutputTemplate]:
         """Run ``model(*args, **kwargs)`` once (without gradients) and record, for every layer

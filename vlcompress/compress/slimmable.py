@@ -1,0 +1,504 @@
+"""Width and depth slimming of any anatomy-declared transformer, by slicing weights at run time.
+
+One set of weights holds many submodels (Bilaterally Slimmable Transformer, seed 001). A
+submodel ``(width w, depth d)``:
+
+* **width** — every ``nn.Linear`` / ``nn.Embedding`` in the anatomy's width region
+  (:class:`~vlcompress.models.anatomy.SlimSpec`) uses only its first outputs: attention
+  q / k / v projections their first ``⌊H·w⌋`` whole heads (head size fixed), FFN up
+  projections their first ``⌊F·w⌋`` units, every other one its first ``⌊n·w⌋`` outputs (the
+  hidden width itself, the output projections). Every ``nn.Linear`` and ``nn.LayerNorm`` of the
+  model reads only as many input features as it is given (the first columns of its weight, the
+  first affine parameters), so the narrower stream flows through the whole model and a task
+  head outside the region reads it unchanged in its outputs;
+* **depth** — each stack keeps its first ``⌊L·d⌋`` layers in the declared priority order and
+  runs them in index order; the others are skipped in place
+  (:meth:`~vlcompress.models.anatomy.Anatomy.skip_layer`).
+
+Slicing is a view: no weight is copied and no mask multiplies anything, so the compute really
+falls, and the attention kernel sees only the live heads. At ``w = d = 1`` the modules run their
+plain forward: the model is exactly the original one. The modules keep their class's
+``state_dict`` layout (they are instances of thin subclasses of ``nn.Linear``,
+``nn.LayerNorm``, ``nn.Embedding`` while attached), so optimisers and checkpoints see no change.
+
+Example::
+
+    slim = Slimmable(model)                   # anatomy_of(model) unless given
+    with slim.submodel(0.5, 1 / 3):
+        logits = model(batch)                 # half the width, a third of the layers
+    small = slim.export(Submodel(0.25, 1 / 6), batch)   # a physically smaller plain copy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcompress.models.anatomy import Anatomy, SlimSpec, anatomy_of
+
+__all__ = [
+    "TRIANGLE",
+    "SlicedEmbedding",
+    "SlicedLayerNorm",
+    "SlicedLinear",
+    "Slimmable",
+    "Submodel",
+    "parse_space",
+    "scaled",
+]
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-9
+
+
+def scaled(n: int, fraction: float) -> int:
+    """``⌊n · fraction⌋``, at least 1 (the size of a slimmed dimension)."""
+    return max(1, int(math.floor(n * fraction + _EPS)))
+
+
+def _fraction_text(x: float) -> str:
+    f = Fraction(x).limit_denominator(24)
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+@dataclass(frozen=True, order=True)
+class Submodel:
+    """One point of the submodel space: a width and a depth fraction in ``(0, 1]``.
+
+    Raises:
+        ValueError: for a fraction outside ``(0, 1]``.
+    """
+
+    width: float
+    depth: float
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth"):
+            value = float(getattr(self, name))
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"submodel {name} must be in (0, 1], got {value}.")
+            object.__setattr__(self, name, value)
+
+    @property
+    def name(self) -> str:
+        """``"w1/4-d1/6"``: human-readable, used in tables and plots."""
+        return f"w{_fraction_text(self.width)}-d{_fraction_text(self.depth)}"
+
+    @property
+    def key(self) -> str:
+        """``"w0.25_d0.167"``: safe in metric names and file names."""
+        return f"w{self.width:.3g}_d{self.depth:.3g}"
+
+    @property
+    def is_full(self) -> bool:
+        """Width and depth 1: the original model."""
+        return self.width == 1.0 and self.depth == 1.0
+
+
+_Q, _H, _T = Fraction(1, 4), Fraction(1, 2), Fraction(3, 4)
+TRIANGLE: tuple[Submodel, ...] = tuple(
+    Submodel(float(w), float(d))
+    for w, d in [(_Q, Fraction(1, 6)), (_Q, Fraction(1, 3)), (_Q, Fraction(2, 3)), (_Q, 1),
+                 (_H, Fraction(1, 3)), (_H, Fraction(2, 3)), (_H, 1),
+                 (_T, Fraction(2, 3)), (_T, 1), (1, 1)]
+)  # fmt: skip
+"""BST's submodel space: the 10 (width, depth) pairs where a wider submodel is at least as
+deep (widths 1/4..1, depths 1/6..1 of 6 layers)."""
+
+
+def parse_space(space: str | Iterable[Any]) -> list[Submodel]:
+    """A submodel space from ``"triangle"`` or a list of ``[width, depth]`` pairs (numbers or
+    strings such as ``"1/3"``), sorted from the smallest to the largest.
+
+    Raises:
+        ValueError: for an unknown name, a malformed pair, a fraction outside ``(0, 1]``,
+            duplicates, or an empty space.
+    """
+    if isinstance(space, str):
+        if space != "triangle":
+            raise ValueError(f"unknown submodel space {space!r}; use 'triangle' or a list of "
+                             "[width, depth] pairs, e.g. [[0.25, 1], [1, 1]].")  # fmt: skip
+        return sorted(TRIANGLE)
+    out = []
+    for item in space:
+        try:
+            w, d = item
+            out.append(Submodel(float(Fraction(str(w))), float(Fraction(str(d)))))
+        except (TypeError, ValueError, ZeroDivisionError) as err:
+            raise ValueError(
+                f"submodel space entry {item!r}: expected [width, depth] with fractions in "
+                f"(0, 1] such as [0.5, '1/3'] ({err})."
+            ) from None
+    if not out:
+        raise ValueError("the submodel space is empty; give 'triangle' or [width, depth] pairs.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"the submodel space has duplicates: {[s.name for s in out]}.")
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------- sliced modules
+def _check_in(module: nn.Module, n_in: int, full: int) -> None:
+    if n_in > full:
+        raise ValueError(
+            f"{type(module).__name__} got {n_in} input features but has {full}; the stream "
+            "feeding it is wider than the module (is a module that widens the stream missing "
+            "from the anatomy's SlimSpec.region?)."
+        )
+
+
+class SlicedLinear(nn.Linear):
+    """An ``nn.Linear`` that reads its first ``x.shape[-1]`` inputs and, when
+    :attr:`slim_out` is set, computes only its first ``slim_out`` outputs (views, no copies)."""
+
+    slim_out: int | None = None
+    seen_in: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[..., :n_in] @ W[:n_out, :n_in].T + b[:n_out]``."""
+        n_in, n_out = x.shape[-1], self.slim_out
+        self.seen_in = n_in
+        if n_out is None and n_in == self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        _check_in(self, n_in, self.in_features)
+        n_out = self.out_features if n_out is None else n_out
+        bias = None if self.bias is None else self.bias[:n_out]
+        return F.linear(x, self.weight[:n_out, :n_in], bias)
+
+
+class SlicedLayerNorm(nn.LayerNorm):
+    """An ``nn.LayerNorm`` over the last ``x.shape[-1]`` features, with the first affine
+    parameters."""
+
+    seen_in: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the features ``x`` has."""
+        n = x.shape[-1]
+        self.seen_in = n
+        if n == self.normalized_shape[0]:
+            return super().forward(x)
+        _check_in(self, n, self.normalized_shape[0])
+        w = None if self.weight is None else self.weight[:n]
+        b = None if self.bias is None else self.bias[:n]
+        return F.layer_norm(x, (n,), w, b, self.eps)
+
+
+class SlicedEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose vectors keep only their first :attr:`slim_out` entries."""
+
+    slim_out: int | None = None
+    seen_in: int | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Look up ``ids`` in the first ``slim_out`` columns of the table."""
+        if self.slim_out is None:
+            return super().forward(ids)
+        return F.embedding(ids, self.weight[:, : self.slim_out], self.padding_idx)
+
+
+_SLICED = {nn.Linear: SlicedLinear, nn.LayerNorm: SlicedLayerNorm, nn.Embedding: SlicedEmbedding}
+_PLAIN = {v: k for k, v in _SLICED.items()}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How many outputs a module keeps at width ``w``."""
+
+    size: int  # full size (units, or heads for kind == "heads")
+    kind: str  # "units" | "heads"
+    head_dim: int = 1
+
+    def at(self, width: float) -> int | None:
+        if width >= 1.0:
+            return None
+        return scaled(self.size, width) * self.head_dim
+
+
+# ---------------------------------------------------------------------- the controller
+class Slimmable:
+    """Run-time width / depth slimming of ``model`` through its anatomy.
+
+    Args:
+        model: the model (its ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` modules
+            become their sliced subclasses until :meth:`detach`).
+        anatomy: its anatomy (default: :func:`~vlcompress.models.anatomy.anatomy_of`).
+
+    Raises:
+        ValueError: for an anatomy whose width region holds fused or packed attention
+            projections, or an ``nn.Embedding`` with ``max_norm`` in the region.
+        TypeError: for a region module that is a subclass of ``nn.Linear`` / ``nn.Embedding``
+            (its own forward would be bypassed).
+
+    Example::
+
+        slim = Slimmable(model)
+        slim.set(Submodel(0.5, 1.0))
+        ...
+        slim.set(Submodel(1.0, 1.0))     # back to the full model
+    """
+
+    def __init__(self, model: nn.Module, anatomy: Anatomy | None = None) -> None:
+        self.model = model
+        self.anatomy = anatomy if anatomy is not None else anatomy_of(model)
+        self.spec = self.anatomy.slim or _default_spec(self.anatomy)
+        self.rules: dict[str, _Rule] = self._rules()
+        self.current = Submodel(1.0, 1.0)
+        self.attached = False
+        self.attach()
+
+    # ------------------------------------------------------------------ set-up
+    def _rules(self) -> dict[str, _Rule]:
+        modules = dict(self.model.named_modules())
+        rules: dict[str, _Rule] = {}
+        for a in self.anatomy.attentions:
+            if not self.spec.in_region(a.q):
+                continue
+            if a.layout != "separate":
+                raise ValueError(
+                    f"width slimming of {a.name}: its q/k/v projections are {a.layout} "
+                    "(one module); only separate q/k/v projections can be sliced by head. "
+                    "Leave the block out of SlimSpec.region."
+                )
+            for p in (a.q, a.k, a.v):
+                rules[p] = _Rule(a.num_heads, "heads", a.head_dim)
+        for f in self.anatomy.ffns:
+            if self.spec.in_region(f.up):
+                rules[f.up] = _Rule(f.inner_dim, "units")
+        for path, m in modules.items():
+            if path in rules or not self.spec.in_region(path):
+                continue
+            if type(m) in (nn.Linear, SlicedLinear):
+                rules[path] = _Rule(m.out_features, "units")
+            elif type(m) in (nn.Embedding, SlicedEmbedding):
+                if m.max_norm is not None:
+                    raise ValueError(f"width slimming of {path}: an nn.Embedding with max_norm "
+                                     "renormalises rows in place; slice it only without.")  # fmt: skip
+                rules[path] = _Rule(m.embedding_dim, "units")
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                raise TypeError(
+                    f"width slimming of {path}: {type(m).__name__} subclasses "
+                    f"{'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Embedding'}; its own "
+                    "forward would be replaced. Use the plain module or leave it out of "
+                    "SlimSpec.region."
+                )
+        for path in rules:
+            if path not in modules:
+                raise ValueError(f"width slimming: {path!r} is not a module of the model")
+        return rules
+
+    def attach(self) -> None:
+        """Make every plain ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` sliceable
+        (done by the constructor; after :meth:`detach`, again)."""
+        if self.attached:
+            return
+        for m in self.model.modules():
+            cls = _SLICED.get(type(m))
+            if cls is not None:
+                m.__class__ = cls
+        self.attached = True
+        self.set(self.current)
+
+    def detach(self) -> None:
+        """Back to the full model and the plain module classes."""
+        if not self.attached:
+            return
+        self.set(Submodel(1.0, 1.0))
+        for m in self.model.modules():
+            plain = _PLAIN.get(type(m))
+            if plain is not None:
+                m.__class__ = plain
+                for attr in ("slim_out", "seen_in"):
+                    m.__dict__.pop(attr, None)
+        self.attached = False
+
+    # ------------------------------------------------------------------ switching
+    def layers_at(self, depth: float) -> dict[str, list[int]]:
+        """Per stack, the indices of the layers kept at ``depth`` (index order)."""
+        out = {}
+        for stack, names in self.anatomy.stacks.items():
+            k = scaled(len(names), depth)
+            out[stack] = sorted(self.anatomy.depth_priority(stack)[:k])
+        return out
+
+    def set(self, submodel: Submodel) -> None:
+        """Switch the model to ``submodel`` (cheap: sets a few hundred integers)."""
+        if not self.attached:
+            raise RuntimeError("Slimmable.set after detach(); call attach() first.")
+        modules = dict(self.model.named_modules())
+        for path, rule in self.rules.items():
+            modules[path].slim_out = rule.at(submodel.width)
+        for stack, kept in self.layers_at(submodel.depth).items():
+            for i, name in enumerate(self.anatomy.stacks[stack]):
+                if i in kept:
+                    self.anatomy.unskip_layer(self.model, name)
+                else:
+                    self.anatomy.skip_layer(self.model, name)
+        self.current = submodel
+
+    @contextlib.contextmanager
+    def submodel(self, width: float | Submodel, depth: float = 1.0) -> Iterator[Submodel]:
+        """Run ``submodel`` inside the ``with`` block, then restore the previous one."""
+        target = width if isinstance(width, Submodel) else Submodel(width, depth)
+        previous = self.current
+        self.set(target)
+        try:
+            yield target
+        finally:
+            self.set(previous)
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def export(self, submodel: Submodel, *example: Any, **example_kwargs: Any) -> nn.Module:
+        """A physically smaller, plain copy of ``submodel``: sliced weights copied into
+        plain modules of the new sizes, skipped layers removed (a stack that is an
+        ``nn.ModuleList`` is renumbered), head-count attributes and a Hugging Face
+        ``config`` updated. The copy needs nothing from this module to run and computes what
+        the slimmed model computes.
+
+        Args:
+            submodel: the submodel.
+            example, example_kwargs: one input of the model: it is run once at ``submodel`` to
+                see how many features reach every module.
+
+        Returns:
+            The copy (in the model's training mode; the model itself is unchanged).
+        """
+        with self.submodel(submodel):
+            for m in self.model.modules():
+                if isinstance(m, (SlicedLinear, SlicedLayerNorm)):
+                    m.seen_in = None
+            was = self.model.training
+            self.model.eval()
+            try:
+                self.model(*example, **example_kwargs)
+            finally:
+                self.model.train(was)
+            kept = self.layers_at(submodel.depth)
+            copied = copy.deepcopy(self.model)
+        self._shrink(copied, submodel, kept)
+        return copied
+
+    def _shrink(self, copied: nn.Module, submodel: Submodel, kept: Mapping[str, list[int]]) -> None:
+        from vlcompress.compress.structured import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
+
+        def param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+            return nn.Parameter(t.clone(), requires_grad=like.requires_grad)
+
+        for m in copied.modules():
+            if isinstance(m, SlicedLinear):
+                n_out = m.slim_out or m.out_features
+                n_in = m.seen_in or m.in_features
+                m.weight = param(m.weight[:n_out, :n_in], m.weight)
+                if m.bias is not None:
+                    m.bias = param(m.bias[:n_out], m.bias)
+                m.in_features, m.out_features = n_in, n_out
+            elif isinstance(m, SlicedEmbedding) and m.slim_out is not None:
+                m.weight = param(m.weight[:, : m.slim_out], m.weight)
+                m.embedding_dim = m.slim_out
+            elif isinstance(m, SlicedLayerNorm) and m.seen_in is not None:
+                n = m.seen_in
+                m.normalized_shape = (n,)
+                if m.weight is not None:
+                    m.weight = param(m.weight[:n], m.weight)
+                if m.bias is not None:
+                    m.bias = param(m.bias[:n], m.bias)
+            plain = _PLAIN.get(type(m))
+            if plain is not None:
+                m.__class__ = plain
+                for attr in ("slim_out", "seen_in"):
+                    m.__dict__.pop(attr, None)
+        for path in self.spec.params:
+            owner, _, name = path.rpartition(".")
+            mod = copied.get_submodule(owner) if owner else copied
+            p = getattr(mod, name)
+            setattr(mod, name, param(p[..., : scaled(p.shape[-1], submodel.width)], p))
+        for a in self.anatomy.attentions:
+            if a.q not in self.rules:
+                continue
+            heads = scaled(a.num_heads, submodel.width)
+            for m in copied.get_submodule(a.name).modules():
+                for attr in HEAD_COUNT_ATTRS:
+                    if m.__dict__.get(attr) == a.num_heads:
+                        setattr(m, attr, heads)
+                for attr in HEAD_WIDTH_ATTRS:
+                    if m.__dict__.get(attr) == a.width:
+                        setattr(m, attr, heads * a.head_dim)
+        for stack, names in self.anatomy.stacks.items():
+            keep = kept[stack]
+            for name in names:
+                copied.get_submodule(name).__dict__.pop("forward", None)
+            parent_name = names[0].rpartition(".")[0]
+            parent = copied.get_submodule(parent_name) if parent_name else copied
+            numbered = [f"{parent_name}.{i}" if parent_name else str(i) for i in range(len(names))]
+            if (
+                isinstance(parent, nn.ModuleList)
+                and names == numbered
+                and len(parent) == len(names)
+            ):
+                grand, _, attr = parent_name.rpartition(".")
+                owner = copied.get_submodule(grand) if grand else copied
+                setattr(owner, attr, nn.ModuleList(parent[i] for i in keep))
+            else:
+                for i, name in enumerate(names):
+                    if i not in keep:
+                        self.anatomy.bypass_layer(copied, name)
+        _update_hf_config(copied, self.anatomy, submodel, kept)
+        counts = {len(v) for v in kept.values()}
+        options = getattr(copied, "slimmed_options", None)
+        if options is not None and len(counts) == 1 and dataclasses.is_dataclass(copied.config):
+            new = options(submodel.width, next(iter(counts)))
+            copied.config = dataclasses.replace(copied.config, **new)
+
+
+def _default_spec(anatomy: Anatomy) -> SlimSpec:
+    """The width region of an anatomy without a :class:`SlimSpec`: its layers and the extra
+    modules of every modality (embeddings, input projections, pooler)."""
+    region = [x.name for x in anatomy.layers]
+    for paths in anatomy.extra_modules.values():
+        region += paths
+    return SlimSpec(region=tuple(region))
+
+
+def _update_hf_config(
+    copied: nn.Module, anatomy: Anatomy, submodel: Submodel, kept: Mapping[str, list[int]]
+) -> None:
+    """Update a Hugging Face ``config`` (hidden size, heads, FFN size, layer count) of every
+    module that has one, so that code reading it agrees with the shrunk modules."""
+    heads = {a.num_heads for a in anatomy.attentions}
+    inner = {f.inner_dim for f in anatomy.ffns}
+    layers = {len(v) for v in kept.values()}
+    seen: set[int] = set()
+    for m in copied.modules():
+        cfg = getattr(m, "config", None)
+        hf = type(cfg).__module__.startswith("transformers.")
+        if cfg is None or not hf or id(cfg) in seen or not hasattr(cfg, "hidden_size"):
+            continue
+        seen.add(id(cfg))
+        cfg.hidden_size = scaled(cfg.hidden_size, submodel.width)
+        if getattr(cfg, "num_attention_heads", None) in heads:
+            cfg.num_attention_heads = scaled(cfg.num_attention_heads, submodel.width)
+        if getattr(cfg, "intermediate_size", None) in inner:
+            cfg.intermediate_size = scaled(cfg.intermediate_size, submodel.width)
+        if hasattr(cfg, "num_hidden_layers") and len(layers) == 1:
+            cfg.num_hidden_layers = next(iter(layers))
+
+
+def parameters_of(modules: Sequence[nn.Module]) -> int:
+    """Distinct parameter elements of ``modules``."""
+    seen: dict[int, int] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
