@@ -15,6 +15,7 @@ from vlcompress.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLos
 from vlcompress.callbacks.magnitude_pruning import MagnitudePruning, masks_in_checkpoint
 from vlcompress.callbacks.mask_training import MaskTraining
 from vlcompress.callbacks.pruning_base import PruningCallback
+from vlcompress.callbacks.slimmable_training import SlimmableTraining, distillation_loss
 from vlcompress.callbacks.structured_pruning import StructuredPruning
 
 __all__ = [
@@ -24,8 +25,10 @@ __all__ = [
     "MaskTraining",
     "NonFiniteLossError",
     "PruningCallback",
+    "SlimmableTraining",
     "StructuredPruning",
     "collect_report_rows",
     "collect_reports",
+    "distillation_loss",
     "masks_in_checkpoint",
 ]

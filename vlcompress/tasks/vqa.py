@@ -138,6 +138,16 @@ class VQATask(L.LightningModule):
         """Predicted answer strings."""
         return [self.answers[i] for i in logits.argmax(dim=-1).tolist()]
 
+    def example_scores(self, logits: torch.Tensor, batch: VLBatch) -> torch.Tensor:
+        """The official VQA accuracy of each example's top answer, ``(B,)`` (what callbacks
+        that evaluate several models on one batch score with, e.g. ``SlimmableTraining``)."""
+        from vlcompress.metrics.vqa_eval import answer_accuracy
+
+        if batch.answers is None:
+            raise ValueError("example_scores needs the batch's human answers (batch.answers).")
+        scores = [answer_accuracy(p, a) for p, a in zip(self.decode(logits), batch.answers)]
+        return torch.tensor(scores, dtype=torch.float32)
+
     def training_step(self, batch: VLBatch, batch_idx: int) -> torch.Tensor:
         """Loss on one training batch."""
         logits, extras = self.forward_extras(batch)

@@ -1,0 +1,484 @@
+"""``SlimmableTraining``: train one model for many widths and depths at once (the Bilaterally
+Slimmable Transformer, seed 001), evaluate every submodel, report accuracy against cost."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcompress.callbacks.base import CompressionCallback
+from vlcompress.compress.slimmable import Slimmable, Submodel, parse_space
+from vlcompress.registry import register
+
+__all__ = ["SlimmableTraining", "distillation_loss"]
+
+log = logging.getLogger(__name__)
+
+DISTILL = ("teacher", "inplace", "none")
+LOSSES = ("bce", "kl")
+EVALUATE = ("all", "ends", "full")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """``bce``: binary cross-entropy to ``sigmoid(teacher)``, summed over answers and averaged
+    over the batch (BST on VQA); ``kl``: KL(softmax(teacher) || softmax(student)), averaged over
+    the batch (BST on GQA)."""
+    if kind == "bce":
+        target = torch.sigmoid(teacher)
+        loss = F.binary_cross_entropy_with_logits(student, target, reduction="sum")
+        return loss / student.shape[0]
+    return F.kl_div(
+        F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
+        reduction="batchmean",
+    )  # fmt: skip
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The logits in a model output: the tensor itself, the first item of a tuple, or
+    ``.logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"SlimmableTraining: cannot find the logits in the model's output "
+        f"({type(output).__name__}); return a tensor, a tuple starting with it, or an object "
+        "with .logits."
+    )
+
+
+def _one_example(obj: Any) -> Any:
+    """The first example of a model input (tensors, dataclass batches, containers)."""
+    from vlcompress.utils.flops import resize_batch
+
+    if isinstance(obj, torch.Tensor):
+        return obj[:1] if obj.dim() else obj
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return resize_batch(obj, 1)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_one_example(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _one_example(v) for k, v in obj.items()}
+    return obj
+
+
+@register("callback", "slimmable_training")
+class SlimmableTraining(CompressionCallback):
+    """Sandwich training of every (width, depth) submodel of one model, with distillation.
+
+    Each training step runs several submodels of :attr:`space` on the batch — the largest and
+    the smallest (``include_ends``) plus ``sample`` others drawn at random — and adds their
+    losses, so one optimiser step takes the sum of their gradients (as BST's backward per
+    submodel does; the graphs are held together, one backward). A submodel's loss is
+    ``gt_weight x`` the task's own loss plus the distillation loss to the targets:
+
+    * ``distill="teacher"`` — a fixed teacher (the full model loaded from ``teacher``, a
+      checkpoint or run folder; BST: the student starts from the teacher's weights,
+      ``init_from_teacher``; ground truth unused, ``gt_weight=0``);
+    * ``distill="inplace"`` — the largest submodel of the step learns from the task loss and
+      the others from its detached logits;
+    * ``distill="none"`` — every submodel learns from the task loss.
+
+    Width and depth are switched by :class:`~vlcompress.compress.slimmable.Slimmable` through
+    the anatomy (weight slicing and in-place layer skipping), so any anatomy-declared model
+    works and nothing about checkpoints changes. The sampled submodels come from a generator
+    seeded by the callback's seed and the global step: the same on every DDP rank and again
+    after a resume.
+
+    Validation and test evaluate the submodels of ``evaluate`` (``all`` of the space, its two
+    ``ends``, or only the ``full`` model) on every batch, log ``slim/<key>/val_acc`` and
+    ``slim/<key>/test_acc``, and report a table (accuracy, parameters, MACs, FLOPs per example
+    at the batch's input size) in ``results.json``, with a plot of accuracy against MACs
+    (``slimmable.png`` in the run folder). Per-example scores come from the LightningModule's
+    ``example_scores(logits, batch)`` (``VQATask``: the official VQA accuracy), else top-1
+    accuracy against ``batch.targets`` / ``batch["labels"]``.
+
+    Args:
+        space: ``"triangle"`` (BST's 10 pairs) or a list of ``[width, depth]`` pairs.
+        sample: how many other submodels each step draws at random (BST: 3).
+        include_ends: also train the largest and the smallest submodel every step.
+        distill: ``teacher``, ``inplace`` or ``none``.
+        teacher: the teacher's checkpoint (``.ckpt``) or run folder (``distill="teacher"``).
+        init_from_teacher: load the teacher's weights into the model before training.
+        distill_loss: ``bce`` (sigmoid targets, VQA) or ``kl`` (softmax, GQA).
+        gt_weight: weight of the task's own loss for the distilled submodels (BST: 0).
+        evaluate: which submodels validation and test evaluate.
+        seed, model_attr, patterns, name: see :class:`CompressionCallback`.
+
+    Raises:
+        ValueError: for a bad argument (an unknown choice, a teacher path missing with
+            ``distill="teacher"``, nothing to learn from with ``distill="none"`` and
+            ``gt_weight=0``).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SlimmableTraining(teacher="runs/mcan_full")])
+    """
+
+    def __init__(
+        self,
+        space: str | Iterable[Any] = "triangle",
+        *,
+        sample: int = 3,
+        include_ends: bool = True,
+        distill: str = "teacher",
+        teacher: str | None = None,
+        init_from_teacher: bool = True,
+        distill_loss: str = "bce",
+        gt_weight: float = 0.0,
+        evaluate: str = "all",
+        seed: int | None = None,
+        model_attr: Any = None,
+        patterns: Any = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(seed=seed, model_attr=model_attr, patterns=patterns, name=name)
+        try:
+            self.space = parse_space(space)
+        except ValueError as err:
+            raise ValueError(f"SlimmableTraining: space: {err}") from None
+        self.sample = self.check_argument("sample", sample, int, low=0)
+        self.include_ends = bool(include_ends)
+        self.distill = self.check_argument("distill", distill, str, choices=DISTILL)
+        self.distill_loss = self.check_argument("distill_loss", distill_loss, str, choices=LOSSES)
+        self.gt_weight = float(self.check_argument("gt_weight", gt_weight, (int, float), low=0.0))
+        self.evaluate = self.check_argument("evaluate", evaluate, str, choices=EVALUATE)
+        if distill == "teacher" and not teacher:
+            raise ValueError(
+                "SlimmableTraining: distill='teacher' needs teacher=<checkpoint or run folder> "
+                "(a trained full model); or use distill='inplace'."
+            )
+        if distill == "none" and self.gt_weight == 0:
+            raise ValueError(
+                "SlimmableTraining: distill='none' with gt_weight=0 leaves nothing to learn "
+                "from; set gt_weight > 0 (e.g. 1.0)."
+            )
+        if not self.include_ends and self.sample == 0:
+            raise ValueError("SlimmableTraining: sample=0 and include_ends=False train nothing.")
+        self.teacher_path = teacher
+        self.init_from_teacher = bool(init_from_teacher)
+        self.slim: Slimmable | None = None
+        self.teacher: nn.Module | None = None
+        self._captured: tuple[tuple, dict, Any] | None = None
+        self._capture = False
+        self._sums: dict[str, list[float]] = {}
+        self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.costs: dict[str, dict[str, int]] = {}
+        self.steps = 0
+        self.run_dir: Path | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Find the model, attach the slimming, load the teacher, wrap the training step."""
+        super().setup(trainer, pl_module, stage)
+        root = getattr(trainer, "default_root_dir", None)
+        self.run_dir = Path(root) if root else None
+        if self.slim is not None:
+            return
+        if self.distill == "teacher" and self.teacher_path:
+            self.teacher = self._load_teacher(pl_module)
+            if self.init_from_teacher and stage == "fit":
+                self.model.load_state_dict(self.teacher.state_dict())
+                log.info("student initialised from the teacher %s", self.teacher_path)
+        self.slim = Slimmable(self.model, self.anatomy)
+        self.model.register_forward_hook(self._on_forward, with_kwargs=True)
+        original = pl_module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._sandwich(pl_module, original, args, kwargs)
+
+        pl_module.training_step = training_step
+
+    def _model_prefix(self, pl_module: Any) -> str:
+        for name, module in pl_module.named_modules():
+            if module is self.model:
+                return name
+        return ""
+
+    def _load_teacher(self, pl_module: Any) -> nn.Module:
+        from vlcompress.utils.init_from import resolve_init_path
+
+        path = resolve_init_path(self.teacher_path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", ckpt)
+        prefix = self._model_prefix(pl_module)
+        if prefix:
+            state = {
+                k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")
+            }
+        teacher = copy.deepcopy(self.model)
+        problems = teacher.load_state_dict(state, strict=False)
+        if problems.missing_keys or problems.unexpected_keys:
+            raise ValueError(
+                f"SlimmableTraining: the teacher {path} does not fit this model: missing "
+                f"{problems.missing_keys[:5]}, unexpected {problems.unexpected_keys[:5]}. The "
+                "teacher must be the full model of the same architecture (for MCAN: "
+                "width_adapters: true in both)."
+            )
+        teacher.eval().requires_grad_(False)
+        log.info("teacher loaded from %s", path)
+        return teacher
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._capture:
+            self._captured = (args, kwargs, output)
+
+    # ------------------------------------------------------------------ training
+    def submodels_at(self, step: int) -> list[Submodel]:
+        """The submodels trained at global step ``step``: largest first, then smallest, then
+        the random ones (identical on every rank and after a resume)."""
+        ends = [self.space[-1], self.space[0]] if self.include_ends else []
+        ends = list(dict.fromkeys(ends))
+        rest = [s for s in self.space if s not in ends]
+        k = min(self.sample, len(rest))
+        order = torch.randperm(len(rest), generator=self.generator(step, salt="sandwich"))
+        return ends + [rest[i] for i in order[:k].tolist()]
+
+    def _targets(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        assert self.teacher is not None
+        device = next(self.model.parameters()).device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        with torch.no_grad():
+            return _logits(self.teacher(*args, **kwargs)).detach()
+
+    def _sandwich(self, pl_module: Any, original: Any, args: tuple, kwargs: dict) -> Any:
+        assert self.slim is not None
+        step = int(self._trainer.global_step) if self._trainer is not None else self.steps
+        subs = self.submodels_at(step)
+        total: torch.Tensor | None = None
+        targets: torch.Tensor | None = None
+        result: Any = None
+        try:
+            for i, sub in enumerate(subs):
+                self.slim.set(sub)
+                self._capture, self._captured = True, None
+                result = original(*args, **kwargs)
+                self._capture = False
+                if result is None:
+                    raise RuntimeError("SlimmableTraining: training_step returned None")
+                task_loss = result["loss"] if isinstance(result, Mapping) else result
+                if self._captured is None:
+                    raise RuntimeError(
+                        "SlimmableTraining: training_step did not call the model; the "
+                        "callback needs the model's logits (set model_attr)."
+                    )
+                m_args, m_kwargs, output = self._captured
+                logits = _logits(output)
+                if self.distill == "teacher":
+                    if targets is None:
+                        targets = self._targets(m_args, m_kwargs)
+                    loss = self.gt_weight * task_loss + distillation_loss(
+                        logits, targets, self.distill_loss
+                    )
+                elif self.distill == "inplace" and i > 0 and targets is not None:
+                    loss = self.gt_weight * task_loss + distillation_loss(
+                        logits, targets, self.distill_loss
+                    )
+                else:  # "none", or the largest submodel of an in-place step
+                    loss = task_loss
+                    if self.distill == "inplace" and sub == self.space[-1]:
+                        targets = logits.detach()
+                total = loss if total is None else total + loss
+        finally:
+            self._capture = False
+            self.slim.set(Submodel(1.0, 1.0))
+        self.steps += 1
+        pl_module.log("slim/train_loss", total.detach(), prog_bar=True, batch_size=_size(args))
+        pl_module.log("slim/submodels", float(len(subs)), batch_size=_size(args))
+        if isinstance(result, Mapping):
+            return {**result, "loss": total}
+        return total
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_space(self) -> list[Submodel]:
+        if self.evaluate == "all":
+            return list(self.space)
+        if self.evaluate == "ends":
+            return list(dict.fromkeys([self.space[0], self.space[-1]]))
+        return [Submodel(1.0, 1.0)]
+
+    def _scores(self, pl_module: Any, logits: torch.Tensor, batch: Any) -> torch.Tensor:
+        scorer = getattr(pl_module, "example_scores", None)
+        if scorer is not None:
+            return scorer(logits, batch).float()
+        labels = getattr(batch, "targets", None)
+        if labels is None and isinstance(batch, Mapping):
+            labels = batch.get("labels")
+        if labels is None:
+            raise ValueError(
+                "SlimmableTraining: cannot score the submodels: give the LightningModule an "
+                "example_scores(logits, batch) method, or batches with targets / labels."
+            )
+        if labels.dim() == logits.dim():
+            labels = labels.argmax(dim=-1)
+        return (logits.argmax(dim=-1) == labels).float()
+
+    def _eval_start(self) -> None:
+        self._sums = {s.key: [0.0, 0.0] for s in self._eval_space()}
+        self._capture = True
+
+    def _eval_batch(self, pl_module: Any, batch: Any) -> None:
+        if self._captured is None or self.slim is None:
+            return
+        args, kwargs, output = self._captured
+        self._captured = None
+        self._capture = False
+        try:
+            if not self.costs:
+                self._count_costs(args, kwargs)
+            with torch.no_grad():
+                for sub in self._eval_space():
+                    if sub.is_full:
+                        logits = _logits(output)
+                    else:
+                        with self.slim.submodel(sub):
+                            logits = _logits(self.model(*args, **kwargs))
+                    scores = self._scores(pl_module, logits, batch)
+                    acc = self._sums[sub.key]
+                    acc[0] += float(scores.sum())
+                    acc[1] += float(scores.numel())
+        finally:
+            self._capture = True
+
+    def _eval_end(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._capture = False
+        if not self._sums:
+            return
+        keys = list(self._sums)
+        sums = torch.tensor([self._sums[k] for k in keys], dtype=torch.float64)
+        reduce = getattr(getattr(trainer, "strategy", None), "reduce", None)
+        if reduce is not None and self.world_size > 1:
+            sums = reduce(sums.to(pl_module.device), reduce_op="sum").cpu()
+        rows = []
+        for sub, (total, count) in zip(self._eval_space(), sums.tolist()):
+            acc = total / count if count else float("nan")
+            pl_module.log(f"slim/{sub.key}/{stage}_acc", acc, sync_dist=False)
+            rows.append({"submodel": sub.name, "width": sub.width, "depth": sub.depth,
+                         "accuracy": acc, "examples": int(count), **self.costs.get(sub.key, {})})  # fmt: skip
+        self.tables[stage] = rows
+        self._sums = {}
+        if stage == "test" and self.is_global_zero and self.run_dir is not None:
+            self._plot(rows, self.run_dir / "slimmable.png")
+
+    def _count_costs(self, args: tuple, kwargs: dict) -> None:
+        from vlcompress.utils.flops import count_compute
+
+        assert self.slim is not None
+        one_args, one_kwargs = _one_example(args), _one_example(kwargs)
+        for sub in self.space:
+            small = self.slim.export(sub, *one_args, **one_kwargs)
+            compute = count_compute(small, *one_args, **one_kwargs)
+            self.costs[sub.key] = {
+                "parameters": sum(p.numel() for p in small.parameters()),
+                "macs": compute.macs,
+                "flops": compute.flops,
+            }
+            del small
+
+    @staticmethod
+    def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+        if not rows or "macs" not in rows[0]:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from vlcompress.utils.plots import save_figure
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        widths = sorted({r["width"] for r in rows})
+        for w in widths:
+            pts = sorted((r["macs"] / 1e6, r["accuracy"], r["submodel"]) for r in rows
+                         if r["width"] == w)  # fmt: skip
+            label = f"width {pts[0][2].split('-')[0][1:]}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            for x, y, name in pts:
+                ax.annotate(name.split("-")[1], (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("MACs per example (millions, log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("submodels of one slimmable model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save_figure(fig, path)
+        plt.close(fig)
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Start the per-submodel sums."""
+        self._eval_start()
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        """Evaluate the other submodels on the batch the task just evaluated."""
+        self._eval_batch(pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Log every submodel's validation accuracy."""
+        self._eval_end(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Start the per-submodel sums."""
+        self._eval_start()
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        """Evaluate the other submodels on the batch the task just tested."""
+        self._eval_batch(pl_module, batch)
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Log every submodel's test accuracy, plot accuracy against MACs."""
+        self._eval_end(trainer, pl_module, "test")
+
+    # ------------------------------------------------------------------ state and report
+    def state(self) -> dict[str, Any]:
+        """Steps taken and the last evaluation tables (the sampling itself is a function of
+        the seed and the step)."""
+        return {"steps": self.steps, "tables": self.tables}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue a resumed run."""
+        self.steps = int(state.get("steps", 0))
+        self.tables = dict(state.get("tables") or {})
+
+    def report(self) -> dict[str, Any]:
+        """The space, the training set-up and the per-submodel tables."""
+        return {
+            "space": [s.name for s in self.space],
+            "distill": self.distill,
+            "teacher": self.teacher_path,
+            "sandwich": {"include_ends": self.include_ends, "sample": self.sample},
+            "steps": self.steps,
+            **{f"{stage}_submodels": rows for stage, rows in self.tables.items()},
+        }
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        """One row per tested submodel: accuracy, parameters, MACs."""
+        out = []
+        for r in self.tables.get("test", []):
+            cost = ""
+            if "parameters" in r:
+                cost = f" ({r['parameters'] / 1e6:.2f} M params, {r['macs'] / 1e6:.1f} M MACs)"
+            out.append((f"test acc {r['submodel']}", f"{r['accuracy']:.4f}{cost}"))
+        return out
+
+
+def _size(args: tuple) -> int | None:
+    batch = args[0] if args else None
+    try:
+        return len(batch)  # type: ignore[arg-type]
+    except TypeError:
+        return None
