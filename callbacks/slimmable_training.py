@@ -108,7 +108,7 @@ class SlimmableTraining(CompressionCallback):
         space: ``"triangle"`` (BST's 10 pairs) or a list of ``[width, depth]`` pairs.
         sample: how many other submodels each step draws at random (BST: 3).
         include_ends: also train the largest and the smallest submodel every step.
-        distill: ``teacher``, ``inplace`` or ``none``.
+        distill: ``teacher`` (BST), ``inplace`` (the default: needs no teacher) or ``none``.
         teacher: the teacher's checkpoint (``.ckpt``) or run folder (``distill="teacher"``).
         init_from_teacher: load the teacher's weights into the model before training.
         distill_loss: ``bce`` (sigmoid targets, VQA) or ``kl`` (softmax, GQA).
@@ -123,7 +123,8 @@ class SlimmableTraining(CompressionCallback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[SlimmableTraining(teacher="runs/mcan_full")])
+        trainer = L.Trainer(callbacks=[SlimmableTraining(distill="teacher",
+                                                         teacher="runs/mcan_full")])
     """
 
     def __init__(
@@ -132,7 +133,7 @@ class SlimmableTraining(CompressionCallback):
         *,
         sample: int = 3,
         include_ends: bool = True,
-        distill: str = "teacher",
+        distill: str = "inplace",
         teacher: str | None = None,
         init_from_teacher: bool = True,
         distill_loss: str = "bce",

@@ -34,7 +34,7 @@ def test_component_declares_options_and_docs(kind, name):
 
 @pytest.mark.parametrize("name", registry.names("model"))
 def test_model_builds_and_declares_its_anatomy(name):
-    vocab = 30522 if name == "lxmert_mini" else 50  # MiniLM's WordPiece vocabulary, fixed
+    vocab = 30522 if name.endswith("_mini") else 50  # MiniLM's WordPiece vocabulary, fixed
     with torch.device("meta"):  # sizes only: published variants are large
         model = registry.build("model", name, vocab_size=vocab, num_answers=7)
     an = anatomy_of(model)
@@ -84,6 +84,7 @@ def test_datamodule_contract(name, easy_vqa_dm, tmp_path):
         "easy_vqa": lambda: easy_vqa_dm,
         "vqa_v2": lambda: fixture_datamodule(tmp_path, "vqa_v2"),
         "vqa_cp_v2": lambda: fixture_datamodule(tmp_path, "vqa_cp_v2"),
+        "gqa": lambda: _gqa(tmp_path),
     }
     assert name in set_up, f"add a set-up instance of data module {name!r} to this test"
     dm = set_up[name]()
@@ -93,6 +94,14 @@ def test_datamodule_contract(name, easy_vqa_dm, tmp_path):
     assert batch.question_type_id is not None
     for qt, i in zip(batch.question_type, batch.question_type_id.tolist()):
         assert info.question_types[i] == qt
+
+
+def _gqa(tmp_path):
+    from fixtures_gqa import build, prepare_gqa
+
+    dm = build(prepare_gqa(tmp_path / "gqa")["data_dir"])
+    dm.setup()
+    return dm
 
 
 def test_register_rejects_a_second_builder_and_unknown_kinds():

@@ -19,7 +19,7 @@ SPACE = "[[0.25, '1/3'], [0.5, '2/3'], [0.75, 1], [1, 1]]"
 
 
 def slim_cb(teacher, **kw):
-    opts = {"space": SPACE, "teacher": f"'{teacher}'", "sample": 1, **kw}
+    opts = {"space": SPACE, "distill": "teacher", "teacher": f"'{teacher}'", "sample": 1, **kw}
     body = ", ".join(f"{k}: {v}" for k, v in opts.items())
     return f"callbacks=[{{name: slimmable_training, options: {{{body}}}}}]"
 
@@ -37,7 +37,7 @@ def teacher(tmp_path_factory):
 
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="teacher="):
-        SlimmableTraining()
+        SlimmableTraining(distill="teacher")
     with pytest.raises(ValueError, match="gt_weight"):
         SlimmableTraining(distill="none")
     with pytest.raises(ValueError, match="space"):
