@@ -133,6 +133,52 @@ def _prepare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_command(args: argparse.Namespace, console: Console) -> int:
+    """``export``: profile a slimmable run's submodels and / or export one (exit 1 for bad
+    inputs)."""
+    from vlcompress.export import export_from_run
+
+    settings = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("width", "depth", "budget"):
+            print(f"error: {item!r}: use width=..., depth=... or budget=key=value", file=sys.stderr)
+            return 1
+        settings[key] = value
+    if not settings and not args.table:
+        print(
+            "error: nothing to do: give width= and depth=, budget=..., or --table", file=sys.stderr
+        )
+        return 1
+    try:
+        result = export_from_run(
+            args.run, table=args.table, latency=not args.no_latency,
+            large_batch=args.large_batch, out=args.out, **settings,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rows = result.get("table")
+    if rows:
+        table = Table(title=f"submodels of {args.run}")
+        for col in ("submodel", "test acc", "params (M)", "MACs (M)", "b1 (ms)",
+                    f"b{args.large_batch} (ms)"):  # fmt: skip
+            table.add_column(col, justify="right")
+        for r in rows:
+            acc = r.get("accuracy")
+            table.add_row(
+                r["submodel"], "" if acc is None else f"{acc:.4f}", f"{r['parameters'] / 1e6:.2f}",
+                f"{r['macs'] / 1e6:.1f}", str(r.get("latency_b1_ms", "")),
+                str(r.get("latency_large_ms", "")),
+            )  # fmt: skip
+        console.print(table)
+    if "export" in result:
+        rec = result["record"]
+        print(f"exported {rec['submodel']} ({rec['parameters']:,} parameters) to {result['export']}"
+              f" (reloaded: max |diff| {rec['reload_max_abs_diff']:.2e})")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for configuration errors)."""
     parser = argparse.ArgumentParser(prog="vlcompress", description=__doc__)
@@ -190,6 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     prep.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     prep.add_argument("--max-boxes", type=int, default=36, help="regions kept per image")
+    exp = sub.add_parser(
+        "export", help="submodels of a slimmable run: cost table (--table) and / or an export"
+    )
+    exp.add_argument("run", help="the run folder (trained with slimmable_training)")
+    exp.add_argument(
+        "settings", nargs="*", help="width=1/2 depth=1/3, or budget=macs=5e8 (most accurate within)"
+    )
+    exp.add_argument("--table", action="store_true", help="profile every submodel of the space")
+    exp.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    exp.add_argument("--large-batch", type=int, default=64, help="batch of the second latency")
+    exp.add_argument("--out", default=None, help="export folder (default <run>/export/<key>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own console handler
@@ -199,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cluster_command(args, console)
     if args.command == "prepare":
         return _prepare_command(args)
+    if args.command == "export":
+        return _export_command(args, console)
     if args.command == "list":
         if args.what == "experiments":
             for name in list_experiments():

@@ -16,6 +16,11 @@ MODEL = (
     "width_adapters: true, num_layers: 3}"
 )
 SPACE = "[[0.25, '1/3'], [0.5, '2/3'], [0.75, 1], [1, 1]]"
+FAST = [
+    "data.options.eval_batch_size=64",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=2",
+]
 
 
 def slim_cb(teacher, **kw):
@@ -30,7 +35,9 @@ def teacher(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("teacher")
     run_experiment(
-        *load_experiment("default", [*TINY_RUN, MODEL, f"output_dir={out}", "trainer.max_epochs=2"])
+        *load_experiment(
+            "default", [*TINY_RUN, *FAST, MODEL, f"output_dir={out}", "trainer.max_epochs=1"]
+        )
     )
     return out
 
@@ -63,18 +70,20 @@ def test_distillation_losses():
     assert distillation_loss(t, t, "bce") < distillation_loss(t * 0.5, t, "bce")
 
 
-def test_bst_run_end_to_end(tmp_path, tiny_run, teacher):
+@pytest.fixture(scope="module")
+def bst_run(tmp_path_factory, teacher):
+    from quick_run import TINY_RUN
+
+    out = tmp_path_factory.mktemp("bst")
     cfg, raw = load_experiment(
         "default",
-        [
-            *tiny_run,
-            MODEL,
-            f"output_dir={tmp_path / 'bst'}",
-            slim_cb(teacher),
-            "trainer.max_epochs=1",
-        ],
+        [*TINY_RUN, *FAST, MODEL, f"output_dir={out}", slim_cb(teacher), "trainer.max_epochs=1"],
     )
-    results = run_experiment(cfg, raw)
+    return out, run_experiment(cfg, raw)
+
+
+def test_bst_run_end_to_end(bst_run):
+    out, results = bst_run
     rep = results["callbacks"]["SlimmableTraining"]
     assert rep["steps"] == 6 and rep["distill"] == "teacher"
     assert rep["val_submodels"] and len(rep["val_submodels"]) == 4
@@ -86,10 +95,43 @@ def test_bst_run_end_to_end(tmp_path, tiny_run, teacher):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["examples"] > 0 for r in table)
     # the full submodel's accuracy is the task's own test accuracy
     assert table[-1]["accuracy"] == pytest.approx(results["test"]["accuracy"], abs=1e-6)
-    assert (tmp_path / "bst" / "slimmable.png").read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((tmp_path / "bst" / "results.json").read_text())
+    assert (out / "slimmable.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "results.json").read_text())
     assert saved["callbacks"]["SlimmableTraining"]["test_submodels"] == table
     assert any(r[0] == "test acc w1/4-d1/3" for r in saved["callback_rows"])
+
+
+def test_export_cli_table_budget_and_standalone_model(bst_run, tmp_path):
+    from vlcompress.cli import main
+    from vlcompress.compress.submodels import load_export
+
+    out, results = bst_run
+    table = {r["submodel"]: r for r in results["callbacks"]["SlimmableTraining"]["test_submodels"]}
+    assert main(["export", str(out), "--table", "--large-batch", "8"]) == 0
+    rows = json.loads((out / "submodels.json").read_text())["rows"]
+    assert [r["submodel"] for r in rows] == list(table)
+    for r in rows:  # the same costs as the callback counted, the run's accuracy joined
+        assert r["macs"] == table[r["submodel"]]["macs"]
+        assert r["parameters"] == table[r["submodel"]]["parameters"]
+        assert r["accuracy"] == table[r["submodel"]]["accuracy"] and r["latency_b1_ms"] > 0
+    assert "| w1/4-d1/3 |" in (out / "submodels.md").read_text()
+    # budget: the most accurate submodel within half the full model's MACs
+    limit = table["w1-d1"]["macs"] / 2
+    assert main(["export", str(out), f"budget=macs={limit}", "--no-latency",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    rec = json.loads((tmp_path / "b" / "export.json").read_text())
+    fits = [r for r in table.values() if r["macs"] <= limit]
+    assert rec["test_accuracy"] == max(r["accuracy"] for r in fits)
+    assert rec["reload_max_abs_diff"] == 0.0
+    model = load_export(tmp_path / "b")
+    assert sum(p.numel() for p in model.parameters()) == table[rec["submodel"]]["parameters"]
+    assert (tmp_path / "b" / "experiment.yaml").is_file()
+    # explicit width / depth, and clear errors
+    assert main(["export", str(out), "width=1/2", "depth=2/3", "--out", str(tmp_path / "w")]) == 0
+    assert json.loads((tmp_path / "w" / "export.json").read_text())["submodel"] == "w1/2-d2/3"
+    assert main(["export", str(out), "width=1/2"]) == 1
+    assert main(["export", str(out), "budget=macs=1"]) == 1
+    assert main(["export", str(tmp_path / "nothing"), "--table"]) == 1
 
 
 def test_student_starts_from_the_teacher(tmp_path, tiny_run, teacher):
@@ -98,7 +140,7 @@ def test_student_starts_from_the_teacher(tmp_path, tiny_run, teacher):
     t_state = torch.load(resolve_init_path(str(teacher)), weights_only=False)["state_dict"]
     cfg, raw = load_experiment(
         "default",
-        [*tiny_run, MODEL, f"output_dir={tmp_path / 's'}", slim_cb(teacher),
+        [*tiny_run, *FAST, MODEL, f"output_dir={tmp_path / 's'}", slim_cb(teacher),
          "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "optim.lr=1e-12",
          "trainer.max_epochs=1",
          "optim.weight_decay=0.0"],
@@ -115,7 +157,7 @@ def test_student_starts_from_the_teacher(tmp_path, tiny_run, teacher):
 def test_resume_continues_exactly(tmp_path, tiny_run, teacher):
     def cfg(out, *extra):
         return load_experiment(
-            "default", [*tiny_run, MODEL, f"output_dir={out}", slim_cb(teacher), *extra]
+            "default", [*tiny_run, *FAST, MODEL, f"output_dir={out}", slim_cb(teacher), *extra]
         )
 
     run_experiment(*cfg(tmp_path / "straight", "trainer.max_epochs=2"))
