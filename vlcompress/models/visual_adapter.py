@@ -7,6 +7,10 @@ same pair: MCAN's conv stem (:class:`~vlcompress.models.mcan.GridStem`) makes on
 cell of its final grid, and each cell's box is its square of the image. The cells tile the
 image exactly (row-major, the order of the stem's tokens).
 
+A region model that takes both inputs declares the adapter's options by deriving its options
+dataclass from :class:`PixelInputOptions`, builds the adapter with
+:meth:`PixelInputOptions.build_adapter` and reads a batch with :func:`region_inputs`.
+
 Example::
 
     adapter = GridRegionAdapter(feature_dim=2048, channels=(8, 16, 32, 64), image_size=64)
@@ -15,12 +19,16 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
+from vlcompress.data.batch import VLBatch
 from vlcompress.models.mcan import GridStem
+from vlcompress.options import choices, in_range
 
-__all__ = ["GridRegionAdapter", "grid_boxes", "grid_side"]
+__all__ = ["GridRegionAdapter", "PixelInputOptions", "grid_boxes", "grid_side", "region_inputs"]
 
 
 def grid_side(size: int, stages: int, pool: bool = True) -> int:
@@ -121,3 +129,86 @@ class GridRegionAdapter(nn.Module):
             )
         feats = self.stem(pixels)
         return feats, self.boxes.to(feats.dtype).expand(feats.shape[0], -1, -1)
+
+
+@dataclass(frozen=True)
+class PixelInputOptions:
+    """The options of a region model that can also read pixels through a grid adapter; a
+    model's options dataclass derives from it (and calls :meth:`check_adapter` in its
+    ``__post_init__``).
+
+    Attributes:
+        visual_input: ``regions`` (features + boxes in the batch) or ``pixels`` (images through
+            the grid adapter; region batches are then still accepted).
+        adapter_channels, adapter_context_layers, image_size: the grid adapter of ``pixels``
+            (each channel entry is a conv stage halving the image side).
+    """
+
+    visual_input: str = field(default="regions", metadata=choices("regions", "pixels"))
+    adapter_channels: tuple[int, ...] = (32, 64, 128, 256)
+    adapter_context_layers: int = field(default=2, metadata=in_range(0))
+    image_size: int = field(default=64, metadata=in_range(1))
+
+    def check_adapter(self, model: str) -> None:
+        """Check the adapter's options.
+
+        Args:
+            model: the model's name, for the message.
+
+        Raises:
+            ValueError: for empty or non-positive ``adapter_channels``.
+        """
+        if not self.adapter_channels or min(self.adapter_channels) < 1:
+            raise ValueError(
+                f"{model} adapter_channels must be a non-empty list of positive sizes, got "
+                f"{list(self.adapter_channels)}."
+            )
+
+    def build_adapter(self, feature_dim: int) -> GridRegionAdapter | None:
+        """The grid adapter making ``feature_dim``-d regions (``None`` for ``regions``)."""
+        if self.visual_input != "pixels":
+            return None
+        return GridRegionAdapter(
+            feature_dim, tuple(self.adapter_channels), self.adapter_context_layers,
+            image_size=self.image_size,
+        )  # fmt: skip
+
+
+def region_inputs(
+    batch: VLBatch,
+    adapter: GridRegionAdapter | None,
+    feature_dim: int,
+    model: str,
+    dim_option: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Region features ``(B, N, feature_dim)``, boxes ``(B, N, 4)`` (``None`` when a region
+    batch has none) and region mask of ``batch``; pixels go through ``adapter``.
+
+    Args:
+        batch: region features + boxes, or pixels.
+        adapter: the model's grid adapter (``None``: the model reads regions only).
+        feature_dim: the region feature size the model was built for.
+        model, dim_option: the model's name and the option setting ``feature_dim``, for
+            messages.
+
+    Raises:
+        ValueError: for pixels without an adapter, or region features of another size.
+
+    Example::
+
+        feats, boxes, mask = region_inputs(batch, self.adapter, 2048, "UNITER", "region_dim")
+    """
+    if batch.is_pixels:
+        if adapter is None:
+            raise ValueError(
+                f"this {model} expects region features (B, N, D) + boxes, got pixels; build it "
+                "with visual_input: pixels to add the grid adapter."
+            )
+        feats, boxes = adapter(batch.visual)
+        return feats, boxes, None
+    if batch.visual.shape[-1] != feature_dim:
+        raise ValueError(
+            f"{model} was built for {feature_dim}-d region features, the batch has "
+            f"{batch.visual.shape[-1]}-d; set {dim_option} accordingly."
+        )
+    return batch.visual, batch.boxes, batch.visual_mask
