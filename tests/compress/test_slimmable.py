@@ -200,3 +200,31 @@ def test_hf_bert_minilm_as_a_foreign_model():
         again = fresh(input_ids=ids, attention_mask=mask)
         torch.testing.assert_close(again.last_hidden_state, out.last_hidden_state)
         torch.testing.assert_close(again.pooler_output, out.pooler_output)
+
+
+def test_uniter_slims_and_exports_exactly():
+    from vlcompress.compress.submodels import load_export, save_export
+
+    torch.manual_seed(0)
+    m = build_model("uniter_tiny", 50, 7).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (2, 7), generator=g)
+    box = torch.rand(2, 5, 2, generator=g) * 0.5
+    b = VLBatch(text_ids=ids, text_mask=ids != 0, visual=torch.randn(2, 5, m.options.region_dim, generator=g),
+                visual_mask=torch.ones(2, 5, dtype=torch.bool), boxes=torch.cat([box, box + 0.4], -1))  # fmt: skip
+    ref = m(b)
+    slim = Slimmable(m)
+    assert torch.equal(m(b), ref)
+    heads = m.options.num_heads
+    sub = Submodel(0.5, 0.5)
+    with slim.submodel(sub):
+        out = m(b)
+    small = slim.export(sub, b)
+    assert small.options.hidden_size == m.options.hidden_size // 2
+    assert small.options.num_heads == scaled(heads, 0.5)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        save_export(small, d, model_name="uniter_tiny", context={"vocab_size": 50, "num_answers": 7},
+                    record={})  # fmt: skip
+        torch.testing.assert_close(load_export(d)(b), out, rtol=0, atol=1e-6)

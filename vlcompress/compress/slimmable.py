@@ -457,9 +457,19 @@ class Slimmable:
         _update_hf_config(copied, self.anatomy, submodel, kept)
         counts = {len(v) for v in kept.values()}
         options = getattr(copied, "slimmed_options", None)
-        if options is not None and len(counts) == 1 and dataclasses.is_dataclass(copied.config):
+        attr = config_attribute(copied)
+        if options is not None and len(counts) == 1 and attr is not None:
             new = options(submodel.width, next(iter(counts)))
-            copied.config = dataclasses.replace(copied.config, **new)
+            setattr(copied, attr, dataclasses.replace(getattr(copied, attr), **new))
+
+
+def config_attribute(model: nn.Module) -> str | None:
+    """The attribute holding a model's dataclass options (``config`` or ``options``), if any:
+    what rebuilds it through the registry."""
+    for attr in ("config", "options"):
+        if dataclasses.is_dataclass(model.__dict__.get(attr)):
+            return attr
+    return None
 
 
 def _default_spec(anatomy: Anatomy) -> SlimSpec:

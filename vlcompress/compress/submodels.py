@@ -15,14 +15,14 @@ import io
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlcompress.compress.slimmable import Slimmable, Submodel
+from vlcompress.compress.slimmable import Slimmable, Submodel, config_attribute
 
 __all__ = [
     "BUDGET_KEYS",
@@ -183,12 +183,14 @@ def save_export(
 
     from vlcompress.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-    config = getattr(model, "config", None)
-    if not is_dataclass(config):
+    attr = config_attribute(model)
+    if attr is None:
         raise TypeError(
-            f"save_export needs a model with a dataclass config (ours); {type(model).__name__} "
-            "has none: save its state_dict and rebuild it with its own library instead."
+            f"save_export needs a model with dataclass options (ours: .config / .options); "
+            f"{type(model).__name__} has none: save its state_dict and rebuild it with its own "
+            "library instead."
         )
+    config = getattr(model, attr)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     options = _plain(asdict(config))

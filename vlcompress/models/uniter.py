@@ -54,6 +54,7 @@ from vlcompress.models.anatomy import (
     BERT_PATTERNS,
     Anatomy,
     Modality,
+    SlimSpec,
     Stream,
     anatomy_from_patterns,
     prunable_weights_in,
@@ -451,7 +452,40 @@ class UNITER(nn.Module):
             }
         )
         an.head_modules = ["task_head"]
+        # width slimming: the whole BERT part (embeddings, image embeddings, encoder, pooler)
+        # and the task head's hidden layer (2D); mask_embedding lives in the region-feature
+        # space, the answer layer keeps its outputs
+        an.slim = SlimSpec(
+            region=("uniter", "task_head"),
+            fixed=("uniter.img_embeddings.mask_embedding", "task_head.3"),
+        )
         return an
+
+    def slimmed_options(self, width: float, layers: int) -> dict[str, Any]:
+        """Option overrides that build this model's submodel at ``width`` with ``layers``
+        layers (an exported submodel starts from its own weights: no pretrained loading).
+
+        Raises:
+            ValueError: when the width does not keep the head size.
+        """
+        from vlcompress.compress.slimmable import scaled
+
+        o = self.options
+        head_dim = o.hidden_size // o.num_heads
+        out = {
+            "hidden_size": scaled(o.hidden_size, width),
+            "num_heads": scaled(o.num_heads, width),
+            "ffn_size": scaled(o.ffn_size, width),
+            "num_layers": int(layers),
+            "language_init": "random",
+            "pretrained": None,
+        }
+        if out["hidden_size"] != out["num_heads"] * head_dim:
+            raise ValueError(
+                f"width {width} gives hidden {out['hidden_size']} but {out['num_heads']} heads "
+                f"of {head_dim}; choose a width that keeps whole heads."
+            )
+        return out
 
 
 # ---------------------------------------------------------------------- checkpoints
