@@ -187,6 +187,16 @@ class SlimmableTraining(CompressionCallback):
         self.run_dir = Path(root) if root else None
         if self.slim is not None:
             return
+        ddp_kwargs = getattr(getattr(trainer, "strategy", None), "_ddp_kwargs", None)
+        every_step_full = self.include_ends and self.space[-1].is_full
+        if ddp_kwargs is not None and self.world_size > 1 and not every_step_full:
+            if not ddp_kwargs.get("find_unused_parameters"):
+                raise ValueError(
+                    "SlimmableTraining under DDP: a step without the full model leaves the "
+                    "skipped layers' parameters unused, which DDP refuses. Use "
+                    "strategy='ddp_find_unused_parameters_true', or include_ends=True with the "
+                    "full model [1, 1] in the space."
+                )
         if self.distill == "teacher" and self.teacher_path:
             self.teacher = self._load_teacher(pl_module)
             if self.init_from_teacher and stage == "fit":
@@ -276,7 +286,7 @@ class SlimmableTraining(CompressionCallback):
                         "callback needs the model's logits (set model_attr)."
                     )
                 m_args, m_kwargs, output = self._captured
-                logits = _logits(output)
+                logits = _logits(output) if self.distill != "none" else None
                 if self.distill == "teacher":
                     if targets is None:
                         targets = self._targets(m_args, m_kwargs)
@@ -289,7 +299,7 @@ class SlimmableTraining(CompressionCallback):
                     )
                 else:  # "none", or the largest submodel of an in-place step
                     loss = task_loss
-                    if self.distill == "inplace" and sub == self.space[-1]:
+                    if logits is not None and sub == self.space[-1]:
                         targets = logits.detach()
                 total = loss if total is None else total + loss
         finally:
