@@ -59,6 +59,21 @@ def main() -> None:
     slim = Slimmable(model)
     full_macs = count_compute(model, one).macs
 
+    print(
+        f"# every triangle submodel of {args.model} (+ BST adapters): {vocab} words, {answers} "
+        f"answers, {tokens} tokens, {regions} regions; MACs and FLOPs (= 2 x MACs) per example"
+    )
+    print("| submodel | parameters (M) | x full | MACs (G) | FLOPs (G) | x full |")
+    print("|---|---|---|---|---|---|")
+    for sub in TRIANGLE:
+        small = slim.export(sub, one)
+        c = count_compute(small, one)
+        n = sum(p.numel() for p in small.parameters())
+        n_full = sum(p.numel() for p in model.parameters())
+        print(f"| {sub.name} | {n / 1e6:.2f} | {n / n_full:.2f} | {c.macs / 1e9:.3f} | "
+              f"{c.flops / 1e9:.3f} | {c.macs / full_macs:.2f} |")  # fmt: skip
+    print()
+
     def t(fn) -> float:
         return measure_latency(fn, repeats=args.repeats, warmup=2, device=dev)
 
