@@ -10,6 +10,14 @@ ARGS ?=
 WHAT ?=
 PYTEST_ARGS ?=
 SWEEP ?= runs/$(EXP)/sweep
+# torch + torchvision as a matching pair (timm imports torchvision; PyPI's torchvision does not
+# load beside a torch build it was not made for). x86_64: 2.14.1 / 0.29.1 (CUDA build, runs on
+# the CPU); aarch64: 2.9.1 / 0.24.1 (CPU build). torch must stay <= 2.14.1 (pyproject.toml).
+ifeq ($(shell uname -m),aarch64)
+TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+endif
 
 .PHONY: help venv train validate list test test-cluster lint format clean bench sweep report prepare
 
@@ -18,10 +26,10 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "setting up $(VENV) (offline-friendly; takes a minute the first time)"
-	@$(PIP) install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	@echo "setting up $(VENV) (offline-friendly; several minutes the first time: torch is a CUDA build)"
+	@$(PIP) install -q --disable-pip-version-check $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
 	@$(PIP) install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored" || true
-	@$(PY) -c "import torch, lightning, vlcompress.callbacks, vlcompress.datamodules" \
+	@$(PY) -c "import torch, torchvision, timm, lightning, vlcompress.callbacks, vlcompress.datamodules" \
 		|| { echo "environment set-up failed: see the pip messages above"; exit 1; }
 	@touch $(STAMP)
 

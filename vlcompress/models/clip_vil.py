@@ -1,0 +1,699 @@
+"""CLIP-ViL_p (Shen et al., ICLR 2022, "How Much Can CLIP Benefit Vision-and-Language Tasks?")
+for VQA: CLIP's ResNet grid features and the question in one BERT stream.
+
+* ``visual``: a CLIP ResNet (``ModifiedResNet`` of OpenAI's CLIP) built by timm
+  (``resnet50_clip``, ``resnet50x4_clip``, ...) without its attention pool: the grid features
+  ``(B, C, H/32, W/32)`` that the pool would read (RN50: 2048 channels, RN50x4: 2560; a 7x7 grid
+  at 224 pixels, 14x14 at 448). Pixels in [0, 1] are normalised with CLIP's mean and std.
+  Frozen by default (``freeze_visual``); its BatchNorm statistics never update (eval mode).
+  Weights come from a local OpenAI checkpoint (``RN50.pt``, ...: :func:`load_openai_clip_visual`,
+  through timm's own OpenAI-to-timm key conversion);
+* ``clip_vil.visual_embeddings`` (:class:`ClipGridEmbeddings`): each grid cell flattened to a
+  token (row-major), ``visual_layer_norm(visual_linear(feature))`` + a learned 2-D position
+  (``row_position_embeddings[r] + col_position_embeddings[c]``) + the text table's token-type
+  embedding 1, then ``LayerNorm`` and dropout;
+* ``clip_vil.embeddings``: BERT text embeddings (Hugging Face ``BertEmbeddings``);
+* ``clip_vil.encoder``: a Hugging Face ``BertEncoder`` over ``[text tokens ; grid cells]``;
+* ``clip_vil.pooler``: ``tanh(Linear)`` of the first ([CLS]) token;
+* ``task_head``: ``Linear(H -> 2H)``, GELU, ``LayerNorm(2H)``, ``Linear(2H -> answers)``.
+
+Visual input: pixels ``(B, 3, H, W)`` (easy-VQA; COCO images), or grid features computed
+beforehand ``(B, N, C)`` with ``N`` a square grid (row-major cells) and ``C`` the encoder's
+channels: a frozen encoder's features, stored once (a region store of VQA v2, say).
+
+Registered variants (:data:`CLIP_VIL_VARIANTS`): ``clip_vil_rn50`` and ``clip_vil_rn50x4``
+(a BERT-base-sized stream: 12 layers, hidden 768, 12 heads, FFN 3072; ``text_init`` loads a
+local BERT-base folder, ``visual_checkpoint`` OpenAI's ``RN50.pt`` / ``RN50x4.pt``) and
+``clip_vil_tiny`` (tests: a CLIP ResNet of the same design with 8 stem channels and one block
+per stage, 256 output channels, and a 2-layer stream of width 32).
+
+Anatomy: language = the text embeddings; vision = the grid embeddings and the CLIP ResNet;
+cross = the encoder layers and the pooler; the task head.
+
+Width slimming: the BERT part and the task head's hidden layer; every module there is a plain
+``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` (the 2-D position tables included), and the
+attention reads its head count from the tensor shapes, so slicing those weights slims the
+model. The CLIP ResNet keeps its channels: ``visual_linear`` reads all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcompress import registry
+from vlcompress.data.batch import VLBatch
+from vlcompress.models.anatomy import (
+    BERT_PATTERNS,
+    Anatomy,
+    Modality,
+    SlimSpec,
+    Stream,
+    anatomy_from_patterns,
+    prunable_weights_in,
+)
+from vlcompress.options import check_fields, choices, in_range
+from vlcompress.utils.hf_checkpoint import load_bert_layers
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_RESNETS",
+    "CLIP_STD",
+    "CLIPViL",
+    "CLIP_VIL_VARIANTS",
+    "ClipGridEmbeddings",
+    "ClipVilModel",
+    "ClipVilOptions",
+    "build_clip_resnet",
+    "load_openai_clip_visual",
+]
+
+log = logging.getLogger(__name__)
+
+_POSITIVE = in_range(1)
+_LN_EPS = 1e-12  # BERT's LayerNorm epsilon
+_TYPE_VOCAB = 2  # token type 0: text, 1: image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""CLIP's per-channel pixel mean (RGB, pixels in [0, 1])."""
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""CLIP's per-channel pixel standard deviation."""
+
+CLIP_RESNETS: dict[str, tuple[tuple[int, ...], int]] = {
+    "resnet50_clip": ((3, 4, 6, 3), 64),
+    "resnet101_clip": ((3, 4, 23, 3), 64),
+    "resnet50x4_clip": ((4, 6, 10, 6), 80),
+    "resnet50x16_clip": ((6, 8, 18, 8), 96),
+    "resnet50x64_clip": ((3, 15, 36, 10), 128),
+    "tiny": ((1, 1, 1, 1), 8),
+}
+"""The visual encoders: timm's name (OpenAI's RN50, RN101, RN50x4, RN50x16, RN50x64) or
+``tiny`` -> (blocks per stage, stem width) of OpenAI's ``ModifiedResNet``; the grid features
+have ``32 * width`` channels."""
+
+_OPENAI_FILES = {
+    "resnet50_clip": "RN50.pt",
+    "resnet101_clip": "RN101.pt",
+    "resnet50x4_clip": "RN50x4.pt",
+    "resnet50x16_clip": "RN50x16.pt",
+    "resnet50x64_clip": "RN50x64.pt",
+}
+
+
+@dataclass(frozen=True)
+class ClipVilOptions:
+    """Sizes, inputs and initialisation of a CLIP-ViL model (see :data:`CLIP_VIL_VARIANTS`).
+
+    Attributes:
+        hidden_size: width of the stream (divisible by ``num_heads``).
+        num_heads: attention heads per layer.
+        ffn_size: feed-forward units.
+        num_layers: transformer layers.
+        dropout: dropout inside the embeddings and the encoder (attention included).
+        max_position_embeddings: longest question in tokens.
+        visual_encoder: the CLIP ResNet, by timm's name (:data:`CLIP_RESNETS`; ``tiny`` for
+            tests). Built without its attention pool (timm's ``<name>_gap`` trunk), so any
+            image size works.
+        visual_checkpoint: a local OpenAI CLIP checkpoint of that encoder (``RN50.pt`` for
+            ``resnet50_clip``, ``RN50x4.pt`` for ``resnet50x4_clip``: the TorchScript archive
+            or a state dict with ``visual.*`` keys); ``None``: random weights.
+        freeze_visual: keep the CLIP ResNet's weights fixed (no gradients); its BatchNorm
+            statistics are fixed either way.
+        image_size: resize pixel batches to this square size (bicubic) before the encoder;
+            ``None``: as given. The grid side is ``image_size / 32``.
+        max_grid: rows (and columns) of the learned 2-D position tables: the largest grid side
+            (``image_size / 32``).
+        text_init: a local Hugging Face BERT folder (``bert-base-uncased`` for the BERT-base
+            sized variants, as CLIP-ViL_p) whose embeddings and layers initialise the stream;
+            its vocabulary must be the data's (``text_encoding: wordpiece``).
+
+    Raises:
+        ValueError: for out-of-range sizes, ``hidden_size`` not divisible by ``num_heads``, or
+            an unknown ``visual_encoder``.
+
+    Example::
+
+        options = dataclasses.replace(CLIP_VIL_VARIANTS["clip_vil_rn50"], image_size=448)
+        model = CLIPViL(options, vocab_size=30522, num_answers=3129)
+    """
+
+    hidden_size: int = field(default=768, metadata=_POSITIVE)
+    num_heads: int = field(default=12, metadata=_POSITIVE)
+    ffn_size: int = field(default=3072, metadata=_POSITIVE)
+    num_layers: int = field(default=12, metadata=_POSITIVE)
+    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
+    max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
+    visual_encoder: str = field(default="resnet50_clip", metadata=choices(*CLIP_RESNETS))
+    visual_checkpoint: str | None = None
+    freeze_visual: bool = True
+    image_size: int | None = field(default=None, metadata=_POSITIVE)
+    max_grid: int = field(default=32, metadata=_POSITIVE)
+    text_init: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"CLIP-ViL hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}); e.g. hidden_size={self.num_heads * 64}."
+            )
+        if self.image_size is not None and self.image_size // 32 > self.max_grid:
+            raise ValueError(
+                f"CLIP-ViL image_size {self.image_size} gives a {self.image_size // 32}-cell "
+                f"grid side, more than max_grid ({self.max_grid}); raise max_grid to "
+                f"{self.image_size // 32} or lower image_size."
+            )
+
+
+CLIP_VIL_VARIANTS: dict[str, ClipVilOptions] = {
+    "clip_vil_rn50": ClipVilOptions(),
+    "clip_vil_rn50x4": ClipVilOptions(visual_encoder="resnet50x4_clip"),
+    "clip_vil_tiny": ClipVilOptions(
+        hidden_size=32, num_heads=4, ffn_size=64, num_layers=2, max_position_embeddings=32,
+        visual_encoder="tiny", max_grid=8,
+    ),
+}  # fmt: skip
+"""Registered sizes: ``clip_vil_rn50`` and ``clip_vil_rn50x4`` (BERT-base-sized stream over
+CLIP RN50 / RN50x4 grid features), ``clip_vil_tiny`` for tests."""
+
+
+# ---------------------------------------------------------------------- the CLIP ResNet
+def build_clip_resnet(name: str) -> nn.Module:
+    """A CLIP ResNet trunk from timm, without its attention pool: ``(B, 3, H, W)`` ->
+    grid features ``(B, C, H/32, W/32)`` (random weights; nothing is downloaded).
+
+    Args:
+        name: a key of :data:`CLIP_RESNETS` (``tiny``: the same design, width 8, one block per
+            stage).
+
+    Returns:
+        A timm ``ByobNet`` whose ``num_features`` is ``C``.
+
+    Example::
+
+        trunk = build_clip_resnet("resnet50_clip")
+        trunk(torch.rand(1, 3, 224, 224)).shape      # (1, 2048, 7, 7)
+    """
+    import timm
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, model_cfgs
+
+    # the "_gap" sibling is the same trunk with a pooling head; with no classes and no pooling
+    # the head is an identity and the model returns the grid
+    kwargs = dict(num_classes=0, global_pool="", zero_init_last=False)
+    if name != "tiny":
+        return timm.create_model(f"{name}_gap", pretrained=False, **kwargs)
+    blocks, width = CLIP_RESNETS["tiny"]
+    cfg = dataclasses.replace(
+        model_cfgs["resnet50_clip_gap"],
+        blocks=tuple(
+            ByoBlockCfg(type="bottle", d=d, c=4 * width * 2**i, s=1 if i == 0 else 2, br=0.25)
+            for i, d in enumerate(blocks)
+        ),
+        stem_chs=(width // 2, width // 2, width),
+    )
+    return ByobNet(cfg, **kwargs)
+
+
+class ClipGridEmbeddings(nn.Module):
+    """Grid features to the stream: ``LayerNorm(visual_layer_norm(visual_linear(cell)) +
+    row_position_embeddings[r] + col_position_embeddings[c] + type_embedding)``, then dropout;
+    cells row-major.
+
+    Args:
+        channels: grid feature size (the CLIP ResNet's output channels).
+        hidden: stream width.
+        max_grid: rows and columns of the position tables.
+        dropout: dropout of the output.
+
+    Raises:
+        ValueError: (at call time) for a grid larger than ``max_grid``.
+
+    Example::
+
+        emb = ClipGridEmbeddings(2048, 768, 32, 0.1)
+        x = emb(grid, type_embedding)      # grid (B, 2048, 7, 7) -> (B, 49, 768)
+    """
+
+    def __init__(self, channels: int, hidden: int, max_grid: int, dropout: float) -> None:
+        super().__init__()
+        self.max_grid = max_grid
+        self.visual_linear = nn.Linear(channels, hidden)
+        self.visual_layer_norm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.row_position_embeddings = nn.Embedding(max_grid, hidden)
+        self.col_position_embeddings = nn.Embedding(max_grid, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, grid: torch.Tensor, type_embedding: torch.Tensor) -> torch.Tensor:
+        """``(B, C, rows, cols)`` and ``(H,)`` (or broadcastable) -> ``(B, rows * cols, H)``."""
+        rows, cols = grid.shape[-2:]
+        if max(rows, cols) > self.max_grid:
+            raise ValueError(
+                f"CLIP-ViL has 2-D position embeddings for grids up to {self.max_grid}x"
+                f"{self.max_grid}, got a {rows}x{cols} grid; raise model.options.max_grid to "
+                f"{max(rows, cols)} or use smaller images (model.options.image_size)."
+            )
+        cells = grid.flatten(2).transpose(1, 2)
+        r = torch.arange(rows, device=grid.device).repeat_interleave(cols)
+        c = torch.arange(cols, device=grid.device).repeat(rows)
+        position = self.row_position_embeddings(r) + self.col_position_embeddings(c)
+        image = self.visual_layer_norm(self.visual_linear(cells))
+        return self.dropout(self.LayerNorm(image + position + type_embedding))
+
+
+def _bert_config(o: ClipVilOptions, vocab_size: int) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=o.hidden_size,
+        num_hidden_layers=o.num_layers,
+        num_attention_heads=o.num_heads,
+        intermediate_size=o.ffn_size,
+        hidden_dropout_prob=o.dropout,
+        attention_probs_dropout_prob=o.dropout,
+        max_position_embeddings=o.max_position_embeddings,
+        type_vocab_size=_TYPE_VOCAB,
+        layer_norm_eps=_LN_EPS,
+        attn_implementation="sdpa",
+    )
+
+
+class ClipVilModel(nn.Module):
+    """The single stream: text and grid embeddings, the BERT encoder over both, the pooler.
+
+    Args:
+        options: sizes.
+        vocab_size: text vocabulary size.
+        channels: grid feature size.
+
+    Example::
+
+        pooled, text = ClipVilModel(options, 30522, 2048)(ids, ids != 0, grid)
+    """
+
+    def __init__(self, options: ClipVilOptions, vocab_size: int, channels: int) -> None:
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
+
+        config = _bert_config(options, vocab_size)
+        self.embeddings = BertEmbeddings(config)
+        self.visual_embeddings = ClipGridEmbeddings(
+            channels, options.hidden_size, options.max_grid, options.dropout
+        )
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+
+    def forward(
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor, grid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the stream ``[text ; grid cells]``.
+
+        Args:
+            text_ids: ``(B, T)``; text_mask: ``(B, T)`` bool, True for real tokens.
+            grid: ``(B, C, rows, cols)`` grid features (every cell real).
+
+        Returns:
+            The pooled output ``(B, H)`` and the text embeddings ``(B, T, H)``.
+        """
+        text = self.embeddings(input_ids=text_ids)
+        image_type = torch.ones((), dtype=torch.long, device=grid.device)
+        image = self.visual_embeddings(grid, self.embeddings.token_type_embeddings(image_type))
+        cells = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
+        mask = torch.cat([text_mask.bool(), cells], dim=1)[:, None, None, :]
+        hidden = self.encoder(torch.cat([text, image], dim=1), attention_mask=mask)
+        return self.pooler(hidden.last_hidden_state), text
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def task_head(hidden: int, num_answers: int) -> nn.Sequential:
+    """The VQA classifier: ``Linear(H -> 2H)``, GELU, ``LayerNorm(2H)``, ``Linear(2H -> answers)``.
+
+    Example::
+
+        logits = task_head(768, 3129)(pooled)   # (B, 3129)
+    """
+    return nn.Sequential(
+        nn.Linear(hidden, 2 * hidden),
+        nn.GELU(),
+        nn.LayerNorm(2 * hidden, eps=_LN_EPS),
+        nn.Linear(2 * hidden, num_answers),
+    )
+
+
+_PATTERNS = dataclasses.replace(
+    BERT_PATTERNS,
+    layer=r"^encoder\.layer\.(?P<index>\d+)$",
+    modality=((r"", Modality.CROSS),),
+    output=Stream(0),  # transformers 5's BertLayer returns the hidden states bare
+    extra_modules=(
+        (r"^embeddings$", Modality.LANGUAGE),
+        (r"^visual_embeddings$", Modality.VISION),
+        (r"^pooler$", Modality.CROSS),
+    ),
+)
+"""The stream's structure: BERT layers over the mixed stream (cross), embeddings per modality."""
+
+
+class CLIPViL(nn.Module):
+    """CLIP-ViL_p for VQA; ``forward(VLBatch) -> logits (B, num_answers)``.
+
+    Args:
+        options: sizes, visual encoder and initialisation (see :data:`CLIP_VIL_VARIANTS`).
+        vocab_size: text vocabulary size (30,522 for BERT-base-uncased's WordPieces).
+        num_answers: classifier outputs.
+
+    Raises:
+        FileNotFoundError: when ``visual_checkpoint`` or ``text_init`` is missing.
+        ValueError: when a checkpoint does not fit the options or the data.
+
+    Example::
+
+        model = build_model("clip_vil_rn50", vocab_size=30522, num_answers=3129,
+                            visual_checkpoint="/data/clip/RN50.pt", image_size=448)
+        logits, extras = model(batch, return_extras=True)   # extras["pooled"]: (B, 768)
+    """
+
+    returns_extras = True
+    """``forward(batch, return_extras=True)`` also returns the extra outputs (loss contract)."""
+
+    def __init__(self, options: ClipVilOptions, vocab_size: int, num_answers: int) -> None:
+        super().__init__()
+        o = options
+        self.options, self.vocab_size, self.num_answers = o, vocab_size, num_answers
+        self.visual = build_clip_resnet(o.visual_encoder)
+        self.visual_channels = int(self.visual.num_features)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
+        self.clip_vil = ClipVilModel(o, vocab_size, self.visual_channels)
+        self.task_head = task_head(o.hidden_size, num_answers)
+        self.clip_vil.apply(_init_weights)
+        self.task_head.apply(_init_weights)
+        self.pooled_dim = self.question_dim = o.hidden_size
+        if o.visual_checkpoint:
+            load_openai_clip_visual(self.visual, o.visual_checkpoint, o.visual_encoder)
+        if o.text_init:
+            sizes = {
+                "hidden_size": o.hidden_size,
+                "num_attention_heads": o.num_heads,
+                "intermediate_size": o.ffn_size,
+                "num_hidden_layers": o.num_layers,
+                "max_position_embeddings": o.max_position_embeddings,
+                "type_vocab_size": _TYPE_VOCAB,
+                "vocab_size": vocab_size,
+            }
+            load_bert_layers(self.clip_vil, o.text_init, sizes, model="CLIP-ViL", source="BERT",
+                             fix="Set model.options.text_init to a local Hugging Face BERT "
+                             "folder (e.g. bert-base-uncased), or null.")  # fmt: skip
+        if o.freeze_visual:
+            self.visual.requires_grad_(False)
+        self.visual.eval()
+
+    def train(self, mode: bool = True) -> CLIPViL:
+        """Set the training mode; the CLIP ResNet stays in eval mode (fixed BatchNorm
+        statistics; no dropout there)."""
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP grid features ``(B, C, rows, cols)`` of images ``(B, 3, H, W)`` in [0, 1]
+        (resized to ``image_size`` when set, normalised with CLIP's mean and std).
+
+        Raises:
+            ValueError: for a tensor that is not a batch of RGB images.
+        """
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(
+                f"CLIP-ViL expects pixels (B, 3, H, W) in [0, 1]; got shape {tuple(pixels.shape)}."
+            )
+        size = self.options.image_size
+        if size is not None and tuple(pixels.shape[-2:]) != (size, size):
+            pixels = F.interpolate(
+                pixels, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+            ).clamp_(0.0, 1.0)
+        x = (pixels - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.options.freeze_visual):
+            return self.visual(x)
+
+    def visual_inputs(self, batch: VLBatch) -> torch.Tensor:
+        """Grid features ``(B, C, rows, cols)`` of ``batch``: its pixels through the CLIP
+        ResNet, or its features computed beforehand (``(B, rows * cols, C)``, row-major).
+
+        Raises:
+            ValueError: for features of another size, a grid that is not square, or padded
+                cells.
+        """
+        if batch.is_pixels:
+            return self.grid_features(batch.visual)
+        feats = batch.visual
+        b, n, c = feats.shape
+        side = math.isqrt(n)
+        if c != self.visual_channels or side * side != n:
+            raise ValueError(
+                f"CLIP-ViL reads pixels (B, 3, H, W), or grid features computed beforehand "
+                f"(B, rows * cols, {self.visual_channels}) of a square grid for "
+                f"{self.options.visual_encoder}; got {tuple(feats.shape)}. Give the data "
+                "module's images, or features of this encoder (set model.options.visual_encoder "
+                "to the one that made them)."
+            )
+        if batch.visual_mask is not None and not bool(batch.visual_mask.all()):
+            raise ValueError(
+                "CLIP-ViL grid features have no padding: every cell is real, but the batch's "
+                "visual_mask marks some as padding; store whole grids."
+            )
+        return feats.transpose(1, 2).reshape(b, c, side, side)
+
+    def forward(
+        self, batch: VLBatch, return_extras: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Answer logits ``(B, num_answers)``; with ``return_extras``, ``(logits, extras)``:
+        ``"pooled"`` ``(B, hidden)`` is the pooled output the task head reads, ``"question"``
+        ``(B, hidden)`` the masked mean of the question's text embeddings (the representation
+        before any fusion)."""
+        grid = self.visual_inputs(batch)
+        # Trailing columns that are padding in every question are dropped: they are masked out
+        # anyway, and cost a full token in every layer.
+        real = batch.text_mask.any(0).nonzero()
+        length = int(real.max()) + 1 if len(real) else 1
+        if length > self.options.max_position_embeddings:
+            raise ValueError(
+                f"CLIP-ViL has position embeddings for {self.options.max_position_embeddings} "
+                f"tokens, the batch has questions of {length}; lower the data's "
+                "max_question_len or raise model.options.max_position_embeddings."
+            )
+        text_ids, text_mask = batch.text_ids[:, :length], batch.text_mask[:, :length].bool()
+        pooled, text = self.clip_vil(text_ids, text_mask, grid)
+        logits = self.task_head(pooled)
+        if not return_extras:
+            return logits
+        weights = text_mask[..., None].to(text.dtype)
+        question = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return logits, {"pooled": pooled, "question": question}
+
+    def anatomy(self) -> Anatomy:
+        """CLIP-ViL's structure: the encoder layers (cross: self-attention over text and grid
+        cells together), language = text embeddings, vision = grid embeddings + the CLIP
+        ResNet (its convolutions prunable), cross = pooler, the task head."""
+        an = anatomy_from_patterns(self.clip_vil, _PATTERNS).prefixed("clip_vil")
+        an.extra_modules[Modality.VISION].append("visual")
+        an.extra_weights[Modality.VISION] += prunable_weights_in(self.visual, "visual")
+        an.readouts.update(
+            {
+                "language_input": "clip_vil.embeddings",
+                "vision_input": "clip_vil.visual_embeddings",
+                "fused": "clip_vil.pooler",
+            }
+        )
+        an.head_modules = ["task_head"]
+        # width slimming: the whole BERT part (embeddings, grid embeddings with their position
+        # tables, encoder, pooler) and the task head's hidden layer (2D); the CLIP ResNet keeps
+        # its channels, the answer layer its outputs
+        an.slim = SlimSpec(region=("clip_vil", "task_head"), fixed=("task_head.3",))
+        return an
+
+    def slimmed_options(self, width: float, layers: int) -> dict[str, Any]:
+        """Option overrides that build this model's submodel at ``width`` with ``layers``
+        layers (an exported submodel starts from its own weights: no checkpoint loading).
+
+        Raises:
+            ValueError: when the width does not keep the head size.
+        """
+        from vlcompress.compress.slimmable import scaled
+
+        o = self.options
+        head_dim = o.hidden_size // o.num_heads
+        out = {
+            "hidden_size": scaled(o.hidden_size, width),
+            "num_heads": scaled(o.num_heads, width),
+            "ffn_size": scaled(o.ffn_size, width),
+            "num_layers": int(layers),
+            "visual_checkpoint": None,
+            "text_init": None,
+        }
+        if out["hidden_size"] != out["num_heads"] * head_dim:
+            raise ValueError(
+                f"width {width} gives hidden {out['hidden_size']} but {out['num_heads']} heads "
+                f"of {head_dim}; choose a width that keeps whole heads."
+            )
+        return out
+
+
+# ---------------------------------------------------------------------- OpenAI checkpoints
+def _read_openai_checkpoint(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an OpenAI CLIP file: a TorchScript archive (as published) or a state
+    dict (``torch.save``'d, optionally under ``state_dict`` and with a ``module.`` prefix)."""
+    if not file.is_file():
+        where = "is a folder" if file.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"CLIP checkpoint {str(file)!r} {where}; expected OpenAI's file for the encoder "
+            "(RN50.pt, RN50x4.pt, ...: the TorchScript archive that openai/CLIP's clip.load "
+            "downloads, or a state dict with visual.* keys). Fetch it on a machine with "
+            "internet and set model.options.visual_checkpoint to the file."
+        )
+    scripted = False
+    if zipfile.is_zipfile(file):
+        with zipfile.ZipFile(file) as z:
+            scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    if scripted:  # OpenAI's own format; TorchScript is deprecated, but this is how it is read
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit")
+            raw: Any = torch.jit.load(str(file), map_location="cpu").state_dict()
+    else:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"{str(file)!r} is not a CLIP checkpoint: expected a TorchScript archive or a dict "
+            f"of tensors with keys visual.*, found a {type(raw).__name__}."
+        )
+    return {str(k).removeprefix("module."): v for k, v in raw.items() if torch.is_tensor(v)}
+
+
+def _openai_resnet_shape(state: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], int]:
+    """(blocks per stage, stem width) of the ``ModifiedResNet`` in an OpenAI state dict."""
+    blocks = tuple(
+        len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{i}.")})
+        for i in range(1, 5)
+    )
+    return blocks, int(state["visual.conv1.weight"].shape[0]) * 2
+
+
+def _which_encoder(shape: tuple[tuple[int, ...], int]) -> str:
+    for name, known in CLIP_RESNETS.items():
+        if known == shape:
+            return name
+    return f"none registered (blocks {list(shape[0])}, width {shape[1]})"
+
+
+def load_openai_clip_visual(visual: nn.Module, path: str | Path, encoder: str = "") -> list[str]:
+    """Load the image encoder of an OpenAI CLIP ResNet checkpoint into a timm CLIP ResNet.
+
+    The file is OpenAI's (``RN50.pt``, ``RN50x4.pt``, ...: a TorchScript archive whose state
+    dict holds ``visual.conv1.weight``, ``visual.layer1.0.conv1.weight``, ...,
+    ``visual.attnpool.*`` and the text tower), or a state dict of the same keys. The
+    ``visual.*`` tensors are renamed by timm's own conversion
+    (``timm.models.byobnet.checkpoint_filter_fn``); the attention pool is dropped (the trunk
+    has none), the text tower ignored, half-precision tensors cast to the model's dtype.
+
+    Args:
+        visual: a CLIP ResNet trunk from :func:`build_clip_resnet`.
+        path: the checkpoint file.
+        encoder: the trunk's name in :data:`CLIP_RESNETS`, for messages.
+
+    Returns:
+        The keys of the file that were not loaded (the attention pool and the text tower).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: for a file that is not an OpenAI CLIP ResNet checkpoint (a ViT one
+            included), one of another encoder (the message names the option to set), or
+            missing / unexpected / differently-shaped tensors.
+
+    Example::
+
+        load_openai_clip_visual(model.visual, "/data/clip/RN50.pt", "resnet50_clip")
+    """
+    from timm.models.byobnet import checkpoint_filter_fn
+
+    file = Path(path).expanduser()
+    raw = _read_openai_checkpoint(file)
+    where = f"CLIP checkpoint {str(file)!r}"
+    if "visual.conv1.weight" not in raw:
+        sample = list(raw)[:5]
+        raise ValueError(
+            f"{where} is not an OpenAI CLIP checkpoint: expected keys visual.conv1.weight, "
+            f"visual.layer1.0.conv1.weight, ...; found {sample}."
+        )
+    if any(k.startswith("visual.transformer.") for k in raw):
+        raise ValueError(
+            f"{where} holds a CLIP ViT image encoder; CLIP-ViL here reads the ResNet ones "
+            f"({', '.join(_OPENAI_FILES.values())})."
+        )
+    shape = _openai_resnet_shape(raw)
+    ours = visual.state_dict()
+    if encoder and CLIP_RESNETS.get(encoder) != shape:
+        found = _which_encoder(shape)
+        raise ValueError(
+            f"{where} is the CLIP ResNet {found}, the model's visual_encoder is {encoder!r}; "
+            f"set model.options.visual_encoder: {found}"
+            + ("." if found in CLIP_RESNETS else " (or use a checkpoint of the chosen encoder).")
+        )
+    visual_keys = {k: v for k, v in raw.items() if k.startswith("visual.")}
+    state = checkpoint_filter_fn(visual_keys, visual)
+    unused = sorted(
+        k for k in raw if not k.startswith("visual.") or k.startswith("visual.attnpool.")
+    )
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in ours]
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not match the CLIP ResNet layout: missing {missing or 'nothing'} "
+            f"(timm names); unexpected {unexpected or 'nothing'}."
+        )
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(ours[k].shape)}"
+        for k, v in state.items()
+        if v.shape != ours[k].shape
+    ]
+    if shapes:
+        more = f" (and {len(shapes) - 5} more)" if len(shapes) > 5 else ""
+        raise ValueError(f"{where} does not fit this CLIP ResNet: {'; '.join(shapes[:5])}{more}.")
+    with torch.no_grad():
+        for k, v in state.items():
+            ours[k].copy_(v.to(ours[k].dtype) if v.is_floating_point() else v)
+    log.info("loaded the CLIP ResNet of %s (%d tensors; %d not used: attention pool, text tower)",
+             file, len(state), len(unused))  # fmt: skip
+    return unused
+
+
+for _name, _defaults in CLIP_VIL_VARIANTS.items():
+    registry.register(
+        "model", _name, options=ClipVilOptions, defaults=_defaults,
+        context=("vocab_size", "num_answers"),
+    )(CLIPViL)  # fmt: skip
