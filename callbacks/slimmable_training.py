@@ -3,6 +3,7 @@ Slimmable Transformer, seed 001), evaluate every submodel, report accuracy again
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -
     """``bce``: binary cross-entropy to ``sigmoid(teacher)``, summed over answers and averaged
     over the batch (BST on VQA); ``kl``: KL(softmax(teacher) || softmax(student)), averaged over
     the batch (BST on GQA)."""
+    if kind not in LOSSES:
+        raise ValueError(f"distillation loss must be one of {LOSSES}, got {kind!r}")
     if kind == "bce":
         target = torch.sigmoid(teacher)
         loss = F.binary_cross_entropy_with_logits(student, target, reduction="sum")
@@ -103,6 +106,13 @@ class SlimmableTraining(CompressionCallback):
     (``slimmable.png`` in the run folder). Per-example scores come from the LightningModule's
     ``example_scores(logits, batch)`` (``VQATask``: the official VQA accuracy), else top-1
     accuracy against ``batch.targets`` / ``batch["labels"]``.
+
+    Differences from MILVLG/bst, on purpose: the sampled submodels' losses are added and
+    back-propagated once (the same gradients as BST's backward per submodel, but the graphs
+    are held together: about ``k`` times the activation memory); the losses are averaged over
+    the batch (BST sums them; Adam is nearly insensitive to the scale); the submodels are drawn
+    per optimiser step (with gradient accumulation, every micro-batch of a step trains the
+    same ones); "largest" and "smallest" are the ends of the space sorted by (width, depth).
 
     Args:
         space: ``"triangle"`` (BST's 10 pairs) or a list of ``[width, depth]`` pairs.
@@ -187,6 +197,12 @@ class SlimmableTraining(CompressionCallback):
         self.run_dir = Path(root) if root else None
         if self.slim is not None:
             return
+        if getattr(pl_module, "automatic_optimization", True) is False:
+            raise ValueError(
+                "SlimmableTraining needs automatic optimisation: it returns the summed loss of "
+                "the sampled submodels for one backward and one optimiser step; a "
+                "LightningModule that steps its optimisers itself would step once per submodel."
+            )
         ddp_kwargs = getattr(getattr(trainer, "strategy", None), "_ddp_kwargs", None)
         every_step_full = self.include_ends and self.space[-1].is_full
         if ddp_kwargs is not None and self.world_size > 1 and not every_step_full:
@@ -203,7 +219,13 @@ class SlimmableTraining(CompressionCallback):
                 self.model.load_state_dict(self.teacher.state_dict())
                 log.info("student initialised from the teacher %s", self.teacher_path)
         self.slim = Slimmable(self.model, self.anatomy)
-        self.model.register_forward_hook(self._on_forward, with_kwargs=True)
+        if not self.slim.rules and any(s.width < 1 for s in self.space):
+            raise ValueError(
+                f"SlimmableTraining: the space has widths below 1 but {type(self.model).__name__}"
+                "'s anatomy declares no width region (MCAN: width_adapters: true); use a "
+                "depth-only space such as [[1, '1/3'], [1, 1]] or declare Anatomy.slim."
+            )
+        self._hook = self.model.register_forward_hook(self._on_forward, with_kwargs=True)
         original = pl_module.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -257,7 +279,8 @@ class SlimmableTraining(CompressionCallback):
         return ends + [rest[i] for i in order[:k].tolist()]
 
     def _targets(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        assert self.teacher is not None
+        if self.teacher is None:
+            raise RuntimeError("SlimmableTraining: no teacher loaded (distill='teacher')")
         device = next(self.model.parameters()).device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
@@ -265,52 +288,85 @@ class SlimmableTraining(CompressionCallback):
             return _logits(self.teacher(*args, **kwargs)).detach()
 
     def _sandwich(self, pl_module: Any, original: Any, args: tuple, kwargs: dict) -> Any:
-        assert self.slim is not None
+        """One step over the sampled submodels. The task's ``training_step`` runs once, for
+        the first submodel (the largest; its own logging stays that of one model); the others
+        call the model on the same inputs. A submodel's loss is the distillation loss plus
+        ``gt_weight`` x the task loss (the task loss of the other submodels then needs the
+        task's step again: it runs with its logging switched off)."""
+        if self.slim is None:
+            raise RuntimeError("SlimmableTraining: the training step ran before setup()")
         step = int(self._trainer.global_step) if self._trainer is not None else self.steps
         subs = self.submodels_at(step)
         total: torch.Tensor | None = None
         targets: torch.Tensor | None = None
         result: Any = None
+        m_args: tuple = ()
+        m_kwargs: dict = {}
         try:
             for i, sub in enumerate(subs):
                 self.slim.set(sub)
-                self._capture, self._captured = True, None
-                result = original(*args, **kwargs)
-                self._capture = False
-                if result is None:
-                    raise RuntimeError("SlimmableTraining: training_step returned None")
-                task_loss = result["loss"] if isinstance(result, Mapping) else result
-                if self._captured is None:
-                    raise RuntimeError(
-                        "SlimmableTraining: training_step did not call the model; the "
-                        "callback needs the model's logits (set model_attr)."
-                    )
-                m_args, m_kwargs, output = self._captured
-                logits = _logits(output) if self.distill != "none" else None
-                if self.distill == "teacher":
-                    if targets is None:
+                needs_task = (
+                    i == 0
+                    or self.gt_weight > 0
+                    or self.distill == "none"
+                    or (self.distill == "inplace" and targets is None)
+                )
+                task_loss = None
+                if needs_task:
+                    self._capture, self._captured = True, None
+                    out = self._quiet(pl_module, original, args, kwargs, quiet=i > 0)
+                    self._capture = False
+                    if out is None:
+                        raise RuntimeError(
+                            "SlimmableTraining: training_step returned None (skipped batch); "
+                            "it must return the loss (or a dict with 'loss')."
+                        )
+                    result = out if i == 0 else result
+                    task_loss = out["loss"] if isinstance(out, Mapping) else out
+                    if self._captured is None:
+                        raise RuntimeError(
+                            "SlimmableTraining: training_step did not call the model; the "
+                            "callback needs the model's outputs (set model_attr to the module "
+                            "the step calls)."
+                        )
+                    m_args, m_kwargs, output = self._captured
+                    self._captured = None
+                else:
+                    output = self.model(*m_args, **m_kwargs)
+                if self.distill == "none":
+                    loss = self.gt_weight * task_loss
+                else:
+                    logits = _logits(output)
+                    if self.distill == "teacher" and targets is None:
                         targets = self._targets(m_args, m_kwargs)
-                    loss = self.gt_weight * task_loss + distillation_loss(
-                        logits, targets, self.distill_loss
-                    )
-                elif self.distill == "inplace" and i > 0 and targets is not None:
-                    loss = self.gt_weight * task_loss + distillation_loss(
-                        logits, targets, self.distill_loss
-                    )
-                else:  # "none", or the largest submodel of an in-place step
-                    loss = task_loss
-                    if logits is not None and sub == self.space[-1]:
-                        targets = logits.detach()
+                    if targets is None:  # in-place: the largest learns from the task
+                        loss = task_loss
+                        if sub == self.space[-1]:
+                            targets = logits.detach()
+                    else:
+                        loss = distillation_loss(logits, targets, self.distill_loss)
+                        if self.gt_weight > 0:
+                            loss = loss + self.gt_weight * task_loss
                 total = loss if total is None else total + loss
         finally:
-            self._capture = False
+            self._capture, self._captured = False, None
             self.slim.set(Submodel(1.0, 1.0))
         self.steps += 1
         pl_module.log("slim/train_loss", total.detach(), prog_bar=True, batch_size=_size(args))
-        pl_module.log("slim/submodels", float(len(subs)), batch_size=_size(args))
         if isinstance(result, Mapping):
             return {**result, "loss": total}
         return total
+
+    @staticmethod
+    def _quiet(pl_module: Any, fn: Any, args: tuple, kwargs: dict, quiet: bool) -> Any:
+        """``fn(*args, **kwargs)``, with ``pl_module.log`` switched off when ``quiet``."""
+        if not quiet:
+            return fn(*args, **kwargs)
+        pl_module.__dict__["log"] = lambda *a, **k: None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            pl_module.__dict__.pop("log", None)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_space(self) -> list[Submodel]:
@@ -340,16 +396,20 @@ class SlimmableTraining(CompressionCallback):
         self._sums = {s.key: [0.0, 0.0] for s in self._eval_space()}
         self._capture = True
 
-    def _eval_batch(self, pl_module: Any, batch: Any) -> None:
+    def _eval_batch(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         if self._captured is None or self.slim is None:
             return
         args, kwargs, output = self._captured
         self._captured = None
+        if getattr(trainer, "sanity_checking", False):
+            return
         self._capture = False
+        plugin = getattr(trainer, "precision_plugin", None)
+        context = getattr(plugin, "forward_context", None)
         try:
             if not self.costs:
                 self._count_costs(args, kwargs)
-            with torch.no_grad():
+            with torch.no_grad(), context() if context else contextlib.nullcontext():
                 for sub in self._eval_space():
                     if sub.is_full:
                         logits = _logits(output)
@@ -364,8 +424,9 @@ class SlimmableTraining(CompressionCallback):
             self._capture = True
 
     def _eval_end(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._capture = False
-        if not self._sums:
+        self._capture, self._captured = False, None
+        if not self._sums or getattr(trainer, "sanity_checking", False):
+            self._sums = {}
             return
         keys = list(self._sums)
         sums = torch.tensor([self._sums[k] for k in keys], dtype=torch.float64)
@@ -384,13 +445,20 @@ class SlimmableTraining(CompressionCallback):
             self._plot(rows, self.run_dir / "slimmable.png")
 
     def _count_costs(self, args: tuple, kwargs: dict) -> None:
+        """Parameters, MACs and FLOPs of every submodel's exported copy, counted on the CPU
+        (where every attention product is seen; the GPU kernels are not all counted)."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
         from vlcompress.utils.flops import count_compute
 
-        assert self.slim is not None
+        if self.slim is None:
+            return
         one_args, one_kwargs = _one_example(args), _one_example(kwargs)
+        cpu = torch.device("cpu")
+        cpu_args, cpu_kwargs = move_data_to_device((one_args, one_kwargs), cpu)
         for sub in self.space:
-            small = self.slim.export(sub, *one_args, **one_kwargs)
-            compute = count_compute(small, *one_args, **one_kwargs)
+            small = self.slim.export(sub, *one_args, **one_kwargs).to(cpu)
+            compute = count_compute(small, *cpu_args, **cpu_kwargs)
             self.costs[sub.key] = {
                 "parameters": sum(p.numel() for p in small.parameters()),
                 "macs": compute.macs,
@@ -435,7 +503,7 @@ class SlimmableTraining(CompressionCallback):
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         """Evaluate the other submodels on the batch the task just evaluated."""
-        self._eval_batch(pl_module, batch)
+        self._eval_batch(trainer, pl_module, batch)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Log every submodel's validation accuracy."""
@@ -448,7 +516,7 @@ class SlimmableTraining(CompressionCallback):
     def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         """Evaluate the other submodels on the batch the task just tested."""
-        self._eval_batch(pl_module, batch)
+        self._eval_batch(trainer, pl_module, batch)
 
     def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Log every submodel's test accuracy, plot accuracy against MACs."""

@@ -60,10 +60,10 @@ def _tested(run: Path) -> dict[str, float]:
     import json
 
     results = json.loads(path.read_text())
-    rows = ((results.get("callbacks") or {}).get("SlimmableTraining") or {}).get(
-        "test_submodels"
-    ) or []
-    return {r["submodel"]: r["accuracy"] for r in rows}
+    for key, entry in (results.get("callbacks") or {}).items():
+        if key.split("[")[0] == "SlimmableTraining" and isinstance(entry, dict):
+            return {r["submodel"]: r["accuracy"] for r in entry.get("test_submodels") or []}
+    return {}
 
 
 def _markdown(rows: list[dict[str, Any]], large: int) -> str:
@@ -96,6 +96,18 @@ def export_from_run(
 ) -> dict[str, Any]:
     """Profile and / or export submodels of the slimmable run in ``run`` (see the module doc).
 
+    The weights are the run's best checkpoint (chosen by the full model's validation
+    accuracy), the same the run's per-submodel test table was measured with.
+
+    Args:
+        run: the run folder.
+        width, depth: the submodel to export (fractions such as ``"1/2"``).
+        budget: instead, the most accurate tested submodel within ``key=value[,key=value]``.
+        table: profile every submodel into ``submodels.json`` / ``submodels.md``.
+        latency: measure latency in the table.
+        large_batch: the batch size of the second latency.
+        out: the export folder (default ``<run>/export/<submodel key>``).
+
     Returns:
         ``{"table": rows}`` and / or ``{"export": folder, "record": ...}``.
 
@@ -117,7 +129,8 @@ def export_from_run(
     task = build_task(cfg, dm)
     ckpt = resolve_init_path(run)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    task.load_state_dict(state, strict=False)
+    model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    task.model.load_state_dict(model_state)  # strict: a mismatch must not export random weights
     model = task.model.eval()
     batch = next(iter(dm.test_dataloader()))
     one, big = resize_batch(batch, 1), resize_batch(batch, large_batch)
@@ -142,7 +155,7 @@ def export_from_run(
                 f"budget= needs the per-submodel test accuracy in {run / 'results.json'} "
                 "(a finished slimmable_training run); or give width= and depth=."
             )
-        best = select(rows, parse_budget(budget))
+        best = select([r for r in rows if r["accuracy"] is not None], parse_budget(budget))
         chosen = Submodel(best["width"], best["depth"])
         log.info("budget %s: %s (accuracy %.4f)", budget, best["submodel"], best["accuracy"])
     elif width is not None and depth is not None:
@@ -178,6 +191,11 @@ def export_from_run(
             diff = float((again(batch) - model(batch)).abs().max())
         record["reload_max_abs_diff"] = diff
         atomic_write_json(folder / "export.json", {**record, **_sha(folder)})
+        if not diff <= 1e-4:
+            raise ValueError(
+                f"the reloaded export in {folder} differs from the slimmed model by {diff:.3g} "
+                "(max |logit| difference); the export is wrong, please report it."
+            )
         result.update({"export": str(folder), "record": record})
     slim.detach()
     return result

@@ -17,7 +17,10 @@ submodel ``(width w, depth d)``:
 
 Slicing is a view: no weight is copied and no mask multiplies anything, so the compute really
 falls, and the attention kernel sees only the live heads. At ``w = d = 1`` the modules run their
-plain forward: the model is exactly the original one. The modules keep their class's
+plain forward: the model is exactly the original one. (LayerNorms over several dimensions are
+not width-sliced and left as they are.) A module outside the region reads the *first* features
+it is given: fine for a task head on the slimmed stream, wrong for one reading a concatenation
+of two slimmed streams, which must then be inside the region or reorder its inputs. The modules keep their class's
 ``state_dict`` layout (they are instances of thin subclasses of ``nn.Linear``,
 ``nn.LayerNorm``, ``nn.Embedding`` while attached), so optimisers and checkpoints see no change.
 
@@ -35,8 +38,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlcompress.models.anatomy import Anatomy, SlimSpec, anatomy_of
+from vlcompress.models.anatomy.specs import scaled
 
 __all__ = [
     "TRIANGLE",
@@ -59,13 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_EPS = 1e-9
-
-
-def scaled(n: int, fraction: float) -> int:
-    """``⌊n · fraction⌋``, at least 1 (the size of a slimmed dimension)."""
-    return max(1, int(math.floor(n * fraction + _EPS)))
 
 
 def _fraction_text(x: float) -> str:
@@ -98,8 +94,8 @@ class Submodel:
 
     @property
     def key(self) -> str:
-        """``"w0.25_d0.167"``: safe in metric names and file names."""
-        return f"w{self.width:.3g}_d{self.depth:.3g}"
+        """``"w0.25_d0.1667"``: safe in metric names and file names."""
+        return f"w{self.width:.4g}_d{self.depth:.4g}"
 
     @property
     def is_full(self) -> bool:
@@ -305,6 +301,8 @@ class Slimmable:
             return
         for m in self.model.modules():
             cls = _SLICED.get(type(m))
+            if cls is SlicedLayerNorm and len(m.normalized_shape) != 1:
+                continue  # normalises over several dimensions: not a width, left alone
             if cls is not None:
                 m.__class__ = cls
         self.attached = True
@@ -336,6 +334,13 @@ class Slimmable:
         """Switch the model to ``submodel`` (cheap: sets a few hundred integers)."""
         if not self.attached:
             raise RuntimeError("Slimmable.set after detach(); call attach() first.")
+        if submodel.width < 1.0 and not self.rules:
+            raise ValueError(
+                f"width {submodel.width} asked of a model whose anatomy declares no width region "
+                "(SlimSpec.region is empty), so nothing would get narrower. MCAN: set "
+                "width_adapters: true (and flat_glimpses: 1); other models: declare "
+                "Anatomy.slim, or use widths of 1 (depth only)."
+            )
         modules = dict(self.model.named_modules())
         for path, rule in self.rules.items():
             modules[path].slim_out = rule.at(submodel.width)
@@ -386,7 +391,7 @@ class Slimmable:
             finally:
                 self.model.train(was)
             kept = self.layers_at(submodel.depth)
-            copied = copy.deepcopy(self.model)
+            copied = _copy_without_hooks(self.model)
         self._shrink(copied, submodel, kept)
         return copied
 
@@ -463,6 +468,37 @@ class Slimmable:
             setattr(copied, attr, dataclasses.replace(getattr(copied, attr), **new))
 
 
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` without any module hooks: a hook bound to a callback would
+    otherwise copy the callback and all it holds (trainer, data, teacher)."""
+    saved = []
+    for m in model.modules():
+        hooks = {name: m.__dict__[name] for name in _HOOKS if name in m.__dict__}
+        saved.append((m, hooks))
+        for name, d in hooks.items():
+            m.__dict__[name] = type(d)()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, hooks in saved:
+            m.__dict__.update(hooks)
+
+
 def config_attribute(model: nn.Module) -> str | None:
     """The attribute holding a model's dataclass options (``config`` or ``options``), if any:
     what rebuilds it through the registry."""
@@ -503,12 +539,3 @@ def _update_hf_config(
             cfg.intermediate_size = scaled(cfg.intermediate_size, submodel.width)
         if hasattr(cfg, "num_hidden_layers") and len(layers) == 1:
             cfg.num_hidden_layers = next(iter(layers))
-
-
-def parameters_of(modules: Sequence[nn.Module]) -> int:
-    """Distinct parameter elements of ``modules``."""
-    seen: dict[int, int] = {}
-    for m in modules:
-        for p in m.parameters():
-            seen[id(p)] = p.numel()
-    return sum(seen.values())

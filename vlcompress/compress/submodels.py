@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -93,9 +93,17 @@ def profile_submodels(
 
 
 def _to(x: Any, device: torch.device | str) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(x, torch.device(device))
+    """``x`` (a tensor, a dataclass batch, or a container of them) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        changes = {f.name: _to(getattr(x, f.name), device) for f in dataclasses.fields(x)}
+        return dataclasses.replace(x, **changes)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
 
 
 def parse_budget(text: str) -> dict[str, float]:
@@ -205,7 +213,7 @@ def save_export(
         exp["model"] = {"name": model_name, "options": options}
         exp["callbacks"] = [c for c in exp.get("callbacks") or []
                             if c.get("name") != "slimmable_training"]  # fmt: skip
-        exp["init_from"] = None
+        exp["init_from"] = None  # the export's weights are in model.pt (load_export)
         atomic_write_text(folder / "experiment.yaml", OmegaConf.to_yaml(OmegaConf.create(exp)))
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_json(folder / "export.json", {**_plain(dict(record)), "model_sha256": digest})
@@ -244,8 +252,3 @@ def load_export(folder: str | Path) -> nn.Module:
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
-
-
-def records_json(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``rows`` as indented JSON (for logs and files)."""
-    return json.dumps([dict(r) for r in rows], indent=1)

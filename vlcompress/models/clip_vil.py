@@ -63,6 +63,7 @@ from vlcompress.models.anatomy import (
     anatomy_from_patterns,
     prunable_weights_in,
 )
+from vlcompress.models.anatomy.specs import scaled
 from vlcompress.options import check_fields, choices, in_range
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
@@ -543,8 +544,6 @@ class CLIPViL(nn.Module):
         Raises:
             ValueError: when the width does not keep the head size.
         """
-        from vlcompress.compress.slimmable import scaled
-
         o = self.options
         head_dim = o.hidden_size // o.num_heads
         out = {

@@ -30,6 +30,7 @@ from vlcompress.models.anatomy import (
     default_depth_priority,
     prunable_weights_in,
 )
+from vlcompress.models.anatomy.specs import scaled
 from vlcompress.options import check_fields, in_range
 
 _POSITIVE = in_range(1)
@@ -486,8 +487,6 @@ class MCAN(nn.Module):
         Raises:
             ValueError: when the width does not keep the head size (hidden / heads).
         """
-        from vlcompress.compress.slimmable import scaled
-
         c = self.config
         out = {
             "hidden_size": scaled(c.hidden_size, width),

@@ -59,6 +59,7 @@ from vlcompress.models.anatomy import (
     anatomy_from_patterns,
     prunable_weights_in,
 )
+from vlcompress.models.anatomy.specs import scaled
 from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
 from vlcompress.options import check_fields, choices, in_range
 from vlcompress.utils.assets import minilm_package_dir
@@ -468,8 +469,6 @@ class UNITER(nn.Module):
         Raises:
             ValueError: when the width does not keep the head size.
         """
-        from vlcompress.compress.slimmable import scaled
-
         o = self.options
         head_dim = o.hidden_size // o.num_heads
         out = {

@@ -22,6 +22,7 @@ __all__ = [
     "SlimSpec",
     "Stream",
     "default_depth_priority",
+    "scaled",
 ]
 
 
@@ -334,6 +335,11 @@ class SlimSpec:
             tuple(map(p, self.params)),
             {p(s): o for s, o in self.depth_priority.items()},
         )
+
+
+def scaled(n: int, fraction: float) -> int:
+    """``⌊n · fraction⌋``, at least 1: the size of a dimension slimmed to ``fraction``."""
+    return max(1, int(n * fraction + 1e-9))
 
 
 def default_depth_priority(num_layers: int) -> tuple[int, ...]:
