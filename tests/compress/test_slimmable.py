@@ -228,3 +228,28 @@ def test_uniter_slims_and_exports_exactly():
         save_export(small, d, model_name="uniter_tiny", context={"vocab_size": 50, "num_answers": 7},
                     record={})  # fmt: skip
         torch.testing.assert_close(load_export(d)(b), out, rtol=0, atol=1e-6)
+
+
+def test_width_without_a_width_region_is_an_error():
+    slim = Slimmable(mcan(width_adapters=False))
+    with pytest.raises(ValueError, match="width_adapters"):
+        slim.set(Submodel(0.25, 1.0))
+
+
+def test_export_copies_no_hooks_and_multi_dim_layernorms_are_left_alone():
+    m, b = mcan(), batch()
+    m.extra_norm = nn.LayerNorm((5, 32))  # not a width: never sliced, the model still runs
+    held = []
+
+    class Holder:
+        def hook(self, module, args, output):
+            held.append(1)
+
+    m.register_forward_hook(Holder().hook)
+    slim = Slimmable(m)
+    assert type(m.extra_norm) is nn.LayerNorm
+    small = slim.export(Submodel(0.5, 1.0), b)
+    assert not small._forward_hooks and m._forward_hooks  # the original keeps its hook
+    n = len(held)
+    small(b)
+    assert len(held) == n  # the copy does not call the original's hook
