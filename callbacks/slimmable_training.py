@@ -488,6 +488,11 @@ class SlimmableTraining(CompressionCallback):
                 ax.annotate(name.split("-")[1], (x, y), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel("MACs per example (millions, log scale)")
         ax.set_ylabel("test accuracy")
         ax.set_title("submodels of one slimmable model")
