@@ -54,16 +54,15 @@ from torch import nn
 
 from vlcompress import registry
 from vlcompress.data.batch import VLBatch
-from vlcompress.models.anatomy import (
-    BERT_PATTERNS,
-    Anatomy,
-    Modality,
-    SlimSpec,
-    Stream,
-    anatomy_from_patterns,
-    prunable_weights_in,
+from vlcompress.models.anatomy import Anatomy, Modality, prunable_weights_in
+from vlcompress.models.single_stream import (
+    LN_EPS,
+    BertStream,
+    SingleStreamVQA,
+    StreamOptions,
+    init_bert_weights,
+    task_head,
 )
-from vlcompress.models.anatomy.specs import scaled
 from vlcompress.options import check_fields, choices, in_range
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
@@ -83,8 +82,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _POSITIVE = in_range(1)
-_LN_EPS = 1e-12  # BERT's LayerNorm epsilon
-_TYPE_VOCAB = 2  # token type 0: text, 1: image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """CLIP's per-channel pixel mean (RGB, pixels in [0, 1])."""
@@ -113,16 +110,12 @@ _OPENAI_FILES = {
 
 
 @dataclass(frozen=True)
-class ClipVilOptions:
+class ClipVilOptions(StreamOptions):
     """Sizes, inputs and initialisation of a CLIP-ViL model (see :data:`CLIP_VIL_VARIANTS`).
 
+    The stream's sizes are those of :class:`~vlcompress.models.single_stream.StreamOptions`.
+
     Attributes:
-        hidden_size: width of the stream (divisible by ``num_heads``).
-        num_heads: attention heads per layer.
-        ffn_size: feed-forward units.
-        num_layers: transformer layers.
-        dropout: dropout inside the embeddings and the encoder (attention included).
-        max_position_embeddings: longest question in tokens.
         visual_encoder: the CLIP ResNet, by timm's name (:data:`CLIP_RESNETS`; ``tiny`` for
             tests). Built without its attention pool (timm's ``<name>_gap`` trunk), so any
             image size works.
@@ -149,12 +142,6 @@ class ClipVilOptions:
         model = CLIPViL(options, vocab_size=30522, num_answers=3129)
     """
 
-    hidden_size: int = field(default=768, metadata=_POSITIVE)
-    num_heads: int = field(default=12, metadata=_POSITIVE)
-    ffn_size: int = field(default=3072, metadata=_POSITIVE)
-    num_layers: int = field(default=12, metadata=_POSITIVE)
-    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
-    max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
     visual_encoder: str = field(default="resnet50_clip", metadata=choices(*CLIP_RESNETS))
     visual_checkpoint: str | None = None
     freeze_visual: bool = True
@@ -164,11 +151,7 @@ class ClipVilOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"CLIP-ViL hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                f"({self.num_heads}); e.g. hidden_size={self.num_heads * 64}."
-            )
+        self.check_stream("CLIP-ViL")
         if self.image_size is not None and self.image_size // 32 > self.max_grid:
             raise ValueError(
                 f"CLIP-ViL image_size {self.image_size} gives a {self.image_size // 32}-cell "
@@ -250,10 +233,10 @@ class ClipGridEmbeddings(nn.Module):
         super().__init__()
         self.max_grid = max_grid
         self.visual_linear = nn.Linear(channels, hidden)
-        self.visual_layer_norm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.visual_layer_norm = nn.LayerNorm(hidden, eps=LN_EPS)
         self.row_position_embeddings = nn.Embedding(max_grid, hidden)
         self.col_position_embeddings = nn.Embedding(max_grid, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=LN_EPS)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, grid: torch.Tensor, type_embedding: torch.Tensor) -> torch.Tensor:
@@ -273,26 +256,9 @@ class ClipGridEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(image + position + type_embedding))
 
 
-def _bert_config(o: ClipVilOptions, vocab_size: int) -> Any:
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=o.hidden_size,
-        num_hidden_layers=o.num_layers,
-        num_attention_heads=o.num_heads,
-        intermediate_size=o.ffn_size,
-        hidden_dropout_prob=o.dropout,
-        attention_probs_dropout_prob=o.dropout,
-        max_position_embeddings=o.max_position_embeddings,
-        type_vocab_size=_TYPE_VOCAB,
-        layer_norm_eps=_LN_EPS,
-        attn_implementation="sdpa",
-    )
-
-
-class ClipVilModel(nn.Module):
-    """The single stream: text and grid embeddings, the BERT encoder over both, the pooler.
+class ClipVilModel(BertStream):
+    """The single stream: text and grid embeddings (``visual_embeddings``), the BERT encoder
+    over both, the pooler.
 
     Args:
         options: sizes.
@@ -301,86 +267,19 @@ class ClipVilModel(nn.Module):
 
     Example::
 
-        pooled, text = ClipVilModel(options, 30522, 2048)(ids, ids != 0, grid)
+        body = ClipVilModel(options, 30522, 2048)
+        cells = body.visual_embeddings(grid, body.image_type(grid))
+        pooled, text = body.encode(ids, ids != 0, cells, None)
     """
 
     def __init__(self, options: ClipVilOptions, vocab_size: int, channels: int) -> None:
-        super().__init__()
-        from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
-
-        config = _bert_config(options, vocab_size)
-        self.embeddings = BertEmbeddings(config)
-        self.visual_embeddings = ClipGridEmbeddings(
+        visual = ClipGridEmbeddings(
             channels, options.hidden_size, options.max_grid, options.dropout
         )
-        self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config)
-
-    def forward(
-        self, text_ids: torch.Tensor, text_mask: torch.Tensor, grid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the stream ``[text ; grid cells]``.
-
-        Args:
-            text_ids: ``(B, T)``; text_mask: ``(B, T)`` bool, True for real tokens.
-            grid: ``(B, C, rows, cols)`` grid features (every cell real).
-
-        Returns:
-            The pooled output ``(B, H)`` and the text embeddings ``(B, T, H)``.
-        """
-        text = self.embeddings(input_ids=text_ids)
-        image_type = torch.ones((), dtype=torch.long, device=grid.device)
-        image = self.visual_embeddings(grid, self.embeddings.token_type_embeddings(image_type))
-        cells = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
-        mask = torch.cat([text_mask.bool(), cells], dim=1)[:, None, None, :]
-        hidden = self.encoder(torch.cat([text, image], dim=1), attention_mask=mask)
-        return self.pooler(hidden.last_hidden_state), text
+        super().__init__(options, vocab_size, "visual_embeddings", visual)
 
 
-def _init_weights(module: nn.Module) -> None:
-    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def task_head(hidden: int, num_answers: int) -> nn.Sequential:
-    """The VQA classifier: ``Linear(H -> 2H)``, GELU, ``LayerNorm(2H)``, ``Linear(2H -> answers)``.
-
-    Example::
-
-        logits = task_head(768, 3129)(pooled)   # (B, 3129)
-    """
-    return nn.Sequential(
-        nn.Linear(hidden, 2 * hidden),
-        nn.GELU(),
-        nn.LayerNorm(2 * hidden, eps=_LN_EPS),
-        nn.Linear(2 * hidden, num_answers),
-    )
-
-
-_PATTERNS = dataclasses.replace(
-    BERT_PATTERNS,
-    layer=r"^encoder\.layer\.(?P<index>\d+)$",
-    modality=((r"", Modality.CROSS),),
-    output=Stream(0),  # transformers 5's BertLayer returns the hidden states bare
-    extra_modules=(
-        (r"^embeddings$", Modality.LANGUAGE),
-        (r"^visual_embeddings$", Modality.VISION),
-        (r"^pooler$", Modality.CROSS),
-    ),
-)
-"""The stream's structure: BERT layers over the mixed stream (cross), embeddings per modality."""
-
-
-class CLIPViL(nn.Module):
+class CLIPViL(SingleStreamVQA):
     """CLIP-ViL_p for VQA; ``forward(VLBatch) -> logits (B, num_answers)``.
 
     Args:
@@ -399,8 +298,10 @@ class CLIPViL(nn.Module):
         logits, extras = model(batch, return_extras=True)   # extras["pooled"]: (B, 768)
     """
 
-    returns_extras = True
-    """``forward(batch, return_extras=True)`` also returns the extra outputs (loss contract)."""
+    display_name = "CLIP-ViL"
+    body_name = "clip_vil"
+    visual_name = "visual_embeddings"
+    slim_resets = {"visual_checkpoint": None, "text_init": None}
 
     def __init__(self, options: ClipVilOptions, vocab_size: int, num_answers: int) -> None:
         super().__init__()
@@ -412,21 +313,13 @@ class CLIPViL(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
         self.clip_vil = ClipVilModel(o, vocab_size, self.visual_channels)
         self.task_head = task_head(o.hidden_size, num_answers)
-        self.clip_vil.apply(_init_weights)
-        self.task_head.apply(_init_weights)
+        self.clip_vil.apply(init_bert_weights)
+        self.task_head.apply(init_bert_weights)
         self.pooled_dim = self.question_dim = o.hidden_size
         if o.visual_checkpoint:
             load_openai_clip_visual(self.visual, o.visual_checkpoint, o.visual_encoder)
         if o.text_init:
-            sizes = {
-                "hidden_size": o.hidden_size,
-                "num_attention_heads": o.num_heads,
-                "intermediate_size": o.ffn_size,
-                "num_hidden_layers": o.num_layers,
-                "max_position_embeddings": o.max_position_embeddings,
-                "type_vocab_size": _TYPE_VOCAB,
-                "vocab_size": vocab_size,
-            }
+            sizes = o.bert_sizes(vocab_size)
             load_bert_layers(self.clip_vil, o.text_init, sizes, model="CLIP-ViL", source="BERT",
                              fix="Set model.options.text_init to a local Hugging Face BERT "
                              "folder (e.g. bert-base-uncased), or null.")  # fmt: skip
@@ -489,77 +382,20 @@ class CLIPViL(nn.Module):
             )
         return feats.transpose(1, 2).reshape(b, c, side, side)
 
-    def forward(
-        self, batch: VLBatch, return_extras: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Answer logits ``(B, num_answers)``; with ``return_extras``, ``(logits, extras)``:
-        ``"pooled"`` ``(B, hidden)`` is the pooled output the task head reads, ``"question"``
-        ``(B, hidden)`` the masked mean of the question's text embeddings (the representation
-        before any fusion)."""
+    def embed_visual(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's grid cells through ``visual_embeddings`` ``(B, rows * cols, H)``
+        (every cell real)."""
         grid = self.visual_inputs(batch)
-        # Trailing columns that are padding in every question are dropped: they are masked out
-        # anyway, and cost a full token in every layer.
-        real = batch.text_mask.any(0).nonzero()
-        length = int(real.max()) + 1 if len(real) else 1
-        if length > self.options.max_position_embeddings:
-            raise ValueError(
-                f"CLIP-ViL has position embeddings for {self.options.max_position_embeddings} "
-                f"tokens, the batch has questions of {length}; lower the data's "
-                "max_question_len or raise model.options.max_position_embeddings."
-            )
-        text_ids, text_mask = batch.text_ids[:, :length], batch.text_mask[:, :length].bool()
-        pooled, text = self.clip_vil(text_ids, text_mask, grid)
-        logits = self.task_head(pooled)
-        if not return_extras:
-            return logits
-        weights = text_mask[..., None].to(text.dtype)
-        question = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return logits, {"pooled": pooled, "question": question}
+        return self.clip_vil.visual_embeddings(grid, self.clip_vil.image_type(grid)), None
 
     def anatomy(self) -> Anatomy:
         """CLIP-ViL's structure: the encoder layers (cross: self-attention over text and grid
         cells together), language = text embeddings, vision = grid embeddings + the CLIP
         ResNet (its convolutions prunable), cross = pooler, the task head."""
-        an = anatomy_from_patterns(self.clip_vil, _PATTERNS).prefixed("clip_vil")
+        an = self.stream_anatomy()
         an.extra_modules[Modality.VISION].append("visual")
         an.extra_weights[Modality.VISION] += prunable_weights_in(self.visual, "visual")
-        an.readouts.update(
-            {
-                "language_input": "clip_vil.embeddings",
-                "vision_input": "clip_vil.visual_embeddings",
-                "fused": "clip_vil.pooler",
-            }
-        )
-        an.head_modules = ["task_head"]
-        # width slimming: the whole BERT part (embeddings, grid embeddings with their position
-        # tables, encoder, pooler) and the task head's hidden layer (2D); the CLIP ResNet keeps
-        # its channels, the answer layer its outputs
-        an.slim = SlimSpec(region=("clip_vil", "task_head"), fixed=("task_head.3",))
         return an
-
-    def slimmed_options(self, width: float, layers: int) -> dict[str, Any]:
-        """Option overrides that build this model's submodel at ``width`` with ``layers``
-        layers (an exported submodel starts from its own weights: no checkpoint loading).
-
-        Raises:
-            ValueError: when the width does not keep the head size.
-        """
-        o = self.options
-        head_dim = o.hidden_size // o.num_heads
-        out = {
-            "hidden_size": scaled(o.hidden_size, width),
-            "num_heads": scaled(o.num_heads, width),
-            "ffn_size": scaled(o.ffn_size, width),
-            "num_layers": int(layers),
-            "visual_checkpoint": None,
-            "text_init": None,
-        }
-        if out["hidden_size"] != out["num_heads"] * head_dim:
-            raise ValueError(
-                f"width {width} gives hidden {out['hidden_size']} but {out['num_heads']} heads "
-                f"of {head_dim}; choose a width that keeps whole heads."
-            )
-        return out
 
 
 # ---------------------------------------------------------------------- OpenAI checkpoints

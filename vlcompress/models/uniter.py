@@ -37,7 +37,6 @@ Width slimming: every module of ours is a plain ``nn.Linear`` / ``nn.LayerNorm``
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -50,16 +49,15 @@ from torch import nn
 
 from vlcompress import registry
 from vlcompress.data.batch import VLBatch
-from vlcompress.models.anatomy import (
-    BERT_PATTERNS,
-    Anatomy,
-    Modality,
-    SlimSpec,
-    Stream,
-    anatomy_from_patterns,
-    prunable_weights_in,
+from vlcompress.models.anatomy import Anatomy, Modality, prunable_weights_in
+from vlcompress.models.single_stream import (
+    LN_EPS,
+    BertStream,
+    SingleStreamVQA,
+    StreamOptions,
+    init_bert_weights,
+    task_head,
 )
-from vlcompress.models.anatomy.specs import scaled
 from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
 from vlcompress.options import check_fields, choices, in_range
 from vlcompress.utils.assets import minilm_package_dir
@@ -77,26 +75,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_POSITIVE = in_range(1)
-_LN_EPS = 1e-12  # UNITER's (and BERT's) LayerNorm epsilon
 _BOX_DIM = 7  # x1, y1, x2, y2, w, h, w*h
-_TYPE_VOCAB = 2  # token type 0: text, 1: image
 
 
 @dataclass(frozen=True)
-class UniterOptions(PixelInputOptions):
+class UniterOptions(StreamOptions, PixelInputOptions):
     """Sizes, inputs and initialisation of a UNITER model (see :data:`UNITER_VARIANTS`).
 
+    The stream's sizes are those of :class:`~vlcompress.models.single_stream.StreamOptions`
+    (``num_heads`` is not stored in a checkpoint: ``uniter-base`` has 12, ``uniter-large`` 16).
+
     Attributes:
-        hidden_size: width of the stream (divisible by ``num_heads``).
-        num_heads: attention heads per layer (not stored in a checkpoint: ``uniter-base`` has
-            12, ``uniter-large`` 16).
-        ffn_size: feed-forward units.
-        num_layers: transformer layers.
         region_dim: size of a region feature (2048 for detector features; the grid adapter's
             output size with ``visual_input: pixels``).
-        dropout: dropout inside the embeddings and the encoder (attention included).
-        max_position_embeddings: longest question in tokens.
         visual_input, adapter_channels, adapter_context_layers, image_size: regions or pixels
             through the grid adapter (:class:`~vlcompress.models.visual_adapter.PixelInputOptions`).
         missing_boxes: what a region batch without boxes does: ``error``, or ``zeros`` (every
@@ -117,24 +108,14 @@ class UniterOptions(PixelInputOptions):
         model = UNITER(options, vocab_size=30522, num_answers=13)
     """
 
-    hidden_size: int = field(default=768, metadata=_POSITIVE)
-    num_heads: int = field(default=12, metadata=_POSITIVE)
-    ffn_size: int = field(default=3072, metadata=_POSITIVE)
-    num_layers: int = field(default=12, metadata=_POSITIVE)
-    region_dim: int = field(default=2048, metadata=_POSITIVE)
-    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
-    max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
+    region_dim: int = field(default=2048, metadata=in_range(1))
     missing_boxes: str = field(default="error", metadata=choices("error", "zeros"))
     pretrained: str | None = None
     language_init: str = field(default="random", metadata=choices("random", "minilm"))
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"UNITER hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                f"({self.num_heads}); e.g. hidden_size={self.num_heads * 64}."
-            )
+        self.check_stream("UNITER")
         self.check_adapter("UNITER")
         if self.pretrained and self.language_init != "random":
             raise ValueError(
@@ -194,12 +175,12 @@ class UniterImageEmbeddings(nn.Module):
     def __init__(self, region_dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.img_linear = nn.Linear(region_dim, hidden)
-        self.img_layer_norm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.img_layer_norm = nn.LayerNorm(hidden, eps=LN_EPS)
         self.pos_linear = nn.Linear(_BOX_DIM, hidden)
-        self.pos_layer_norm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.pos_layer_norm = nn.LayerNorm(hidden, eps=LN_EPS)
         # Masked-region modelling (pre-training only); kept so that the published weights load.
         self.mask_embedding = nn.Embedding(2, region_dim)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=_LN_EPS)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=LN_EPS)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -211,27 +192,9 @@ class UniterImageEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(image + position + type_embedding))
 
 
-def _bert_config(o: UniterOptions, vocab_size: int) -> Any:
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=o.hidden_size,
-        num_hidden_layers=o.num_layers,
-        num_attention_heads=o.num_heads,
-        intermediate_size=o.ffn_size,
-        hidden_dropout_prob=o.dropout,
-        attention_probs_dropout_prob=o.dropout,
-        max_position_embeddings=o.max_position_embeddings,
-        type_vocab_size=_TYPE_VOCAB,
-        layer_norm_eps=_LN_EPS,
-        attn_implementation="sdpa",
-    )
-
-
-class UniterModel(nn.Module):
-    """The UNITER body (``uniter.*`` of the published checkpoints): text and image embeddings,
-    the BERT encoder over both, the pooler.
+class UniterModel(BertStream):
+    """The UNITER body (``uniter.*`` of the published checkpoints): text and image embeddings
+    (``img_embeddings``), the BERT encoder over both, the pooler.
 
     Args:
         options: sizes.
@@ -239,102 +202,17 @@ class UniterModel(nn.Module):
 
     Example::
 
-        pooled, text = UniterModel(options, 28996)(ids, ids != 0, feats, box_features(boxes), None)
+        body = UniterModel(options, 28996)
+        image = body.img_embeddings(feats, box_features(boxes), body.image_type(feats))
+        pooled, text = body.encode(ids, ids != 0, image, None)
     """
 
     def __init__(self, options: UniterOptions, vocab_size: int) -> None:
-        super().__init__()
-        from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
-
-        config = _bert_config(options, vocab_size)
-        self.embeddings = BertEmbeddings(config)
-        self.img_embeddings = UniterImageEmbeddings(
-            options.region_dim, options.hidden_size, options.dropout
-        )
-        self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config)
-
-    def forward(
-        self,
-        text_ids: torch.Tensor,
-        text_mask: torch.Tensor,
-        feats: torch.Tensor,
-        box7: torch.Tensor,
-        region_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the stream ``[text ; regions]``.
-
-        Args:
-            text_ids: ``(B, T)``; text_mask: ``(B, T)`` bool, True for real tokens.
-            feats: ``(B, N, region_dim)``; box7: ``(B, N, 7)``; region_mask: ``(B, N)`` bool or
-                ``None`` (all real).
-
-        Returns:
-            The pooled output ``(B, H)`` and the text embeddings ``(B, T, H)``.
-        """
-        text = self.embeddings(input_ids=text_ids)
-        image_type = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
-        type_embedding = self.embeddings.token_type_embeddings(image_type)
-        image = self.img_embeddings(feats, box7, type_embedding)
-        if region_mask is None:
-            region_mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        mask = torch.cat([text_mask.bool(), region_mask.bool()], dim=1)[:, None, None, :]
-        hidden = self.encoder(torch.cat([text, image], dim=1), attention_mask=mask)
-        return self.pooler(hidden.last_hidden_state), text
+        visual = UniterImageEmbeddings(options.region_dim, options.hidden_size, options.dropout)
+        super().__init__(options, vocab_size, "img_embeddings", visual)
 
 
-def _init_weights(module: nn.Module) -> None:
-    """UNITER's (BERT's) initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def task_head(hidden: int, num_answers: int) -> nn.Sequential:
-    """UNITER's VQA classifier (``vqa_output``): ``Linear(H -> 2H)``, GELU, ``LayerNorm(2H)``,
-    ``Linear(2H -> answers)``.
-
-    Args:
-        hidden: input size.
-        num_answers: outputs.
-
-    Returns:
-        The classifier (its indices 0, 2, 3 are the checkpoints' ``vqa_output.0/2/3``).
-
-    Example::
-
-        logits = task_head(768, 3129)(pooled)   # (B, 3129)
-    """
-    return nn.Sequential(
-        nn.Linear(hidden, 2 * hidden),
-        nn.GELU(),
-        nn.LayerNorm(2 * hidden, eps=_LN_EPS),
-        nn.Linear(2 * hidden, num_answers),
-    )
-
-
-_PATTERNS = dataclasses.replace(
-    BERT_PATTERNS,
-    layer=r"^encoder\.layer\.(?P<index>\d+)$",
-    modality=((r"", Modality.CROSS),),
-    output=Stream(0),  # transformers 5's BertLayer returns the hidden states bare
-    extra_modules=(
-        (r"^embeddings$", Modality.LANGUAGE),
-        (r"^img_embeddings$", Modality.VISION),
-        (r"^pooler$", Modality.CROSS),
-    ),
-)
-"""The body's structure: BERT layers over the mixed stream (cross), embeddings per modality."""
-
-
-class UNITER(nn.Module):
+class UNITER(SingleStreamVQA):
     """UNITER for VQA; ``forward(VLBatch) -> logits (B, num_answers)``.
 
     Args:
@@ -354,8 +232,10 @@ class UNITER(nn.Module):
         logits, extras = model(batch, return_extras=True)   # extras["pooled"]: (B, 384)
     """
 
-    returns_extras = True
-    """``forward(batch, return_extras=True)`` also returns the extra outputs (loss contract)."""
+    display_name = "UNITER"
+    body_name = "uniter"
+    visual_name = "img_embeddings"
+    slim_resets = {"language_init": "random", "pretrained": None}
 
     def __init__(self, options: UniterOptions, vocab_size: int, num_answers: int) -> None:
         super().__init__()
@@ -364,23 +244,14 @@ class UNITER(nn.Module):
         self.uniter = UniterModel(o, vocab_size)
         self.adapter = o.build_adapter(o.region_dim)
         self.task_head = task_head(o.hidden_size, num_answers)
-        self.uniter.apply(_init_weights)
-        self.task_head.apply(_init_weights)
+        self.uniter.apply(init_bert_weights)
+        self.task_head.apply(init_bert_weights)
         self.pooled_dim = self.question_dim = o.hidden_size
         if o.pretrained:
             load_uniter_checkpoint(self, o.pretrained)
         elif o.language_init == "minilm":
-            sizes = {
-                "hidden_size": o.hidden_size,
-                "num_attention_heads": o.num_heads,
-                "intermediate_size": o.ffn_size,
-                "num_hidden_layers": o.num_layers,
-                "max_position_embeddings": o.max_position_embeddings,
-                "type_vocab_size": _TYPE_VOCAB,
-                "vocab_size": vocab_size,
-            }
             folder = minilm_package_dir("set model.options.language_init: random.")
-            load_bert_layers(self.uniter, folder, sizes, model="UNITER")
+            load_bert_layers(self.uniter, folder, o.bert_sizes(vocab_size), model="UNITER")
 
     def visual_inputs(
         self, batch: VLBatch
@@ -405,39 +276,18 @@ class UNITER(nn.Module):
             "model.options.missing_boxes: zeros to run without geometry."
         )
 
-    def forward(
-        self, batch: VLBatch, return_extras: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Answer logits ``(B, num_answers)``; with ``return_extras``, ``(logits, extras)``:
-        ``"pooled"`` ``(B, hidden)`` is the pooled output the task head reads, ``"question"``
-        ``(B, hidden)`` the masked mean of the question's text embeddings (the single stream
-        has no question-only encoder output: this is the representation before any fusion)."""
+    def embed_visual(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's regions through ``img_embeddings`` ``(B, N, H)`` and their mask."""
         feats, box7, region_mask = self.visual_inputs(batch)
-        # Trailing columns that are padding in every question are dropped: they are masked out
-        # anyway, and cost a full token in every layer.
-        real = batch.text_mask.any(0).nonzero()
-        length = int(real.max()) + 1 if len(real) else 1
-        if length > self.options.max_position_embeddings:
-            raise ValueError(
-                f"UNITER has position embeddings for {self.options.max_position_embeddings} "
-                f"tokens, the batch has questions of {length}; lower the data's "
-                "max_question_len or raise model.options.max_position_embeddings."
-            )
-        text_ids, text_mask = batch.text_ids[:, :length], batch.text_mask[:, :length].bool()
-        pooled, text = self.uniter(text_ids, text_mask, feats, box7, region_mask)
-        logits = self.task_head(pooled)
-        if not return_extras:
-            return logits
-        weights = text_mask[..., None].to(text.dtype)
-        question = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return logits, {"pooled": pooled, "question": question}
+        body = self.uniter
+        return body.img_embeddings(feats, box7, body.image_type(feats)), region_mask
 
     def anatomy(self) -> Anatomy:
         """UNITER's structure: the encoder layers (cross: self-attention over text and regions
         together), language = text embeddings, vision = image embeddings + grid adapter, cross =
         pooler, the task head. The unused ``mask_embedding`` is declared (vision) but not
         prunable: a mask on it could not take effect."""
-        an = anatomy_from_patterns(self.uniter, _PATTERNS).prefixed("uniter")
+        an = self.stream_anatomy(fixed=("uniter.img_embeddings.mask_embedding",))
         unused = "uniter.img_embeddings.mask_embedding.weight"
         an.extra_weights[Modality.VISION] = [
             w for w in an.extra_weights[Modality.VISION] if w != unused
@@ -445,46 +295,7 @@ class UNITER(nn.Module):
         if self.adapter is not None:
             an.extra_modules[Modality.VISION].append("adapter")
             an.extra_weights[Modality.VISION] += prunable_weights_in(self.adapter, "adapter")
-        an.readouts.update(
-            {
-                "language_input": "uniter.embeddings",
-                "vision_input": "uniter.img_embeddings",
-                "fused": "uniter.pooler",
-            }
-        )
-        an.head_modules = ["task_head"]
-        # width slimming: the whole BERT part (embeddings, image embeddings, encoder, pooler)
-        # and the task head's hidden layer (2D); mask_embedding lives in the region-feature
-        # space, the answer layer keeps its outputs
-        an.slim = SlimSpec(
-            region=("uniter", "task_head"),
-            fixed=("uniter.img_embeddings.mask_embedding", "task_head.3"),
-        )
         return an
-
-    def slimmed_options(self, width: float, layers: int) -> dict[str, Any]:
-        """Option overrides that build this model's submodel at ``width`` with ``layers``
-        layers (an exported submodel starts from its own weights: no pretrained loading).
-
-        Raises:
-            ValueError: when the width does not keep the head size.
-        """
-        o = self.options
-        head_dim = o.hidden_size // o.num_heads
-        out = {
-            "hidden_size": scaled(o.hidden_size, width),
-            "num_heads": scaled(o.num_heads, width),
-            "ffn_size": scaled(o.ffn_size, width),
-            "num_layers": int(layers),
-            "language_init": "random",
-            "pretrained": None,
-        }
-        if out["hidden_size"] != out["num_heads"] * head_dim:
-            raise ValueError(
-                f"width {width} gives hidden {out['hidden_size']} but {out['num_heads']} heads "
-                f"of {head_dim}; choose a width that keeps whole heads."
-            )
-        return out
 
 
 # ---------------------------------------------------------------------- checkpoints
