@@ -48,7 +48,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,11 +56,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlcompress.data import RegionStore, VLBatch, VQADataOptions
+from vlcompress.data import RegionStore, VLBatch
 from vlcompress.data.answers import AnswerVocab
 from vlcompress.data.vqa_files import check_files
-from vlcompress.datamodules.vqa_v2 import _VQARegionsDataModule
-from vlcompress.options import check_fields, choices, in_range
+from vlcompress.datamodules.vqa_v2 import RegionsDataOptions, RegionsVQADataModule
+from vlcompress.options import choices, in_range
 from vlcompress.registry import register
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,12 @@ _KEPT = ("imageId", "question", "answer", "types")
 
 
 @dataclass(frozen=True)
-class GQAOptions(VQADataOptions):
-    """Options of ``gqa`` (beyond :class:`VQADataOptions`).
+class GQAOptions(RegionsDataOptions):
+    """Options of ``gqa`` (beyond :class:`RegionsDataOptions`; ``data_dir`` is the folder of
+    the balanced question files, the region store comes from ``python -m vlcompress prepare
+    gqa``).
 
     Attributes:
-        data_dir: folder of the balanced question files (no default: set it).
-        regions_dir: the region store from ``python -m vlcompress prepare gqa`` (default
-            ``<data_dir>/regions_obj36``).
-        text_encoding: ``words`` (a word vocabulary built on the training questions) or
-            ``wordpiece`` (a BERT tokenizer from the local folder ``tokenizer``; ``[CLS]`` and
-            ``[SEP]`` count towards ``max_question_len``).
-        tokenizer: local Hugging Face folder of the WordPiece tokenizer (nothing is downloaded).
         min_answer_count: training questions an answer must have to enter the vocabulary
             (1: every answer of the training split).
         val_source: ``val`` (validate on ``val_balanced_questions.json``) or ``train`` (hold
@@ -122,26 +117,15 @@ class GQAOptions(VQADataOptions):
         allow_unlabelled_test: accept a test file without answers (prediction only: its
             batches have no targets and ``test_dataloader`` refuses it); by default such a file
             is an error at set-up, before any training.
-        drop_missing_images: drop questions whose image has no region features (counted in the
-            data report) instead of stopping with an error.
     """
 
-    regions_dir: str | None = None
-    text_encoding: str = field(default="words", metadata=choices("words", "wordpiece"))
-    tokenizer: str | None = None
     min_answer_count: int = field(default=1, metadata=in_range(1))
     val_source: str = field(default="val", metadata=choices("val", "train"))
     test_questions: str = "testdev_balanced_questions.json"
     allow_unlabelled_test: bool = False
-    drop_missing_images: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        if self.text_encoding == "wordpiece" and not self.tokenizer:
-            raise ValueError(
-                "text_encoding 'wordpiece' needs tokenizer: a local folder with a BERT "
-                "tokenizer (vocab.txt / tokenizer.json), e.g. the pretrained model's folder."
-            )
+        super().__post_init__()
         if not self.test_questions or Path(self.test_questions).name != self.test_questions:
             raise ValueError(
                 f"test_questions must be a file name inside data_dir (e.g. "
@@ -304,7 +288,7 @@ def _int_question_ids(ids: Sequence[str], sources: Sequence[str]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- the module
 @register("datamodule", "gqa", options=GQAOptions, context=("seed",))
-class GQADataModule(_VQARegionsDataModule):
+class GQADataModule(RegionsVQADataModule):
     """GQA balanced questions with obj36 region features: train / val / testdev.
 
     Shares the region store, text encoding, targets, prior and batches of the VQA v2 modules
@@ -328,19 +312,13 @@ class GQADataModule(_VQARegionsDataModule):
         dm.setup(); batch = next(iter(dm.train_dataloader()))  # batch.visual: (64, 36, 2048)
     """
 
+    options_class = GQAOptions
     benchmark = "gqa"
     files: ClassVar[dict[str, tuple[str, ...]]] = GQA_FILES
     obtain = (
         f"Download questions1.2.zip (GQA 1.2 questions) from {GQA_SITE} and unzip the "
         "balanced files into that folder."
     )
-
-    def __init__(self, options: GQAOptions | None = None, seed: int = 0, **overrides: Any) -> None:
-        if options is None:
-            options = GQAOptions(**overrides)
-        elif overrides:
-            options = replace(options, **overrides)
-        super().__init__(options, seed)
 
     # ------------------------------------------------------------------ files
     @property

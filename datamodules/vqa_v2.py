@@ -55,15 +55,23 @@ from vlcompress.registry import register
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VQACPv2DataModule", "VQAv2DataModule", "VQAv2Options", "soft_targets"]
+__all__ = [
+    "RegionsDataOptions",
+    "RegionsVQADataModule",
+    "VQACPv2DataModule",
+    "VQAv2DataModule",
+    "VQAv2Options",
+    "soft_targets",
+]
 
 REGIONS_DIR = "regions_obj36"
 ANSWER_TYPES = ("yes/no", "number", "other")
 
 
 @dataclass(frozen=True)
-class VQAv2Options(VQADataOptions):
-    """Options of ``vqa_v2`` and ``vqa_cp_v2`` (beyond :class:`VQADataOptions`).
+class RegionsDataOptions(VQADataOptions):
+    """Options of every benchmark read from question files and a region store (VQA v2,
+    VQA-CP v2, GQA), beyond :class:`VQADataOptions`.
 
     Attributes:
         data_dir: folder of the question / annotation files (no default: set it).
@@ -73,12 +81,6 @@ class VQAv2Options(VQADataOptions):
             ``wordpiece`` (a BERT tokenizer from the local folder ``tokenizer``; ``[CLS]`` and
             ``[SEP]`` count towards ``max_question_len``).
         tokenizer: local Hugging Face folder of the WordPiece tokenizer (nothing is downloaded).
-        min_answer_count: questions an answer must be the majority answer of to enter the
-            vocabulary (9 as bottom-up-attention-vqa; OpenVQA's "> 8" is the same).
-        answer_vocab_from: count answers over ``all`` published parts (the standard codebases)
-            or over the ``train`` questions only.
-        soft_score: ``step`` (0/.3/.6/.9/1, bottom-up-attention-vqa) or ``linear``
-            (``min(1, count / 3)``).
         drop_missing_images: drop questions whose image has no region features (counted in the
             data report) instead of stopping with an error.
     """
@@ -86,9 +88,6 @@ class VQAv2Options(VQADataOptions):
     regions_dir: str | None = None
     text_encoding: str = field(default="words", metadata=choices("words", "wordpiece"))
     tokenizer: str | None = None
-    min_answer_count: int = field(default=9, metadata=in_range(1))
-    answer_vocab_from: str = field(default="all", metadata=choices("all", "train"))
-    soft_score: str = field(default="step", metadata=choices("step", "linear"))
     drop_missing_images: bool = False
 
     def __post_init__(self) -> None:
@@ -98,6 +97,24 @@ class VQAv2Options(VQADataOptions):
                 "text_encoding 'wordpiece' needs tokenizer: a local folder with a BERT "
                 "tokenizer (vocab.txt / tokenizer.json), e.g. the pretrained model's folder."
             )
+
+
+@dataclass(frozen=True)
+class VQAv2Options(RegionsDataOptions):
+    """Options of ``vqa_v2`` and ``vqa_cp_v2`` (beyond :class:`RegionsDataOptions`).
+
+    Attributes:
+        min_answer_count: questions an answer must be the majority answer of to enter the
+            vocabulary (9 as bottom-up-attention-vqa; OpenVQA's "> 8" is the same).
+        answer_vocab_from: count answers over ``all`` published parts (the standard codebases)
+            or over the ``train`` questions only.
+        soft_score: ``step`` (0/.3/.6/.9/1, bottom-up-attention-vqa) or ``linear``
+            (``min(1, count / 3)``).
+    """
+
+    min_answer_count: int = field(default=9, metadata=in_range(1))
+    answer_vocab_from: str = field(default="all", metadata=choices("all", "train"))
+    soft_score: str = field(default="step", metadata=choices("step", "linear"))
 
 
 def soft_targets(
@@ -138,19 +155,22 @@ def soft_targets(
     return labels, scores
 
 
-class _VQARegionsDataModule(VQADataModule):
-    """What ``vqa_v2`` and ``vqa_cp_v2`` share: files, region store, answers, loaders."""
+class RegionsVQADataModule(VQADataModule):
+    """What ``vqa_v2``, ``vqa_cp_v2`` and ``gqa`` share: files, region store, answers,
+    loaders. A subclass sets :attr:`options_class`, :attr:`benchmark`, :attr:`files` and
+    :attr:`obtain`."""
 
     visual_input = "regions"
+    options_class: ClassVar[type[RegionsDataOptions]] = VQAv2Options
     benchmark: ClassVar[str] = ""
-    files: ClassVar[dict[str, tuple[str, str]]] = {}
+    files: ClassVar[dict[str, tuple[str, ...]]] = {}
     obtain: ClassVar[str] = ""
 
     def __init__(
-        self, options: VQAv2Options | None = None, seed: int = 0, **overrides: Any
+        self, options: RegionsDataOptions | None = None, seed: int = 0, **overrides: Any
     ) -> None:
         if options is None:
-            options = VQAv2Options(**overrides)
+            options = self.options_class(**overrides)
         elif overrides:
             options = replace(options, **overrides)
         super().__init__(options, seed)
@@ -372,7 +392,7 @@ class _VQARegionsDataModule(VQADataModule):
 
 
 @register("datamodule", "vqa_v2", options=VQAv2Options, context=("seed",))
-class VQAv2DataModule(_VQARegionsDataModule):
+class VQAv2DataModule(RegionsVQADataModule):
     """VQA v2 with obj36 region features: train2014 to train (and validate), val2014 to test.
 
     Args:
@@ -408,7 +428,7 @@ class VQAv2DataModule(_VQARegionsDataModule):
 
 
 @register("datamodule", "vqa_cp_v2", options=VQAv2Options, context=("seed",))
-class VQACPv2DataModule(_VQARegionsDataModule):
+class VQACPv2DataModule(RegionsVQADataModule):
     """VQA-CP v2 (changing priors) with obj36 region features: its own train / test parts.
 
     Args:
