@@ -253,3 +253,17 @@ def test_export_copies_no_hooks_and_multi_dim_layernorms_are_left_alone():
     n = len(held)
     small(b)
     assert len(held) == n  # the copy does not call the original's hook
+
+
+def test_export_keeps_tied_weights_tied():
+    m, b = mcan(), batch()
+    m.encoder[1].attn.q.weight = m.encoder[0].attn.q.weight  # shared, as in ALBERT-style models
+    slim = Slimmable(m)
+    with slim.submodel(Submodel(0.5, 1.0)):
+        out = m(b)
+    small = slim.export(Submodel(0.5, 1.0), b)
+    assert small.encoder[1].attn.q.weight is small.encoder[0].attn.q.weight
+    assert small.encoder[1].attn.k.weight is not small.encoder[0].attn.k.weight
+    every = list(small.named_parameters(remove_duplicate=False))
+    assert len(every) == len(list(small.parameters())) + 1  # one tensor, two names
+    torch.testing.assert_close(small(b), out, rtol=0, atol=1e-6)

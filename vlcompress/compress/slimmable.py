@@ -396,10 +396,16 @@ class Slimmable:
         return copied
 
     def _shrink(self, copied: nn.Module, submodel: Submodel, kept: Mapping[str, list[int]]) -> None:
-        from vlcompress.compress.structured import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
+        from vlcompress.compress.structured import head_size_attributes, set_head_sizes
+
+        made: dict[tuple[int, tuple[int, ...], int], nn.Parameter] = {}
 
         def param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-            return nn.Parameter(t.clone(), requires_grad=like.requires_grad)
+            # one new parameter per slice of one old parameter: tied weights stay tied
+            key = (id(like), tuple(t.shape), t.storage_offset())
+            if key not in made:
+                made[key] = nn.Parameter(t.clone(), requires_grad=like.requires_grad)
+            return made[key]
 
         for m in copied.modules():
             if isinstance(m, SlicedLinear):
@@ -432,14 +438,8 @@ class Slimmable:
         for a in self.anatomy.attentions:
             if a.q not in self.rules:
                 continue
-            heads = scaled(a.num_heads, submodel.width)
-            for m in copied.get_submodule(a.name).modules():
-                for attr in HEAD_COUNT_ATTRS:
-                    if m.__dict__.get(attr) == a.num_heads:
-                        setattr(m, attr, heads)
-                for attr in HEAD_WIDTH_ATTRS:
-                    if m.__dict__.get(attr) == a.width:
-                        setattr(m, attr, heads * a.head_dim)
+            attrs = head_size_attributes(copied, a, a.name, required=False)
+            set_head_sizes(attrs, scaled(a.num_heads, submodel.width), a.head_dim)
         for stack, names in self.anatomy.stacks.items():
             keep = kept[stack]
             for name in names:

@@ -227,11 +227,23 @@ def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
 
-def _size_attributes(
-    model: nn.Module, spec: AttentionSpec, what: str
+def head_size_attributes(
+    model: nn.Module, spec: AttentionSpec, what: str, required: bool = True
 ) -> list[tuple[nn.Module, str, str]]:
     """``(module, attribute, "count" | "width")`` for every head-count / width attribute of
-    the block's modules (projections excluded) that equals the declared value."""
+    the attention block's modules (projections excluded) that equals the declared value
+    (ints only: a bool flag never matches).
+
+    Args:
+        model: the model holding the block.
+        spec: the block's attention spec.
+        what: the block, for messages.
+        required: raise when no head-count attribute is found (a model whose attention reads
+            its head count from the tensor shapes needs none: pass ``False``).
+
+    Raises:
+        ValueError: with ``required``, when no module has a head-count attribute.
+    """
     block = _module(model, spec.name, what)
     projections = {id(_module(model, p, what)) for p in spec.projections}
     found = []
@@ -246,13 +258,20 @@ def _size_attributes(
                 v = m.__dict__.get(attr)
                 if isinstance(v, int) and not isinstance(v, bool) and v == value:
                     found.append((m, attr, role))
-    if not any(role == "count" for _, _, role in found):
+    if required and not any(role == "count" for _, _, role in found):
         raise ValueError(
             f"{what}: none of its modules has a head-count attribute {list(HEAD_COUNT_ATTRS)} "
             f"equal to its {spec.num_heads} heads, so its forward could not be told the new "
             "count. Give the attention module one of these attributes (and use it in forward)."
         )
     return found
+
+
+def set_head_sizes(attrs: list[tuple[nn.Module, str, str]], heads: int, head_dim: int) -> None:
+    """Write a new head count (and the width it makes) into the attributes found by
+    :func:`head_size_attributes`."""
+    for module, attr, role in attrs:
+        setattr(module, attr, heads if role == "count" else heads * head_dim)
 
 
 def _new_anatomy(
@@ -315,7 +334,7 @@ def remove_heads(model: nn.Module, anatomy: Anatomy, keep: Mapping[str, Keep]) -
             continue
         linears = {p: _plain_linear(model, p, what) for p in spec.projections}
         _check_unmasked(_module(model, name, what), "heads", what, "anatomy.mask_heads")
-        attrs = _size_attributes(model, spec, what)
+        attrs = head_size_attributes(model, spec, what)
         plans.append((spec, heads, linears, attrs))
 
     kept: dict[str, list[int]] = {}
@@ -336,8 +355,7 @@ def remove_heads(model: nn.Module, anatomy: Anatomy, keep: Mapping[str, Keep]) -
         new[spec.out] = sliced_linear(linears[spec.out], rows, 1)
         for path, module in new.items():
             _set(model, path, module)
-        for module, attr, role in attrs:
-            setattr(module, attr, len(heads) if role == "count" else len(heads) * spec.head_dim)
+        set_head_sizes(attrs, len(heads), spec.head_dim)
         removed += before - _count(list(new.values()))
         new_specs[spec.name] = dataclasses.replace(spec, num_heads=len(heads))
         log.debug("%s: kept heads %s of %d", spec.name, heads, spec.num_heads)
