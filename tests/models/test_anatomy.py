@@ -556,6 +556,33 @@ def test_two_stream_layer_learns_its_output_structure():
         an.mask_heads(model, {"layers.1.text_to_image": torch.ones(2)})
 
 
+def test_skip_in_place_learns_the_output_structure_once(monkeypatch):
+    torch.manual_seed(0)
+    model = CoAttentionModel().eval()
+    text, image = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    an = anatomy_of(model, min_coverage=0.5)
+    assert an.layer("layers.1").output is None  # not declared: learned on the first skip
+    calls = []
+    forward = CoAttentionLayer.forward
+    monkeypatch.setattr(CoAttentionLayer, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))  # fmt: skip
+    with torch.no_grad():
+        full = model(text, image)
+        for _ in range(3):  # skip, run, run back to full: the structure is learned only once
+            an.skip_layer(model, "layers.1")
+            assert an.skipped(model) == ["layers.1"]
+            calls.clear()
+            t, i = model(text, image)
+            first = model.layers[0](text=text, image=image)
+            an.unskip_layer(model, "layers.1")
+            torch.testing.assert_close(t, first["text"])
+            torch.testing.assert_close(i, first["image"])
+            # layer 0 twice, plus once to learn layer 1's structure the first time only
+            assert len(calls) == (3 if _ == 0 else 2)
+        again = model(text, image)
+    torch.testing.assert_close(again[0], full[0], rtol=0, atol=0)
+
+
 def test_bypassed_models_copy_and_pickle(mcan, batch):
     an = anatomy_of(mcan)
     an.bypass_layer(mcan, "decoder.1", nn.Linear(32, 32))

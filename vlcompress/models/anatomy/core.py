@@ -138,6 +138,9 @@ class Anatomy:
     extra_modules: dict[Modality, list[str]] = field(default_factory=dict)
     head_modules: list[str] = field(default_factory=list)
     slim: SlimSpec | None = None
+    learned_outputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Output templates of skipped layers learned on their first skipped call (layers without a
+    declared :attr:`LayerSpec.output`), kept so that skipping again costs nothing."""
 
     # ------------------------------------------------------------ building
     def add_layer(self, spec: LayerSpec, readout: bool = True) -> LayerSpec:
@@ -577,7 +580,8 @@ class Anatomy:
         spec = self.layer(name)
         layer = model.get_submodule(name)
         if not isinstance(layer.__dict__.get("forward"), SkipForward):
-            layer.__dict__["forward"] = SkipForward(layer, spec.streams, spec.output)
+            output = spec.output or self.learned_outputs.get(name)
+            layer.__dict__["forward"] = SkipForward(layer, spec.streams, output)
 
     def unskip_layer(self, model: nn.Module, name: str) -> None:
         """Run layer ``name`` again after :meth:`skip_layer` (nothing happens if it is not
@@ -588,7 +592,10 @@ class Anatomy:
         """
         self.layer(name)
         layer = model.get_submodule(name)
-        if isinstance(layer.__dict__.get("forward"), SkipForward):
+        skip = layer.__dict__.get("forward")
+        if isinstance(skip, SkipForward):
+            if skip.output is not None:
+                self.learned_outputs[name] = skip.output
             del layer.__dict__["forward"]
 
     def skipped(self, model: nn.Module) -> list[str]:
