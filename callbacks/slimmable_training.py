@@ -181,6 +181,8 @@ class SlimmableTraining(CompressionCallback):
         self.init_from_teacher = bool(init_from_teacher)
         self.slim: Slimmable | None = None
         self.teacher: nn.Module | None = None
+        self._hook: Any = None
+        self._wrapped: Any = None
         self._captured: tuple[tuple, dict, Any] | None = None
         self._capture = False
         self._sums: dict[str, list[float]] = {}
@@ -213,9 +215,9 @@ class SlimmableTraining(CompressionCallback):
                     "strategy='ddp_find_unused_parameters_true', or include_ends=True with the "
                     "full model [1, 1] in the space."
                 )
-        if self.distill == "teacher" and self.teacher_path:
+        if self.distill == "teacher" and self.teacher_path and stage == "fit":
             self.teacher = self._load_teacher(pl_module)
-            if self.init_from_teacher and stage == "fit":
+            if self.init_from_teacher:
                 self.model.load_state_dict(self.teacher.state_dict())
                 log.info("student initialised from the teacher %s", self.teacher_path)
         self.slim = Slimmable(self.model, self.anatomy)
@@ -232,6 +234,23 @@ class SlimmableTraining(CompressionCallback):
             return self._sandwich(pl_module, original, args, kwargs)
 
         pl_module.training_step = training_step
+        self._wrapped = training_step
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Undo what :meth:`setup` did to the module (the wrapped training step, the forward
+        hook, the sliceable classes: the model is the full plain model again) and drop the
+        teacher; the tables and costs stay for :meth:`report`. The next stage sets up again."""
+        if pl_module.__dict__.get("training_step") is self._wrapped:
+            del pl_module.__dict__["training_step"]
+        self._wrapped = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.slim is not None:
+            self.slim.detach()
+            self.slim = None
+        self.teacher = None
+        super().teardown(trainer, pl_module, stage)
 
     def _model_prefix(self, pl_module: Any) -> str:
         for name, module in pl_module.named_modules():

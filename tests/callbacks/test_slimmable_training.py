@@ -167,3 +167,26 @@ def test_resume_continues_exactly(tmp_path, tiny_run, teacher):
     b = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=False)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_teardown_leaves_a_plain_model_in_a_foreign_lightning_module(tmp_path):
+    """On someone else's LightningModule (a toy BERT task): the sandwich trains, and after
+    ``fit`` the module has its own training step back, no hooks, plain module classes."""
+    import lightning.pytorch as lp
+    from callback_toys import LightningToy
+    from torch import nn
+
+    toy = LightningToy()
+    cb = SlimmableTraining(space=[[1, "1/2"], [1, 1]], distill="none", gt_weight=1.0)
+    before = {k: v.clone() for k, v in toy.model.state_dict().items()}
+    trainer = lp.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(toy)
+    assert cb.steps == 3  # every step ran the sandwich (largest + smallest)
+    assert any(not torch.equal(before[k], v) for k, v in toy.model.state_dict().items())
+    assert "training_step" not in toy.__dict__ and cb.slim is None and cb.teacher is None
+    assert not toy.model._forward_hooks
+    kinds = {type(m) for m in toy.model.modules()}
+    assert nn.Linear in kinds and nn.LayerNorm in kinds
+    assert not any(t.__name__.startswith("Sliced") for t in kinds)
+    assert all("forward" not in m.__dict__ for m in toy.model.modules())  # no layer skipped
