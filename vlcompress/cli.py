@@ -13,6 +13,9 @@ from rich.table import Table
 from vlcompress.config import ConfigError, list_experiments, load_experiment
 from vlcompress.registry import KINDS, components
 
+CLIP_GRID = "clip-grid"
+"""``prepare clip-grid``: CLIP grid features of images instead of a benchmark's TSV files."""
+
 
 def results_table(results: dict[str, Any]) -> Table:
     """A rich table of a run's results."""
@@ -105,10 +108,28 @@ def _cluster_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _prepare_command(args: argparse.Namespace) -> int:
-    """``prepare``: convert a benchmark's region features once (exit 1 for bad inputs, 2 for a
-    benchmark with nothing to prepare, 130 when interrupted: rerun to continue)."""
+    """``prepare``: convert a benchmark's region features once, or compute CLIP grid features
+    of images (``prepare clip-grid``) (exit 1 for bad inputs, 2 for a benchmark with nothing to
+    prepare, 130 when interrupted: rerun to continue)."""
     from vlcompress.registry import UnknownComponentError, get
 
+    if args.benchmark == CLIP_GRID:
+        from vlcompress.data.clip_grid import convert_clip_grid
+
+        try:
+            out = convert_clip_grid(
+                args.images, args.out, encoder=args.encoder, checkpoint=args.checkpoint,
+                image_size=args.image_size, dtype=args.dtype, batch_size=args.batch_size,
+                device=args.device, workers=args.workers,
+            )  # fmt: skip
+        except (FileNotFoundError, FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("stopped: rerun the same command to continue the conversion", file=sys.stderr)
+            return 130
+        print(f"CLIP grid store ready: {out} (data.options.regions_dir)")
+        return 0
     try:
         builder = get("datamodule", args.benchmark).builder
     except UnknownComponentError as e:
@@ -122,7 +143,8 @@ def _prepare_command(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        out = prepare(args.tsv, args.out, dtype=args.dtype, max_boxes=args.max_boxes)
+        max_boxes = 36 if args.max_boxes is None else args.max_boxes
+        out = prepare(args.tsv, args.out, dtype=args.dtype, max_boxes=max_boxes)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -225,17 +247,35 @@ def main(argv: list[str] | None = None) -> int:
         help="another sweep folder (e.g. the dense models) drawn as dashed lines",
     )
     prep = sub.add_parser(
-        "prepare", help="convert region features once (LXMERT obj36 TSV -> memory-mapped arrays)"
+        "prepare",
+        help="convert region features once (LXMERT obj36 TSV -> memory-mapped arrays), or "
+        "compute CLIP grid features of images (prepare clip-grid)",
     )
-    prep.add_argument("benchmark", help="data module, e.g. vqa_v2 or vqa_cp_v2")
-    prep.add_argument("--tsv", nargs="+", required=True, help="obj36 TSV files (all the images)")
+    prep.add_argument(
+        "benchmark",
+        help=f"data module, e.g. vqa_v2 or vqa_cp_v2 (with --tsv); or {CLIP_GRID} (with "
+        "--images): CLIP grid features of COCO images for CLIP-ViL",
+    )
+    prep.add_argument("--tsv", nargs="+", help="obj36 TSV files (all the images)")
     prep.add_argument(
         "--out",
         required=True,
         help="store folder (data.options.regions_dir, default <data_dir>/regions_obj36)",
     )
     prep.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    prep.add_argument("--max-boxes", type=int, default=36, help="regions kept per image")
+    prep.add_argument(
+        "--max-boxes", type=int, default=None, help="regions kept per image (default 36)"
+    )
+    grid = prep.add_argument_group(f"{CLIP_GRID} (CLIP-ViL)")
+    grid.add_argument("--images", nargs="+", help="image folders (e.g. COCO train2014 val2014)")
+    grid.add_argument("--encoder", default="resnet50_clip", help="CLIP ResNet (timm name)")
+    grid.add_argument(
+        "--checkpoint", default=None, help="OpenAI's checkpoint (RN50.pt); omitted: random weights"
+    )
+    grid.add_argument("--image-size", type=int, default=448, help="square input size (pixels)")
+    grid.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    grid.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    grid.add_argument("--workers", type=int, default=None, help="image reading threads")
     exp = sub.add_parser(
         "export", help="submodels of a slimmable run: cost table (--table) and / or an export"
     )
@@ -255,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("sweep", "report"):
         return _cluster_command(args, console)
     if args.command == "prepare":
+        if args.benchmark == CLIP_GRID:
+            if not args.images or args.tsv or args.max_boxes is not None:
+                prep.error(f"{CLIP_GRID} reads --images (not --tsv or --max-boxes)")
+        elif not args.tsv or args.images:
+            prep.error("the following arguments are required: --tsv (--images is for clip-grid)")
         return _prepare_command(args)
     if args.command == "export":
         return _export_command(args, console)

@@ -10,7 +10,8 @@ directly (no ``csv`` module, so no ``csv.field_size_limit`` to raise) and every 
 checked, so a damaged row is reported with its file, line and field.
 
 :func:`convert_obj36` converts such files once (``python -m vlcompress prepare ...``) into a
-:class:`RegionStore`, a folder that training reads through memory maps:
+:class:`RegionStore`, a folder that training reads through memory maps (CLIP grid features of
+images go into the same layout: :func:`vlcompress.data.clip_grid.convert_clip_grid`):
 
 * ``features.npy`` ``(num_images, max_boxes, D)`` ``float16`` or ``float32``;
 * ``boxes.npy`` ``(num_images, max_boxes, 4)`` ``float32``, ``x1, y1, x2, y2`` divided by the
@@ -276,7 +277,9 @@ class RegionStore:
                 f"no region store at {str(self.path)!r} (expected {MANIFEST}, "
                 f"{', '.join(a + '.npy' for a in _ARRAYS)}, {IMAGE_IDS}).{hint} Convert LXMERT's "
                 "obj36 TSV files once with `python -m vlcompress prepare <benchmark> --tsv "
-                f"<train2014_obj36.tsv> <val2014_obj36.tsv> --out {self.path}`."
+                f"<train2014_obj36.tsv> <val2014_obj36.tsv> --out {self.path}`; CLIP grid "
+                "features of the COCO images (CLIP-ViL) with `python -m vlcompress prepare "
+                f"clip-grid --images <train2014> <val2014> --checkpoint RN50.pt --out {self.path}`."
             )
         self.manifest: dict[str, Any] = json.loads(manifest.read_text())
         m = self.manifest
@@ -486,7 +489,7 @@ class _PartialStore:
         sizes[IMAGE_IDS] = (self.folder / IMAGE_IDS).stat().st_size
         manifest = {
             "format_version": FORMAT_VERSION,
-            "kind": "obj36",
+            "kind": self.settings.get("kind", "obj36"),
             "num_images": n,
             "max_boxes": self.settings["max_boxes"],
             "feature_dim": self.settings["feature_dim"],
@@ -552,16 +555,49 @@ def convert_obj36(
     out = Path(out)
     settings = {
         "format_version": FORMAT_VERSION,
+        "kind": "obj36",
         "sources": _sources(tsv_paths),
         "dtype": dtype,
         "max_boxes": max_boxes,
         "feature_dim": None,
     }
+    begun = _begin_conversion(out, settings, "--tsv/--dtype/--max-boxes")
+    if begun is None:
+        return out
+    store, image_ids = begun
+    seen = {name: None for name in image_ids}
+    start = store.chunks[-1]["end"] if store.chunks else [0, 0, 1]
+    _run_conversion(
+        store, settings["sources"], start, image_ids, seen, chunk_rows, progress, after_chunk
+    )
+    _finish_conversion(store, out, image_ids)
+    return out
+
+
+def _begin_conversion(
+    out: Path, settings: dict[str, Any], flags: str
+) -> tuple[_PartialStore, list[str]] | None:
+    """Set up, or resume, a conversion into ``<out>.partial`` (shared by the converters).
+
+    Args:
+        out: the final store folder.
+        settings: the conversion's settings (``sources``, ``dtype``, ``max_boxes``, ...);
+            a resume must have the same ones.
+        flags: the command-line options that set them (for messages).
+
+    Returns:
+        ``None`` when ``out`` already holds this conversion's finished store; else the partial
+        store (its committed chunks verified) and the image ids committed so far.
+
+    Raises:
+        FileExistsError: when ``out`` holds something else.
+        ValueError: when ``<out>.partial`` holds a conversion of other inputs.
+    """
     if out.exists() and any(out.iterdir()):
         done = out / MANIFEST
         if done.is_file() and not _same_inputs(json.loads(done.read_text()), settings):
-            log.info("region store %s is already converted from these files", out)
-            return out
+            log.info("region store %s is already converted from these inputs", out)
+            return None
         raise FileExistsError(
             f"{str(out)!r} already exists and is not this conversion's store; choose another "
             "--out, or delete it to convert again."
@@ -574,7 +610,7 @@ def convert_obj36(
     if diff:
         raise ValueError(
             f"{str(partial)!r} holds an unfinished conversion of other inputs "
-            f"({'; '.join(diff)}). Rerun with the same --tsv/--dtype/--max-boxes to continue it, "
+            f"({'; '.join(diff)}). Rerun with the same {flags} to continue it, "
             "or delete that folder to start over."
         )
     if old is not None and old.get("feature_dim") and old["chunks"]:
@@ -590,20 +626,22 @@ def convert_obj36(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         store.save_progress()
-    seen = {name: None for name in image_ids}
-    start = store.chunks[-1]["end"] if store.chunks else [0, 0, 1]
-    _run_conversion(
-        store, settings["sources"], start, image_ids, seen, chunk_rows, progress, after_chunk
-    )
+    return store, image_ids
+
+
+def _finish_conversion(store: _PartialStore, out: Path, image_ids: list[str]) -> dict[str, Any]:
+    """Finish ``store`` (headers, ids, manifest) and rename it to ``out``; returns the
+    manifest."""
     manifest = store.finish(image_ids)
     if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(partial, out)
+        out.rmdir()  # empty (checked by _begin_conversion)
+    os.replace(store.folder, out)
     log.info(
         "region store %s: %d images, %d x %d %s features",
-        out, manifest["num_images"], max_boxes, manifest["feature_dim"], dtype,
+        out, manifest["num_images"], manifest["max_boxes"], manifest["feature_dim"],
+        manifest["dtype"],
     )  # fmt: skip
-    return out
+    return manifest
 
 
 def _run_conversion(

@@ -76,6 +76,7 @@ __all__ = [
     "ClipVilModel",
     "ClipVilOptions",
     "build_clip_resnet",
+    "clip_input",
     "load_openai_clip_visual",
 ]
 
@@ -207,6 +208,31 @@ def build_clip_resnet(name: str) -> nn.Module:
         stem_chs=(width // 2, width // 2, width),
     )
     return ByobNet(cfg, **kwargs)
+
+
+def clip_input(
+    pixels: torch.Tensor,
+    image_size: int | None = None,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The CLIP ResNet's input: images ``(B, 3, H, W)`` in [0, 1] resized to ``image_size``
+    square (bicubic, antialiased, clamped to [0, 1]; ``None`` or already that size: as given),
+    then normalised with CLIP's mean and std (:data:`CLIP_MEAN`, :data:`CLIP_STD`, or ``mean`` /
+    ``std`` tensors ``(3, 1, 1)``).
+
+    Example::
+
+        grid = trunk(clip_input(pixels, 448))      # (B, C, 14, 14)
+    """
+    if image_size is not None and tuple(pixels.shape[-2:]) != (image_size, image_size):
+        pixels = F.interpolate(
+            pixels, size=(image_size, image_size), mode="bicubic", align_corners=False,
+            antialias=True,
+        ).clamp_(0.0, 1.0)  # fmt: skip
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1) if mean is None else mean
+    std = torch.tensor(CLIP_STD).view(3, 1, 1) if std is None else std
+    return (pixels - mean.to(pixels.device, pixels.dtype)) / std.to(pixels.device, pixels.dtype)
 
 
 class ClipGridEmbeddings(nn.Module):
@@ -345,12 +371,7 @@ class CLIPViL(SingleStreamVQA):
             raise ValueError(
                 f"CLIP-ViL expects pixels (B, 3, H, W) in [0, 1]; got shape {tuple(pixels.shape)}."
             )
-        size = self.options.image_size
-        if size is not None and tuple(pixels.shape[-2:]) != (size, size):
-            pixels = F.interpolate(
-                pixels, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-            ).clamp_(0.0, 1.0)
-        x = (pixels - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
+        x = clip_input(pixels, self.options.image_size, self.pixel_mean, self.pixel_std)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.options.freeze_visual):
             return self.visual(x)
 
