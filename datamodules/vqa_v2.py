@@ -323,9 +323,10 @@ class RegionsVQADataModule(VQADataModule):
             f"in {str(self.regions_path)!r}; e.g. question {data.question_id[i]} "
             f"({data.question[i]!r}) needs image {images[i]!r}. Convert the obj36 TSV holding "
             f"these images into the store (`python -m vlcompress prepare {self.benchmark} --tsv "
-            f"<all the TSV files the questions need> --out {self.regions_path}`; a finished store "
-            "must be deleted first), or set data.options.drop_missing_images: true to drop them "
-            "(counted in the data report)."
+            f"<all the TSV files the questions need> --out {self.regions_path}`; for CLIP grid "
+            "features `python -m vlcompress prepare clip-grid --images <all the COCO image "
+            "folders> ...`; a finished store must be deleted first), or set "
+            "data.options.drop_missing_images: true to drop them (counted in the data report)."
         )
 
     def _encode(self, questions: list[str], train: np.ndarray) -> torch.Tensor:

@@ -255,6 +255,8 @@ def test_wrong_inputs_and_options_are_explained():
         build_model("clip_vil_tiny", 50, 7, hidden_size=30)
     with pytest.raises(ValueError, match="raise max_grid to 10"):
         build_model("clip_vil_tiny", 50, 7, image_size=320)
+    with pytest.raises(ValueError, match="not a multiple of 32.*use 96"):
+        build_model("clip_vil_tiny", 50, 7, image_size=100)
     with pytest.raises(ValueError, match="visual_encoder: 'rn50' is not one of"):
         build_model("clip_vil_tiny", 50, 7, visual_encoder="rn50")
 

@@ -153,6 +153,11 @@ class ClipVilOptions(StreamOptions):
     def __post_init__(self) -> None:
         check_fields(self)
         self.check_stream("CLIP-ViL")
+        if self.image_size is not None and self.image_size % 32:
+            raise ValueError(
+                f"CLIP-ViL image_size {self.image_size} is not a multiple of 32 (the CLIP "
+                f"ResNet's stride); use {max(32, round(self.image_size / 32) * 32)}."
+            )
         if self.image_size is not None and self.image_size // 32 > self.max_grid:
             raise ValueError(
                 f"CLIP-ViL image_size {self.image_size} gives a {self.image_size // 32}-cell "
