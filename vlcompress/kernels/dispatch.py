@@ -8,15 +8,18 @@ Semantics (every backend matches :func:`vlcompress.kernels.reference.attention_r
 * ``block_layout`` with ``block_size``: query block i sees key block j only where it is True;
 * a query row whose keys are all masked outputs zeros (not NaN, not a uniform average).
 
-Backends: the Triton kernel on CUDA (when Triton is installed, no attention dropout is asked
-for and the head dim is supported), else torch SDPA. ``backend=`` forces one ("triton" also
-runs on the CPU under ``TRITON_INTERPRET=1``).
+Backends: the Triton kernel on CUDA (when Triton is installed and the head dim is supported;
+attention dropout runs inside the kernel, so training uses it too), else torch SDPA.
+``backend=`` forces one ("triton" also runs on the CPU under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,31 @@ from vlcompress.kernels.reference import apply_head_mask, expand_block_layout
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "sdpa")
+_DEFAULT_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "vlcompress_attention_backend", default="auto"
+)
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Make ``name`` the backend of every :func:`attention` call (of any model) inside the
+    block whose caller does not choose one.
+
+    Raises:
+        ValueError: for an unknown backend.
+
+    Example::
+
+        with attention_backend("sdpa"):
+            logits = model(batch)
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    token = _DEFAULT_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _DEFAULT_BACKEND.reset(token)
 
 
 @functools.cache
@@ -40,18 +68,12 @@ def triton_available() -> bool:
 _TRITON_FAILED: list[str] = []
 
 
-def _use_triton(q: torch.Tensor, dropout_p: float) -> bool:
-    """The automatic choice: CUDA, no dropout, a supported head dim, Triton importable and
-    not failed before in this process."""
+def _use_triton(q: torch.Tensor) -> bool:
+    """The automatic choice: CUDA, a supported head dim, Triton importable and not failed
+    before in this process."""
     from vlcompress.kernels.flash_attention_limits import HEAD_DIMS
 
-    return (
-        q.is_cuda
-        and dropout_p == 0.0
-        and q.shape[-1] in HEAD_DIMS
-        and not _TRITON_FAILED
-        and triton_available()
-    )
+    return q.is_cuda and q.shape[-1] in HEAD_DIMS and not _TRITON_FAILED and triton_available()
 
 
 def _disable_triton(error: Exception) -> None:
@@ -95,26 +117,30 @@ def attention(
     dropout_p: float = 0.0,
     block_layout: torch.Tensor | None = None,
     block_size: int = 64,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with key padding, dead heads and block sparsity.
+    """Scaled dot-product attention with key padding, dead heads, block sparsity and
+    attention dropout (``dropout_p``: the Triton kernel draws its mask in-kernel from a seed of
+    torch's generator; SDPA uses its own).
+
+    ``backend``: ``auto``, ``triton`` or ``sdpa``; ``None`` = the one set by
+    :func:`attention_backend` (``auto`` outside it).
 
     Returns ``(B, H, Lq, D)``.
 
     Raises:
-        ValueError: for an unknown backend, or ``backend="triton"`` with dropout.
+        ValueError: for an unknown backend, or a ``dropout_p`` outside ``[0, 1)``.
     """
+    backend = _DEFAULT_BACKEND.get() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    use_triton = _use_triton(q, dropout_p) if backend == "auto" else backend == "triton"
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention dropout_p must be in [0, 1), got {dropout_p}")
+    use_triton = _use_triton(q) if backend == "auto" else backend == "triton"
     if use_triton:
-        if dropout_p:
-            raise ValueError(
-                "the Triton attention kernel has no attention dropout; use backend='sdpa'"
-            )
         from vlcompress.kernels.flash_attention import flash_attention
 
-        args = (q, k, v, key_padding_mask, head_mask, block_layout, block_size)
+        args = (q, k, v, key_padding_mask, head_mask, block_layout, block_size, None, dropout_p)
         if backend == "triton":
             return flash_attention(*args)
         try:

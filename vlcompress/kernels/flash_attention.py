@@ -42,11 +42,34 @@ def _load_kv_block(K, V, KMASK, kv_base, b, start_n, Lk, HAS_KMASK: tl.constexpr
 
 
 @triton.jit
+def _keep(SEED, pid_bh, offs_m, offs_n, Lk, dropout_p):
+    """Which (query, key) pairs of a block survive dropout: Philox (``tl.rand``) keyed by the
+    call's seed + the (batch, head) index, counted by ``query * Lk + key``; the same numbers in
+    the forward, both backward kernels and :func:`dropout_keep_mask`."""
+    seed = tl.load(SEED) + pid_bh
+    return tl.rand(seed, offs_m[:, None] * Lk + offs_n[None, :]) >= dropout_p
+
+
+@triton.jit
+def _keep_mask_kernel(SEED, KEEP, Lq, Lk, dropout_p,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(SEED, pid_bh, offs_m, offs_n, Lk, dropout_p)
+    ptr = KEEP + pid_bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+    tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, KMASK, KVLEN, HMASK, LAYOUT,
+    Q, K, V, OUT, LSE, KMASK, KVLEN, HMASK, LAYOUT, SEED,
     lay_sb, lay_sh, lay_sq,
-    scale, H, Lq, Lk,
-    HAS_KMASK: tl.constexpr, HAS_LAYOUT: tl.constexpr, PRECISION: tl.constexpr,
+    scale, H, Lq, Lk, dropout_p,
+    HAS_KMASK: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -83,11 +106,16 @@ def _fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sees every key
+            if HAS_DROPOUT:
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                p = tl.where(_keep(SEED, pid_bh, offs_m, offs_n, Lk, dropout_p), p, 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        out = out / (1.0 - dropout_p)
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(
         OUT + q_base + offs_m[:, None] * BLOCK_D + offs_d[None, :],
@@ -99,10 +127,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, KVLEN, HMASK, LAYOUT,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, KVLEN, HMASK, LAYOUT, SEED,
     lay_sb, lay_sh, lay_sq,
-    scale, H, Lq, Lk,
-    HAS_KMASK: tl.constexpr, HAS_LAYOUT: tl.constexpr, PRECISION: tl.constexpr,
+    scale, H, Lq, Lk, dropout_p,
+    HAS_KMASK: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -145,8 +174,14 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(n_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:  # the forward's mask, regenerated: Z = keep / (1 - p_drop)
+                keep = _keep(SEED, pid_bh, offs_m, offs_n, Lk, dropout_p)
+                p_out = tl.where(keep, p, 0.0) / (1.0 - dropout_p)
+                dp = tl.where(keep, dp, 0.0) / (1.0 - dropout_p)
+            else:
+                p_out = p
+            dv += tl.dot(tl.trans(p_out.to(do.dtype)), do, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=in_range[:, None])
@@ -155,10 +190,11 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KMASK, KVLEN, HMASK, LAYOUT,
+    Q, K, V, DO, LSE, DELTA, DQ, KMASK, KVLEN, HMASK, LAYOUT, SEED,
     lay_sb, lay_sh, lay_sq,
-    scale, H, Lq, Lk,
-    HAS_KMASK: tl.constexpr, HAS_LAYOUT: tl.constexpr, PRECISION: tl.constexpr,
+    scale, H, Lq, Lk, dropout_p,
+    HAS_KMASK: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -192,6 +228,10 @@ def _bwd_dq_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(n_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                keep = _keep(SEED, pid_bh, offs_m, offs_n, Lk, dropout_p)
+                dp = tl.where(keep, dp, 0.0) / (1.0 - dropout_p)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
@@ -260,68 +300,90 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _seed(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The call's dropout seed as a 1-element int64 tensor on ``device``: given, or drawn from
+    torch's generator of that device (reproducible under ``torch.manual_seed``, and resumed
+    with the generator's state; on CUDA no host synchronisation)."""
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return seed.reshape(1).to(device, torch.int64)
+
+
+def dropout_keep_mask(
+    seed: torch.Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float
+) -> torch.Tensor:
+    """The keep mask ``(B, H, Lq, Lk)`` bool that the kernels apply for ``seed`` and
+    ``dropout_p`` (the same Philox numbers): what a reference needs to reproduce a call.
+
+    Example::
+
+        out = flash_attention(q, k, v, dropout_p=0.1, seed=seed)
+        keep = dropout_keep_mask(seed, *q.shape[:3], k.shape[2], 0.1)
+        ref = attention_reference(q, k, v, dropout_p=0.1, dropout_mask=keep)
+    """
+    keep = torch.empty(b * h, lq, lk, dtype=torch.int8, device=seed.device)
+    grid = (triton.cdiv(lq, 16), triton.cdiv(lk, 16), b * h)
+    _keep_mask_kernel[grid](seed.reshape(1), keep, lq, lk, float(dropout_p),
+                            BLOCK_M=16, BLOCK_N=16)  # fmt: skip
+    return keep.view(b, h, lq, lk).bool()
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """``torch.autograd.Function`` around the forward and backward kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, head_mask, block_layout, block_size, scale):  # noqa: D102
+    def forward(ctx, q, k, v, key_padding_mask, head_mask, block_layout, block_size, scale,
+                dropout_p=0.0, seed=None):  # noqa: D102  # fmt: skip
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, h, lq, d = q.shape
         lk = k.shape[2]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         kmask, kvlen, hmask, lay, ls = _prepare(
             q, k, v, key_padding_mask, head_mask, block_layout, block_size
         )
+        if dropout_p > 0:
+            seed_t = _seed(seed, q.device)
+        else:
+            seed_t = torch.zeros(1, dtype=torch.int64, device=q.device)
         o = torch.empty_like(q)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
         bm = bn = block_size
         grid = (triton.cdiv(lq, bm), b * h)
         _fwd_kernel[grid](
-            q, k, v, o, lse, kmask, kvlen, hmask, lay, *ls, scale, h, lq, lk,
+            q, k, v, o, lse, kmask, kvlen, hmask, lay, seed_t, *ls, scale, h, lq, lk,
+            float(dropout_p),
             HAS_KMASK=key_padding_mask is not None, HAS_LAYOUT=block_layout is not None,
-            PRECISION=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
+            HAS_DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, lse, kmask, kvlen, hmask, lay)
-        ctx.meta = (ls, scale, block_size, key_padding_mask is not None, block_layout is not None)
+        ctx.save_for_backward(q, k, v, o, lse, kmask, kvlen, hmask, lay, seed_t)
+        ctx.meta = (ls, scale, block_size, key_padding_mask is not None, block_layout is not None,
+                    float(dropout_p))  # fmt: skip
         return o
 
     @staticmethod
     def backward(ctx, do):  # noqa: D102
-        q, k, v, o, lse, kmask, kvlen, hmask, lay = ctx.saved_tensors
-        ls, scale, block_size, has_kmask, has_layout = ctx.meta
+        q, k, v, o, lse, kmask, kvlen, hmask, lay, seed_t = ctx.saved_tensors
+        ls, scale, block_size, has_kmask, has_layout, dropout_p = ctx.meta
         do = do.contiguous()
         b, h, lq, d = q.shape
         lk = k.shape[2]
         delta = (do.float() * o.float()).sum(-1).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(
-            HAS_KMASK=has_kmask, HAS_LAYOUT=has_layout, PRECISION=_precision(q.dtype),
-            BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=d,
+            HAS_KMASK=has_kmask, HAS_LAYOUT=has_layout, HAS_DROPOUT=dropout_p > 0,
+            PRECISION=_precision(q.dtype), BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=d,
         )  # fmt: skip
+        masks = (kmask, kvlen, hmask, lay, seed_t, *ls, scale, h, lq, lk, dropout_p)
         _bwd_dkdv_kernel[(triton.cdiv(lk, block_size), b * h)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            kmask,
-            kvlen,
-            hmask,
-            lay,
-            *ls,
-            scale,
-            h,
-            lq,
-            lk,
-            **common,
+            q, k, v, do, lse, delta, dk, dv, *masks, **common
         )
         _bwd_dq_kernel[(triton.cdiv(lq, block_size), b * h)](
-            q, k, v, do, lse, delta, dq, kmask, kvlen, hmask, lay, *ls, scale, h, lq, lk, **common
+            q, k, v, do, lse, delta, dq, *masks, **common
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -333,15 +395,23 @@ def flash_attention(
     block_layout: torch.Tensor | None = None,
     block_size: int = 64,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused attention (Triton). Shapes and semantics as in
     :func:`vlcompress.kernels.reference.attention_reference`; returns ``(B, H, Lq, D)``.
 
+    ``dropout_p`` drops attention probabilities inside the kernel (after the softmax, the
+    survivors scaled by ``1 / (1 - p)``, as ``F.scaled_dot_product_attention``); the backward
+    regenerates the same mask from ``seed`` (a 1-element int64 tensor; default: drawn from
+    torch's generator of q's device, so ``torch.manual_seed`` makes a run repeatable).
+    :func:`dropout_keep_mask` gives the mask of a seed.
+
     Raises:
-        ValueError: for unsupported shapes, head dims, block sizes or mask shapes.
+        ValueError: for unsupported shapes, head dims, block sizes, mask shapes or dropout.
     """
     return FlashAttentionFunction.apply(
-        q, k, v, key_padding_mask, head_mask, block_layout, block_size, scale
+        q, k, v, key_padding_mask, head_mask, block_layout, block_size, scale, dropout_p, seed
     )
 
 

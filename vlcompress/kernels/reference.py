@@ -46,8 +46,14 @@ def attention_reference(
     block_layout: torch.Tensor | None = None,
     block_size: int = 64,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention computed in fp32 with explicit masks; returns ``(B, H, Lq, D)`` in q's dtype."""
+    """Attention computed in fp32 with explicit masks; returns ``(B, H, Lq, D)`` in q's dtype.
+
+    With ``dropout_mask`` ``(B, H, Lq, Lk)`` bool (True = kept), the probabilities it drops are
+    zeroed and the rest scaled by ``1 / (1 - dropout_p)`` (e.g. the mask of a Triton call from
+    :func:`vlcompress.kernels.flash_attention.dropout_keep_mask`)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -59,6 +65,8 @@ def attention_reference(
         allowed = allowed & expand_block_layout(block_layout.to(q.device), block_size, b, h, lq, lk)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> NaN -> 0
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.device, p.dtype) / (1.0 - dropout_p)
     out = torch.einsum("bhqk,bhkd->bhqd", p, v.float())
     out = apply_head_mask(out, head_mask)
     return out.to(q.dtype)

@@ -1,0 +1,83 @@
+"""A whole model on the Triton attention vs torch SDPA (TRITON_INTERPRET=1 on the CPU): MCAN's
+logits and every parameter's gradient agree, with padded questions and regions, dead heads
+and a slimmed width; in training mode the kernel's dropout is reproducible."""
+
+import os
+
+import pytest
+import torch
+
+from vlcompress.data import VLBatch
+from vlcompress.kernels import attention_backend
+from vlcompress.models import build_model
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mcan():
+    torch.manual_seed(0)
+    opts = dict(hidden_size=64, num_heads=4, ffn_size=128, num_layers=2, width_adapters=True)
+    return build_model("mcan_tiny", 30, 7, **opts).to(DEVICE)
+
+
+def batch(b=3):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 30, (b, 9), generator=g)
+    ids[0, 5:] = 0  # padded questions
+    mask = torch.ones(b, 11, dtype=torch.bool)
+    mask[1, 4:] = False  # padded regions
+    feats = torch.randn(b, 11, 16, generator=g)
+    return VLBatch(text_ids=ids.to(DEVICE), text_mask=(ids != 0).to(DEVICE),
+                   visual=feats.to(DEVICE), visual_mask=mask.to(DEVICE))  # fmt: skip
+
+
+def run(model, b, backend):
+    model.zero_grad()
+    with attention_backend(backend):
+        logits = model(b)
+    logits.square().sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}  # fmt: skip
+
+
+def test_mcan_logits_and_gradients_match_across_backends():
+    from vlcompress.compress.slimmable import Slimmable, Submodel
+    from vlcompress.models.anatomy import anatomy_of
+
+    model, b = mcan().eval(), batch()
+    an = anatomy_of(model)
+    first = an.attentions[0].name
+    handles = an.mask_heads(model, {first: torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEVICE)})
+    want, want_g = run(model, b, "sdpa")
+    got, got_g = run(model, b, "triton")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_g.keys() == want_g.keys()
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    for h in handles:
+        h.remove()
+    slim = Slimmable(model)  # half width: the kernel sees 2 live heads
+    with slim.submodel(Submodel(0.5, 1.0)):
+        want, _ = run(model, b, "sdpa")
+        got, _ = run(model, b, "triton")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_training_mode_dropout_in_the_kernel_is_reproducible():
+    model, b = mcan().train(), batch()
+    torch.manual_seed(11)
+    a, ga = run(model, b, "triton")
+    torch.manual_seed(11)
+    again, g_again = run(model, b, "triton")
+    torch.manual_seed(12)
+    other, _ = run(model, b, "triton")
+    assert torch.equal(a, again) and not torch.equal(a, other)
+    assert all(torch.equal(ga[n], g_again[n]) for n in ga)
+    model.eval()
+    with torch.no_grad(), attention_backend("triton"):
+        clean = model(b)
+    assert not torch.allclose(a, clean)  # dropout (attention and elsewhere) was on
