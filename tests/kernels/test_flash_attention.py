@@ -13,10 +13,11 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from vlcompress.kernels.flash_attention import (  # noqa: E402
-    FlashAttention,
     dropout_keep_mask,
     flash_attention,
+    flash_attention_varlen,
 )
+from vlcompress.kernels.modules import FlashAttention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -266,3 +267,84 @@ def test_dispatch_uses_the_kernel_with_dropout():
     out = attention(q, k, v, dropout_p=0.2, backend="triton", block_size=16)
     torch.manual_seed(5)
     assert torch.equal(out, flash_attention(q, k, v, block_size=16, dropout_p=0.2))
+
+
+# ---------------------------------------------------------------------- packed (varlen)
+def pack(x, lengths):
+    """(B, H, L, D) padded -> (total, H, D), sequences concatenated."""
+    return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
+
+
+def cumulative(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("q_lengths", "k_lengths", "features"),
+    [
+        ([14, 9, 1, 20], None, {}),  # self-attention, ragged
+        ([5, 17, 33], [36, 2, 40], {"head_mask": True}),  # cross-attention, dead heads
+        ([7, 16, 3], [12, 0, 9], {"dropout": True}),  # a sequence without keys; dropout
+    ],
+)
+def test_varlen_matches_the_padded_reference(q_lengths, k_lengths, features):
+    """Packed sequences give the padded reference's outputs and gradients on every real row,
+    and padded rows simply do not exist."""
+    k_lengths = k_lengths or q_lengths
+    b, h, d = len(q_lengths), 2, 16
+    lq, lk = max(q_lengths), max(max(k_lengths), 1)
+    q, k, v = make(b, h, lq, lk, d)
+    kpm = (torch.arange(lk)[None, :] < torch.tensor(k_lengths)[:, None]).to(DEVICE)
+    masks = {}
+    if features.get("head_mask"):
+        masks["head_mask"] = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], device=DEVICE)
+    seed = torch.tensor([99], device=DEVICE)
+    p = 0.2 if features.get("dropout") else 0.0
+    pq, pk, pv = (pack(x.detach(), n).requires_grad_() for x, n in
+                  ((q, q_lengths), (k, k_lengths), (v, k_lengths)))  # fmt: skip
+    cu_q, cu_k = cumulative(q_lengths).to(DEVICE), cumulative(k_lengths).to(DEVICE)
+    out = flash_attention_varlen(pq, pk, pv, cu_q, cu_k, block_size=16, dropout_p=p, seed=seed,
+                                 **masks)  # fmt: skip
+    keep = dropout_keep_mask(seed, b, h, lq, lk, p) if p else None
+    ref = attention_reference(q, k, v, key_padding_mask=kpm, dropout_p=p, dropout_mask=keep,
+                              **masks)  # fmt: skip
+    assert out.shape == (sum(q_lengths), h, d)
+    torch.testing.assert_close(out, pack(ref, q_lengths), rtol=2e-5, atol=2e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (pq, pk, pv), g)
+    g_pad = torch.zeros_like(ref)
+    for i, (start, n) in enumerate(zip(cu_q[:-1].tolist(), q_lengths)):
+        g_pad[i, :, :n] = g[start : start + n].transpose(0, 1)
+    want = torch.autograd.grad(ref, (q, k, v), g_pad)
+    for name, a, e, n in zip("qkv", got, want, (q_lengths, k_lengths, k_lengths)):
+        torch.testing.assert_close(a, pack(e, n), rtol=2e-5, atol=2e-5, msg=f"d{name}")
+
+
+def test_varlen_bad_input_is_named():
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="end at the packed length 10"):
+        flash_attention_varlen(q, q, q, torch.tensor([0, 4, 9]), torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="B \\+ 1 cumulative lengths"):
+        flash_attention_varlen(q, q, q, torch.tensor([0.0, 10.0]), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="3 and 2 sequences"):
+        flash_attention_varlen(q, q, q, torch.tensor([0, 4, 6, 10]), torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match="packed q, k, v must be"):
+        flash_attention_varlen(q[None], q, q, torch.tensor([0, 10]), torch.tensor([0, 10]))
+
+
+def test_varlen_dispatch_agrees_on_both_backends_and_packing_round_trips():
+    from vlcompress.kernels import attention_varlen, cu_seqlens, pack, unpack
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 12, 2, 16, generator=g).to(DEVICE)  # (B, L, H, D) as models hold it
+    mask = (torch.arange(12)[None, :] < torch.tensor([12, 5, 1])[:, None]).to(DEVICE)
+    packed, cu = pack(x, mask)
+    assert cu.tolist() == [0, 12, 17, 18] and packed.shape == (18, 2, 16)
+    assert torch.equal(unpack(packed, cu, 12), x * mask[:, :, None, None])
+    with pytest.raises(ValueError, match="right-padded"):
+        cu_seqlens(torch.tensor([[True, False, True]]))
+    ref = attention_reference(*(x.transpose(1, 2) for _ in range(3)), key_padding_mask=mask)
+    want = pack(ref.transpose(1, 2), mask)[0]
+    for backend in ("sdpa", "triton"):
+        got = attention_varlen(packed, packed, packed, cu, cu, backend=backend)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=backend)

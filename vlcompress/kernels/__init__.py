@@ -3,7 +3,22 @@
 ``flash_attention`` (Triton) is imported lazily so that the package works without Triton.
 """
 
-from vlcompress.kernels.dispatch import attention, attention_backend, triton_available
+from vlcompress.kernels.dispatch import (
+    attention,
+    attention_backend,
+    attention_varlen,
+    triton_available,
+)
+from vlcompress.kernels.packing import cu_seqlens, pack, unpack
 from vlcompress.kernels.reference import attention_reference
 
-__all__ = ["attention", "attention_backend", "attention_reference", "triton_available"]
+__all__ = [
+    "attention",
+    "attention_backend",
+    "attention_reference",
+    "attention_varlen",
+    "cu_seqlens",
+    "pack",
+    "triton_available",
+    "unpack",
+]

@@ -148,3 +148,44 @@ def attention(
         except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
             _disable_triton(e)
     return _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences (``q (total_q, H, D)``, ``k, v (total_k, H, D)``, see
+    :func:`vlcompress.kernels.flash_attention.flash_attention_varlen`): the Triton kernel on
+    CUDA (no padding computed at all), else SDPA on the sequences unpacked to a padded batch
+    (the same results). Returns ``(total_q, H, D)``.
+
+    Raises:
+        ValueError: for an unknown backend or bad cumulative lengths.
+    """
+    from vlcompress.kernels.packing import pack, unpack
+
+    backend = _DEFAULT_BACKEND.get() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    use_triton = _use_triton(q) if backend == "auto" else backend == "triton"
+    if use_triton:
+        from vlcompress.kernels.flash_attention import flash_attention_varlen
+
+        return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, head_mask, dropout_p=dropout_p)  # fmt: skip
+    lq = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q is None else max_seqlen_q
+    lk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if max_seqlen_k is None else max_seqlen_k
+    qp, kp, vp = (unpack(x, cu, n).transpose(1, 2) for x, cu, n in
+                  ((q, cu_seqlens_q, lq), (k, cu_seqlens_k, lk), (v, cu_seqlens_k, lk)))  # fmt: skip
+    kpm = torch.arange(lk, device=q.device) < (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[:, None]
+    out = _sdpa(qp, kp, vp, kpm, head_mask, None, 64, dropout_p).transpose(1, 2)
+    qpm = torch.arange(lq, device=q.device) < (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[:, None]
+    return pack(out, qpm)[0]
