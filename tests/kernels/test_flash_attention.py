@@ -348,3 +348,34 @@ def test_varlen_dispatch_agrees_on_both_backends_and_packing_round_trips():
     for backend in ("sdpa", "triton"):
         got = attention_varlen(packed, packed, packed, cu, cu, backend=backend)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=backend)
+
+
+def test_launch_configuration_is_measured_once_per_shape_and_used(monkeypatch):
+    """The tuner (GPU only; forced here with a fake clock) times every candidate once per
+    (Lq, Lk, D, dtype), keeps the fastest, and the call runs correctly with it."""
+    import vlcompress.kernels.flash_attention as fa
+
+    timed = []
+
+    def fake_time(cfg, run):
+        run(cfg)  # each candidate really launches (so a broken one would be skipped)
+        timed.append(cfg)
+        return 1.0 if cfg == fa.LaunchConfig(32, 4, 2) else 2.0
+
+    monkeypatch.setattr(fa, "_TUNED", {})
+    monkeypatch.setattr(fa, "_should_tune", lambda q: True)
+    monkeypatch.setattr(fa, "_time_config", fake_time)
+    q, k, v = make(2, 2, 40, 70, 16)
+    kpm = key_mask(2, 70)
+    out = flash_attention(q, k, v, kpm)
+    assert timed == list(fa.CANDIDATES)
+    assert list(fa._TUNED.values()) == [fa.LaunchConfig(32, 4, 2)]
+    torch.testing.assert_close(out, attention_reference(q, k, v, kpm), rtol=2e-5, atol=2e-5)
+    got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    want = torch.autograd.grad(attention_reference(q, k, v, kpm), (q, k, v), torch.ones_like(out))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=2e-5, atol=2e-5)
+    flash_attention(q, k, v, kpm)
+    assert len(timed) == len(fa.CANDIDATES)  # cached: not measured again
+    flash_attention(q[:, :, :20], k, v, kpm)
+    assert len(timed) == 2 * len(fa.CANDIDATES)  # a new shape is measured

@@ -116,7 +116,7 @@ def attention(
     head_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     block_layout: torch.Tensor | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with key padding, dead heads, block sparsity and
@@ -147,7 +147,7 @@ def attention(
             return flash_attention(*args)
         except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
             _disable_triton(e)
-    return _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p)
+    return _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size or 64, dropout_p)
 
 
 def attention_varlen(

@@ -22,6 +22,7 @@ zeros for query rows that see no key.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ from vlcompress.kernels.flash_attention_kernels import (
 )
 from vlcompress.kernels.flash_attention_limits import BLOCK_SIZES, HEAD_DIMS
 
-__all__ = ["dropout_keep_mask", "flash_attention", "flash_attention_varlen"]
+__all__ = ["LaunchConfig", "dropout_keep_mask", "flash_attention", "flash_attention_varlen"]
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------- launch plans
@@ -64,12 +66,12 @@ class _Plan:
     has_layout: bool
 
 
-def _check_head_dim(d: int, block_size: int) -> None:
+def _check_head_dim(d: int, block_size: int | None) -> None:
     if d not in HEAD_DIMS:
         raise ValueError(
             f"head dim {d} is not supported by the Triton kernel; use one of {HEAD_DIMS}"
         )
-    if block_size not in BLOCK_SIZES:
+    if block_size is not None and block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
 
 
@@ -98,6 +100,8 @@ def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
     _check_head_dim(d, block_size)
     lk = k.shape[2]
     dev = q.device
+    if block_layout is not None and block_size is None:
+        block_size = 64
     if key_padding_mask is not None:
         if key_padding_mask.shape != (b, lk):
             raise ValueError(
@@ -109,8 +113,8 @@ def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
     else:
         kmask = torch.ones(1, dtype=torch.int8, device=dev)
         kvlen = torch.full((b,), lk, dtype=torch.int32, device=dev)
-    n_qb, n_kb = triton.cdiv(lq, block_size), triton.cdiv(lk, block_size)
     if block_layout is not None:
+        n_qb, n_kb = triton.cdiv(lq, block_size), triton.cdiv(lk, block_size)
         lay = block_layout.to(dev)
         if lay.shape[-2:] != (n_qb, n_kb) or lay.dim() not in (2, 3, 4):
             raise ValueError(
@@ -190,6 +194,67 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# ---------------------------------------------------------------------- launch configurations
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block size (queries and keys), warps and pipeline stages of one launch."""
+
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+CANDIDATES = (
+    LaunchConfig(32, 4, 2), LaunchConfig(64, 4, 2), LaunchConfig(64, 4, 3),
+    LaunchConfig(64, 8, 2), LaunchConfig(128, 8, 2), LaunchConfig(128, 8, 3),
+)  # fmt: skip
+"""The configurations tried for a new shape (those that do not compile or fit are skipped)."""
+
+_TUNED: dict[tuple, LaunchConfig] = {}
+"""Chosen configuration per (longest query, longest key, head dim, dtype, device, packed)."""
+
+
+def _should_tune(q: torch.Tensor) -> bool:
+    """Tune on a real GPU only (the interpreter runs any block size alike)."""
+    import os
+
+    return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _time_config(cfg: LaunchConfig, run) -> float:
+    """Milliseconds of ``run(cfg)`` (one forward launch), by ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+
+    return float(do_bench(lambda: run(cfg), warmup=5, rep=20))
+
+
+def _launch_config(plan: _Plan, q, k, v, block_size: int | None) -> LaunchConfig:
+    """The launch configuration of a call: ``block_size`` when given (and always with a block
+    layout, whose granularity it is), else the fastest forward of :data:`CANDIDATES` for this
+    (Lq, Lk, D, dtype), measured once per process on the GPU and cached in :data:`_TUNED`
+    (64-blocks elsewhere)."""
+    if block_size is not None or plan.has_layout:
+        return LaunchConfig(block_size or 64)
+    if not _should_tune(q):
+        return LaunchConfig()
+    key = (plan.max_q, plan.max_k, q.shape[-1], q.dtype, q.device, q.dim() == 3)
+    if key not in _TUNED:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        seed = torch.zeros(1, dtype=torch.int64, device=q.device)
+        times = {}
+        for cfg in CANDIDATES:
+            try:
+                times[cfg] = _time_config(
+                    cfg, lambda c: _forward(plan, q, k, v, scale, 0.0, seed, c)
+                )
+            except Exception as e:  # out of shared memory / registers for this shape
+                log.debug("attention config %s skipped: %s", cfg, e)
+        _TUNED[key] = min(times, key=times.get) if times else LaunchConfig()
+        log.info("attention launch config for Lq %d, Lk %d, D %d, %s: %s",
+                 plan.max_q, plan.max_k, q.shape[-1], q.dtype, _TUNED[key])  # fmt: skip
+    return _TUNED[key]
+
+
 def _seed(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """The call's dropout seed as a 1-element int64 tensor on ``device``: given, or drawn from
     torch's generator of that device (reproducible under ``torch.manual_seed``, and resumed
@@ -221,35 +286,41 @@ def dropout_keep_mask(
 
 
 # ---------------------------------------------------------------------- launchers
-def _forward(plan: _Plan, q, k, v, scale, dropout_p, seed_t, block_size):
+def _launch_kwargs(q: torch.Tensor, cfg: LaunchConfig) -> dict[str, int]:
+    """Block sizes, and warps / stages on a GPU (the interpreter takes none)."""
+    out = {"BLOCK_M": cfg.block, "BLOCK_N": cfg.block}
+    if q.is_cuda:
+        out.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _forward(plan: _Plan, q, k, v, scale, dropout_p, seed_t, cfg: LaunchConfig):
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(plan.max_q, block_size), plan.b * plan.h)
+    grid = (triton.cdiv(plan.max_q, cfg.block), plan.b * plan.h)
     _fwd_kernel[grid](
         q, k, v, o, lse, plan.qoff, plan.koff, plan.qlen, plan.qrows, plan.kvlen,
         plan.kmask, plan.hmask, plan.lay, seed_t, *plan.strides, *plan.lay_strides,
         scale, plan.h, plan.max_k, float(dropout_p),
         HAS_KMASK=plan.has_kmask, HAS_LAYOUT=plan.has_layout, HAS_DROPOUT=dropout_p > 0,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_size, BLOCK_N=block_size,
-        BLOCK_D=q.shape[-1],
+        PRECISION=_precision(q.dtype), BLOCK_D=q.shape[-1], **_launch_kwargs(q, cfg),
     )  # fmt: skip
     return o, lse
 
 
-def _backward(plan: _Plan, q, k, v, o, lse, do, scale, dropout_p, seed_t, block_size):
+def _backward(plan: _Plan, q, k, v, o, lse, do, scale, dropout_p, seed_t, cfg: LaunchConfig):
     delta = (do.float() * o.float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(
         HAS_KMASK=plan.has_kmask, HAS_LAYOUT=plan.has_layout, HAS_DROPOUT=dropout_p > 0,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_size, BLOCK_N=block_size,
-        BLOCK_D=q.shape[-1],
+        PRECISION=_precision(q.dtype), BLOCK_D=q.shape[-1], **_launch_kwargs(q, cfg),
     )  # fmt: skip
     tail = (*plan.strides, *plan.lay_strides, scale, plan.h, plan.max_k, float(dropout_p))
-    _bwd_dkdv_kernel[(triton.cdiv(plan.max_k, block_size), plan.b * plan.h)](
+    _bwd_dkdv_kernel[(triton.cdiv(plan.max_k, cfg.block), plan.b * plan.h)](
         q, k, v, do, lse, delta, dk, dv, plan.qoff, plan.koff, plan.qlen, plan.krows,
         plan.kvlen, plan.kmask, plan.hmask, plan.lay, seed_t, *tail, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[(triton.cdiv(plan.max_q, block_size), plan.b * plan.h)](
+    _bwd_dq_kernel[(triton.cdiv(plan.max_q, cfg.block), plan.b * plan.h)](
         q, k, v, do, lse, delta, dq, plan.qoff, plan.koff, plan.qlen, plan.qrows,
         plan.kvlen, plan.kmask, plan.hmask, plan.lay, seed_t, *tail, **common,
     )  # fmt: skip
@@ -264,22 +335,23 @@ class _FlashAttention(torch.autograd.Function):
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        cfg = _launch_config(plan, q, k, v, block_size)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if dropout_p > 0:
             seed_t = _seed(seed, q.device)
         else:
             seed_t = torch.zeros(1, dtype=torch.int64, device=q.device)
-        o, lse = _forward(plan, q, k, v, scale, dropout_p, seed_t, block_size)
+        o, lse = _forward(plan, q, k, v, scale, dropout_p, seed_t, cfg)
         ctx.save_for_backward(q, k, v, o, lse, seed_t)
-        ctx.plan, ctx.meta = plan, (scale, float(dropout_p), block_size)
+        ctx.plan, ctx.meta = plan, (scale, float(dropout_p), cfg)
         return o
 
     @staticmethod
     def backward(ctx, do):  # noqa: D102
         q, k, v, o, lse, seed_t = ctx.saved_tensors
-        scale, dropout_p, block_size = ctx.meta
+        scale, dropout_p, cfg = ctx.meta
         grads = _backward(ctx.plan, q, k, v, o, lse, do.contiguous(), scale, dropout_p, seed_t,
-                          block_size)  # fmt: skip
+                          cfg)  # fmt: skip
         return (*grads, None, None, None, None, None)
 
 
@@ -291,7 +363,7 @@ def flash_attention(
     key_padding_mask: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
     block_layout: torch.Tensor | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
@@ -303,7 +375,9 @@ def flash_attention(
     survivors scaled by ``1 / (1 - p)``, as ``F.scaled_dot_product_attention``); the backward
     regenerates the same mask from ``seed`` (a 1-element int64 tensor; default: drawn from
     torch's generator of q's device, so ``torch.manual_seed`` makes a run repeatable).
-    :func:`dropout_keep_mask` gives the mask of a seed.
+    :func:`dropout_keep_mask` gives the mask of a seed. ``block_size``: the query / key block
+    (and the granularity of ``block_layout``, 64 by default there); ``None`` elsewhere picks the
+    fastest launch configuration for the shape, measured once per process on a GPU.
 
     Raises:
         ValueError: for unsupported shapes, head dims, block sizes, mask shapes or dropout.
@@ -321,7 +395,7 @@ def flash_attention_varlen(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     head_mask: torch.Tensor | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,

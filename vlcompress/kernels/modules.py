@@ -14,7 +14,8 @@ class FlashAttention(torch.nn.Module):
     """Module form of :func:`~vlcompress.kernels.flash_attention.flash_attention`.
 
     Args:
-        block_size: query/key block size (and the granularity of ``block_layout``).
+        block_size: query/key block size (and the granularity of ``block_layout``); ``None``:
+            tuned per shape on a GPU.
         scale: softmax scale (default ``1/sqrt(head_dim)``).
         dropout: attention dropout in training mode (drawn inside the kernel).
 
@@ -22,9 +23,11 @@ class FlashAttention(torch.nn.Module):
         ValueError: for an unsupported block size.
     """
 
-    def __init__(self, block_size: int = 64, scale: float | None = None, dropout: float = 0.0):
+    def __init__(
+        self, block_size: int | None = None, scale: float | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        if block_size not in BLOCK_SIZES:
+        if block_size is not None and block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
         self.block_size, self.scale, self.dropout = block_size, scale, dropout
 
