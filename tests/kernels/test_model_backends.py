@@ -81,3 +81,20 @@ def test_training_mode_dropout_in_the_kernel_is_reproducible():
     with torch.no_grad(), attention_backend("triton"):
         clean = model(b)
     assert not torch.allclose(a, clean)  # dropout (attention and elsewhere) was on
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_mcan_packed_attention_gives_the_padded_logits_and_gradients(backend):
+    """``packed_attention``: every attention call packs the real tokens (varlen) and unpacks
+    after; padded positions never reach the answer, so logits and gradients are unchanged."""
+    b = batch()
+    torch.manual_seed(0)
+    opts = dict(hidden_size=64, num_heads=4, ffn_size=128, num_layers=2)
+    padded = build_model("mcan_tiny", 30, 7, **opts).to(DEVICE).eval()
+    packed = build_model("mcan_tiny", 30, 7, packed_attention=True, **opts).to(DEVICE).eval()
+    packed.load_state_dict(padded.state_dict())
+    want, want_g = run(padded, b, backend)
+    got, got_g = run(packed, b, backend)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlcompress import registry
 from vlcompress.data.batch import VLBatch
-from vlcompress.kernels import attention
+from vlcompress.kernels import attention, attention_varlen, pack, unpack
 from vlcompress.models.anatomy import (
     Anatomy,
     AttentionSpec,
@@ -52,6 +52,9 @@ class MCANConfig:
             a conv stem).
         region_dim: region feature size; ``use_boxes``/``box_dim``: optional box features.
         grid_channels, grid_context_layers, grid_pool, grid_cells: the conv stem of ``grid``.
+        packed_attention: pack the real tokens of each sequence around every attention call
+            (:func:`~vlcompress.kernels.attention_varlen`: the Triton kernel then computes no
+            padded query or key); the same logits, padded positions get zero attention output.
         width_adapters: BST's input adapters (seed 001), needed for width slimming: a linear
             layer + LayerNorm after the LSTM (``lang_adapter``) and a LayerNorm after the
             visual input projection (``visual_norm``), so that both streams can enter the
@@ -77,6 +80,7 @@ class MCANConfig:
     grid_cells: int = field(default=16, metadata=_POSITIVE)
     width_adapters: bool = False
     lstm_size: int | None = field(default=None, metadata=in_range(1))
+    packed_attention: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -127,10 +131,11 @@ class MultiHeadAttention(nn.Module):
 
     supports_head_mask = True
 
-    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+    def __init__(self, hidden: int, heads: int, dropout: float, packed: bool = False) -> None:
         super().__init__()
         self.head_mask: torch.Tensor | None = None
         self.num_heads, self.head_dim, self.dropout = heads, hidden // heads, dropout
+        self.packed = packed
         self.q = nn.Linear(hidden, hidden)
         self.k = nn.Linear(hidden, hidden)
         self.v = nn.Linear(hidden, hidden)
@@ -142,8 +147,10 @@ class MultiHeadAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_mask: torch.Tensor | None,
+        query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)``; mask True = real."""
+        """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)``; masks True = real
+        (``query_mask`` is used only to pack: padded queries then output zeros)."""
         b, lq, _ = query.shape
         lk = key.shape[1]
         d = self.head_dim  # the head count follows the projections (width slimming: fewer)
@@ -155,8 +162,21 @@ class MultiHeadAttention(nn.Module):
         mask = self.head_mask
         if mask is not None and mask.shape[-1] != h:
             mask = mask[..., :h]
-        ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=mask, dropout_p=p)
+        if self.packed and key_mask is not None and query_mask is not None:
+            ctx = self._packed(q, k, v, query_mask, key_mask, mask, p)
+        else:
+            ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=mask, dropout_p=p)
         return self.out(ctx.transpose(1, 2).reshape(b, lq, h * d))
+
+    @staticmethod
+    def _packed(q, k, v, query_mask, key_mask, head_mask, p) -> torch.Tensor:
+        """``attention`` over the real tokens only: pack, attend, unpack (zeros at padding)."""
+        pq, cu_q = pack(q.transpose(1, 2), query_mask)
+        pk, cu_k = pack(k.transpose(1, 2), key_mask)
+        pv, _ = pack(v.transpose(1, 2), key_mask)
+        out = attention_varlen(pq, pk, pv, cu_q, cu_k, q.shape[2], k.shape[2],
+                               head_mask=head_mask, dropout_p=p)  # fmt: skip
+        return unpack(out, cu_q, q.shape[2]).transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -179,7 +199,9 @@ class SALayer(nn.Module):
 
     def __init__(self, cfg: MCANConfig) -> None:
         super().__init__()
-        self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        self.attn = MultiHeadAttention(
+            cfg.hidden_size, cfg.num_heads, cfg.dropout, cfg.packed_attention
+        )
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
@@ -187,7 +209,7 @@ class SALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
         """Update ``x (B, L, D)``."""
-        x = self.norm1(x + self.drop1(self.attn(x, x, x, x_mask)))
+        x = self.norm1(x + self.drop1(self.attn(x, x, x, x_mask, x_mask)))
         return self.norm2(x + self.drop2(self.ffn(x)))
 
 
@@ -196,8 +218,9 @@ class SGALayer(nn.Module):
 
     def __init__(self, cfg: MCANConfig) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
-        self.guided_attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        args = (cfg.hidden_size, cfg.num_heads, cfg.dropout, cfg.packed_attention)
+        self.self_attn = MultiHeadAttention(*args)
+        self.guided_attn = MultiHeadAttention(*args)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
         self.norm1, self.norm2, self.norm3 = (
@@ -212,8 +235,8 @@ class SGALayer(nn.Module):
         y_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Update ``x`` (image) guided by ``y`` (question)."""
-        x = self.norm1(x + self.drop1(self.self_attn(x, x, x, x_mask)))
-        x = self.norm2(x + self.drop2(self.guided_attn(x, y, y, y_mask)))
+        x = self.norm1(x + self.drop1(self.self_attn(x, x, x, x_mask, x_mask)))
+        x = self.norm2(x + self.drop2(self.guided_attn(x, y, y, y_mask, x_mask)))
         return self.norm3(x + self.drop3(self.ffn(x)))
 
 
