@@ -244,6 +244,10 @@ def test_dropout_mask_statistics_and_reproducibility():
     assert abs(keep.mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
     assert abs((keep / (1 - p)).mean().item() - 1.0) < 0.01
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    # consecutive seeds are not the same streams shifted by one (batch, head) pair
+    assert not torch.equal(
+        keep[0, 1], dropout_keep_mask(torch.tensor([8], device=DEVICE), 4, 12, 40, 100, p)[0, 0]
+    )
     other = dropout_keep_mask(torch.tensor([8], device=DEVICE), 4, 12, 40, 100, p).float()
     agree = (keep == other).float().mean().item()  # independent masks agree on p^2 + (1-p)^2
     assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
@@ -340,14 +344,18 @@ def test_varlen_dispatch_agrees_on_both_backends_and_packing_round_trips():
     mask = (torch.arange(12)[None, :] < torch.tensor([12, 5, 1])[:, None]).to(DEVICE)
     packed, cu = pack(x, mask)
     assert cu.tolist() == [0, 12, 17, 18] and packed.shape == (18, 2, 16)
-    assert torch.equal(unpack(packed, cu, 12), x * mask[:, :, None, None])
-    with pytest.raises(ValueError, match="right-padded"):
-        cu_seqlens(torch.tensor([[True, False, True]]))
+    assert torch.equal(unpack(packed, mask), x * mask[:, :, None, None])
+    holes = torch.tensor([[True, False, True], [False, True, False]])
+    assert cu_seqlens(holes).tolist() == [0, 2, 3]
+    y = torch.arange(6.0).view(2, 3)
+    assert torch.equal(unpack(pack(y, holes)[0], holes), y * holes)
     ref = attention_reference(*(x.transpose(1, 2) for _ in range(3)), key_padding_mask=mask)
     want = pack(ref.transpose(1, 2), mask)[0]
     for backend in ("sdpa", "triton"):
-        got = attention_varlen(packed, packed, packed, cu, cu, backend=backend)
+        got = attention_varlen(packed, packed, packed, cu.cpu(), cu.cpu(), backend=backend)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=backend)
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        attention_varlen(packed, packed, packed, cu, cu, 5, 12, backend="triton")
 
 
 def test_launch_configuration_is_measured_once_per_shape_and_used(monkeypatch):

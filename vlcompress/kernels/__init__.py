@@ -9,7 +9,7 @@ from vlcompress.kernels.dispatch import (
     attention_varlen,
     triton_available,
 )
-from vlcompress.kernels.packing import cu_seqlens, pack, unpack
+from vlcompress.kernels.packing import cu_seqlens, length_mask, pack, unpack
 from vlcompress.kernels.reference import attention_reference
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "attention_reference",
     "attention_varlen",
     "cu_seqlens",
+    "length_mask",
     "pack",
     "triton_available",
     "unpack",

@@ -175,17 +175,27 @@ def attention_varlen(
     backend = _DEFAULT_BACKEND.get() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention dropout_p must be in [0, 1), got {dropout_p}")
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
     use_triton = _use_triton(q) if backend == "auto" else backend == "triton"
     if use_triton:
         from vlcompress.kernels.flash_attention import flash_attention_varlen
 
-        return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, head_mask, dropout_p=dropout_p)  # fmt: skip
+        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_mask)
+        if backend == "triton":
+            return flash_attention_varlen(*args, dropout_p=dropout_p)
+        try:
+            return flash_attention_varlen(*args, dropout_p=dropout_p)
+        except ValueError:
+            raise  # bad input: the SDPA path would refuse it too
+        except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
+            _disable_triton(e)
+    from vlcompress.kernels.packing import length_mask
+
     lq = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q is None else max_seqlen_q
     lk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if max_seqlen_k is None else max_seqlen_k
-    qp, kp, vp = (unpack(x, cu, n).transpose(1, 2) for x, cu, n in
-                  ((q, cu_seqlens_q, lq), (k, cu_seqlens_k, lk), (v, cu_seqlens_k, lk)))  # fmt: skip
-    kpm = torch.arange(lk, device=q.device) < (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[:, None]
+    qpm, kpm = length_mask(cu_seqlens_q, lq), length_mask(cu_seqlens_k, lk)
+    qp, kp, vp = (unpack(x, m).transpose(1, 2) for x, m in ((q, qpm), (k, kpm), (v, kpm)))
     out = _sdpa(qp, kp, vp, kpm, head_mask, None, 64, dropout_p).transpose(1, 2)
-    qpm = torch.arange(lq, device=q.device) < (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[:, None]
     return pack(out, qpm)[0]

@@ -178,8 +178,14 @@ def _packed_plan(q, k, v, cu_q, cu_k, max_q, max_k, head_mask, block_size) -> _P
             "give one query and one key sequence per batch element"
         )
     b = len(qlen)
-    max_q = int(qlen.max()) if max_q is None else int(max_q)
-    max_k = int(klen.max()) if max_k is None else int(max_k)
+    longest_q, longest_k = int(qlen.max()), int(klen.max())
+    if (max_q is not None and max_q < longest_q) or (max_k is not None and max_k < longest_k):
+        raise ValueError(
+            f"max_seqlen_q / max_seqlen_k ({max_q}, {max_k}) are shorter than the longest "
+            f"sequences ({longest_q}, {longest_k}); pass at least those, or None"
+        )
+    max_q = longest_q if max_q is None else int(max_q)
+    max_k = longest_k if max_k is None else int(max_k)
     return _Plan(
         qoff=cu_q.to(dev, torch.int64)[:-1] * (h * d), koff=cu_k.to(dev, torch.int64)[:-1] * (h * d),
         qlen=qlen, qrows=qlen, kvlen=klen, krows=klen,
@@ -222,7 +228,7 @@ def _should_tune(q: torch.Tensor) -> bool:
 
 
 def _time_config(cfg: LaunchConfig, run) -> float:
-    """Milliseconds of ``run(cfg)`` (one forward launch), by ``triton.testing.do_bench``."""
+    """Milliseconds of ``run(cfg)`` (a forward and a backward), by ``triton.testing.do_bench``."""
     from triton.testing import do_bench
 
     return float(do_bench(lambda: run(cfg), warmup=5, rep=20))
@@ -232,21 +238,26 @@ def _launch_config(plan: _Plan, q, k, v, block_size: int | None) -> LaunchConfig
     """The launch configuration of a call: ``block_size`` when given (and always with a block
     layout, whose granularity it is), else the fastest forward of :data:`CANDIDATES` for this
     (Lq, Lk, D, dtype), measured once per process on the GPU and cached in :data:`_TUNED`
-    (64-blocks elsewhere)."""
+    (64-blocks elsewhere). Both the forward and the backward run with the chosen one."""
     if block_size is not None or plan.has_layout:
         return LaunchConfig(block_size or 64)
     if not _should_tune(q):
         return LaunchConfig()
-    key = (plan.max_q, plan.max_k, q.shape[-1], q.dtype, q.device, q.dim() == 3)
+    # lengths rounded up to 32: ragged batches padded to their own maximum share a measurement
+    key = (-(-plan.max_q // 32), -(-plan.max_k // 32), q.shape[-1], q.dtype, q.device,
+           q.dim() == 3)  # fmt: skip
     if key not in _TUNED:
         scale = 1.0 / math.sqrt(q.shape[-1])
         seed = torch.zeros(1, dtype=torch.int64, device=q.device)
+
+        def run(c: LaunchConfig) -> None:  # forward and backward: a config must fit both
+            o, lse = _forward(plan, q, k, v, scale, 0.0, seed, c)
+            _backward(plan, q, k, v, o, lse, torch.ones_like(o), scale, 0.0, seed, c)
+
         times = {}
         for cfg in CANDIDATES:
             try:
-                times[cfg] = _time_config(
-                    cfg, lambda c: _forward(plan, q, k, v, scale, 0.0, seed, c)
-                )
+                times[cfg] = _time_config(cfg, run)
             except Exception as e:  # out of shared memory / registers for this shape
                 log.debug("attention config %s skipped: %s", cfg, e)
         _TUNED[key] = min(times, key=times.get) if times else LaunchConfig()
@@ -260,8 +271,12 @@ def _seed(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     torch's generator of that device (reproducible under ``torch.manual_seed``, and resumed
     with the generator's state; on CUDA no host synchronisation)."""
     if seed is None:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        return torch.randint(0, SEED_LIMIT, (1,), dtype=torch.int64, device=device)
     return seed.reshape(1).to(device, torch.int64)
+
+
+SEED_LIMIT = 2**40
+"""Dropout seeds are in ``[0, SEED_LIMIT)`` (the Philox key also holds the (batch, head) index)."""
 
 
 def dropout_keep_mask(

@@ -10,7 +10,7 @@ zeros; a packed sequence stores only its own rows), ``KVLEN[b]`` keys are read (
 real key) and ``KROWS[b]`` key rows get gradients. The row statistics (log-sum-exp, ``delta``)
 have the queries' layout without the head dim.
 
-Attention dropout uses Philox (``tl.rand``) keyed by the call's seed + the (batch, head) index
+Attention dropout uses Philox (``tl.rand``) keyed by the call's seed and the (batch, head) index
 and counted by ``query * Lk + key`` within the sequence (``Lk`` the longest key sequence), so the
 forward, both backward kernels and :func:`_keep_mask_kernel` draw the same numbers.
 """
@@ -25,8 +25,10 @@ __all__: list[str] = []  # private kernels: use vlcompress.kernels.flash_attenti
 
 @triton.jit
 def _keep(SEED, pid_bh, offs_m, offs_n, Lk, dropout_p):
-    """Which (query, key) pairs of a block survive dropout."""
-    seed = tl.load(SEED) + pid_bh
+    """Which (query, key) pairs of a block survive dropout. Philox's 64-bit key is
+    ``seed * 2**24 + (batch, head) index`` (seeds below 2**40, fewer than 2**24 pairs), so no two
+    (seed, pair) share a stream, even for consecutive seeds."""
+    seed = tl.load(SEED) * 16777216 + pid_bh
     return tl.rand(seed, offs_m[:, None] * Lk + offs_n[None, :]) >= dropout_p
 
 

@@ -176,7 +176,7 @@ class MultiHeadAttention(nn.Module):
         pv, _ = pack(v.transpose(1, 2), key_mask)
         out = attention_varlen(pq, pk, pv, cu_q, cu_k, q.shape[2], k.shape[2],
                                head_mask=head_mask, dropout_p=p)  # fmt: skip
-        return unpack(out, cu_q, q.shape[2]).transpose(1, 2)
+        return unpack(out, query_mask).transpose(1, 2)
 
 
 class FeedForward(nn.Module):
