@@ -116,20 +116,11 @@ def _prepare_command(args: argparse.Namespace) -> int:
     if args.benchmark == CLIP_GRID:
         from vlcompress.data.clip_grid import convert_clip_grid
 
-        try:
-            out = convert_clip_grid(
-                args.images, args.out, encoder=args.encoder, checkpoint=args.checkpoint,
-                image_size=args.image_size, dtype=args.dtype, batch_size=args.batch_size,
-                device=args.device, workers=args.workers,
-            )  # fmt: skip
-        except (FileNotFoundError, FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("stopped: rerun the same command to continue the conversion", file=sys.stderr)
-            return 130
-        print(f"CLIP grid store ready: {out} (data.options.regions_dir)")
-        return 0
+        return _convert("CLIP grid store", lambda: convert_clip_grid(
+            args.images, args.out, encoder=args.encoder, checkpoint=args.checkpoint,
+            image_size=args.image_size, dtype=args.dtype, batch_size=args.batch_size,
+            device=args.device, workers=args.workers,
+        ))  # fmt: skip
     try:
         builder = get("datamodule", args.benchmark).builder
     except UnknownComponentError as e:
@@ -142,16 +133,24 @@ def _prepare_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    max_boxes = 36 if args.max_boxes is None else args.max_boxes
+    return _convert(
+        "region store", lambda: prepare(args.tsv, args.out, dtype=args.dtype, max_boxes=max_boxes)
+    )
+
+
+def _convert(what: str, run: Any) -> int:
+    """Run a store conversion with ``prepare``'s exit codes: 0 done, 1 bad input, 130
+    interrupted (rerun to continue)."""
     try:
-        max_boxes = 36 if args.max_boxes is None else args.max_boxes
-        out = prepare(args.tsv, args.out, dtype=args.dtype, max_boxes=max_boxes)
+        out = run()
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stopped: rerun the same command to continue the conversion", file=sys.stderr)
         return 130
-    print(f"region store ready: {out} (data.options.regions_dir)")
+    print(f"{what} ready: {out} (data.options.regions_dir)")
     return 0
 
 

@@ -20,6 +20,7 @@ import contextvars
 import functools
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,33 @@ def _disable_triton(error: Exception) -> None:
     )
 
 
+def _checked(backend: str | None, dropout_p: float) -> str:
+    """The call's backend (``None``: :func:`attention_backend`'s), checked with the dropout."""
+    backend = _DEFAULT_BACKEND.get() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention dropout_p must be in [0, 1), got {dropout_p}")
+    return backend
+
+
+def _on_triton(backend: str, q: torch.Tensor, kernel: Any) -> torch.Tensor | None:
+    """``kernel()`` when ``backend`` picks Triton for ``q``, else ``None`` (use SDPA). In
+    ``auto`` mode a kernel that fails to build or launch disables Triton for the process and
+    gives ``None``; bad input (``ValueError``) is raised, as SDPA would refuse it too."""
+    if not (_use_triton(q) if backend == "auto" else backend == "triton"):
+        return None
+    if backend == "triton":
+        return kernel()
+    try:
+        return kernel()
+    except ValueError:
+        raise
+    except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
+        _disable_triton(e)
+        return None
+
+
 def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p):
     b, h, lq, _ = q.shape
     lk = k.shape[2]
@@ -131,22 +159,17 @@ def attention(
     Raises:
         ValueError: for an unknown backend, or a ``dropout_p`` outside ``[0, 1)``.
     """
-    backend = _DEFAULT_BACKEND.get() if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention dropout_p must be in [0, 1), got {dropout_p}")
-    use_triton = _use_triton(q) if backend == "auto" else backend == "triton"
-    if use_triton:
+    backend = _checked(backend, dropout_p)
+
+    def kernel() -> torch.Tensor:
         from vlcompress.kernels.flash_attention import flash_attention
 
-        args = (q, k, v, key_padding_mask, head_mask, block_layout, block_size, None, dropout_p)
-        if backend == "triton":
-            return flash_attention(*args)
-        try:
-            return flash_attention(*args)
-        except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
-            _disable_triton(e)
+        return flash_attention(q, k, v, key_padding_mask, head_mask, block_layout, block_size,
+                               None, dropout_p)  # fmt: skip
+
+    out = _on_triton(backend, q, kernel)
+    if out is not None:
+        return out
     return _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size or 64, dropout_p)
 
 
@@ -172,25 +195,18 @@ def attention_varlen(
     """
     from vlcompress.kernels.packing import pack, unpack
 
-    backend = _DEFAULT_BACKEND.get() if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention dropout_p must be in [0, 1), got {dropout_p}")
+    backend = _checked(backend, dropout_p)
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
-    use_triton = _use_triton(q) if backend == "auto" else backend == "triton"
-    if use_triton:
+
+    def kernel() -> torch.Tensor:
         from vlcompress.kernels.flash_attention import flash_attention_varlen
 
-        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_mask)
-        if backend == "triton":
-            return flash_attention_varlen(*args, dropout_p=dropout_p)
-        try:
-            return flash_attention_varlen(*args, dropout_p=dropout_p)
-        except ValueError:
-            raise  # bad input: the SDPA path would refuse it too
-        except Exception as e:  # a Triton build that cannot compile the kernel on this GPU
-            _disable_triton(e)
+        return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, head_mask, dropout_p=dropout_p)  # fmt: skip
+
+    out = _on_triton(backend, q, kernel)
+    if out is not None:
+        return out
     from vlcompress.kernels.packing import length_mask
 
     lq = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q is None else max_seqlen_q

@@ -50,7 +50,6 @@ class _Plan:
     qoff: torch.Tensor
     koff: torch.Tensor
     qlen: torch.Tensor
-    qrows: torch.Tensor
     kvlen: torch.Tensor
     krows: torch.Tensor
     kmask: torch.Tensor
@@ -131,7 +130,6 @@ def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
     return _Plan(
         qoff=seq * (h * lq * d), koff=seq * (h * lk * d),
         qlen=torch.full((b,), lq, dtype=torch.int32, device=dev),
-        qrows=torch.full((b,), lq, dtype=torch.int32, device=dev),
         kvlen=kvlen, krows=torch.full((b,), lk, dtype=torch.int32, device=dev),
         kmask=kmask, hmask=_head_mask(head_mask, b, h, dev), lay=lay, lay_strides=lay_strides,
         strides=(lq * d, d, lk * d, d, lq, 1), b=b, h=h, max_q=lq, max_k=lk,
@@ -188,7 +186,7 @@ def _packed_plan(q, k, v, cu_q, cu_k, max_q, max_k, head_mask, block_size) -> _P
     max_k = longest_k if max_k is None else int(max_k)
     return _Plan(
         qoff=cu_q.to(dev, torch.int64)[:-1] * (h * d), koff=cu_k.to(dev, torch.int64)[:-1] * (h * d),
-        qlen=qlen, qrows=qlen, kvlen=klen, krows=klen,
+        qlen=qlen, kvlen=klen, krows=klen,
         kmask=torch.ones(1, dtype=torch.int8, device=dev), hmask=_head_mask(head_mask, b, h, dev),
         lay=torch.ones(1, dtype=torch.int8, device=dev), lay_strides=(0, 0, 0),
         strides=(d, h * d, d, h * d, 1, h), b=b, h=h, max_q=max(max_q, 1), max_k=max(max_k, 1),
@@ -314,7 +312,7 @@ def _forward(plan: _Plan, q, k, v, scale, dropout_p, seed_t, cfg: LaunchConfig):
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(plan.max_q, cfg.block), plan.b * plan.h)
     _fwd_kernel[grid](
-        q, k, v, o, lse, plan.qoff, plan.koff, plan.qlen, plan.qrows, plan.kvlen,
+        q, k, v, o, lse, plan.qoff, plan.koff, plan.qlen, plan.kvlen,
         plan.kmask, plan.hmask, plan.lay, seed_t, *plan.strides, *plan.lay_strides,
         scale, plan.h, plan.max_k, float(dropout_p),
         HAS_KMASK=plan.has_kmask, HAS_LAYOUT=plan.has_layout, HAS_DROPOUT=dropout_p > 0,
@@ -336,7 +334,7 @@ def _backward(plan: _Plan, q, k, v, o, lse, do, scale, dropout_p, seed_t, cfg: L
         plan.kvlen, plan.kmask, plan.hmask, plan.lay, seed_t, *tail, **common,
     )  # fmt: skip
     _bwd_dq_kernel[(triton.cdiv(plan.max_q, cfg.block), plan.b * plan.h)](
-        q, k, v, do, lse, delta, dq, plan.qoff, plan.koff, plan.qlen, plan.qrows,
+        q, k, v, do, lse, delta, dq, plan.qoff, plan.koff, plan.qlen,
         plan.kvlen, plan.kmask, plan.hmask, plan.lay, seed_t, *tail, **common,
     )  # fmt: skip
     return dq, dk, dv

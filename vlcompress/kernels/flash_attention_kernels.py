@@ -5,9 +5,9 @@ Every kernel addresses its tensors per sequence: sequence ``b``'s rows start at 
 ``QOFF[b]`` (queries, outputs and their gradients) or ``KOFF[b]`` (keys, values and theirs), head
 ``h`` adds ``h * s*_h`` and row ``m`` adds ``m * s*_m``. The padded layout ``(B, H, L, D)`` and the
 packed (varlen) layout ``(total, H, D)`` are the same kernels with other offsets and strides.
-Per sequence, ``QLEN[b]`` query rows are computed and ``QROWS[b]`` stored (padded query rows get
-zeros; a packed sequence stores only its own rows), ``KVLEN[b]`` keys are read (one past the last
-real key) and ``KROWS[b]`` key rows get gradients. The row statistics (log-sum-exp, ``delta``)
+Per sequence, ``QLEN[b]`` query rows are computed and stored (a dead head stores zeros),
+``KVLEN[b]`` keys are read (one past the last real key) and ``KROWS[b]`` key rows get gradients
+(zeros past ``KVLEN[b]``). The row statistics (log-sum-exp, ``delta``)
 have the queries' layout without the head dim.
 
 Attention dropout uses Philox (``tl.rand``) keyed by the call's seed and the (batch, head) index
@@ -55,8 +55,20 @@ def _key_valid(KMASK, b, offs_n, kv_len, Lk, HAS_KMASK: tl.constexpr):
 
 
 @triton.jit
+def _kv_block(K, V, KMASK, k_base, b, start_n, kv_len, Lk, sk_n, offs_d,
+              HAS_KMASK: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The keys and values of the block at ``start_n`` and which of its keys are real."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = _key_valid(KMASK, b, offs_n, kv_len, Lk, HAS_KMASK)
+    kv_off = k_base + offs_n[:, None] * sk_n + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=(offs_n < kv_len)[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=(offs_n < kv_len)[:, None], other=0.0)
+    return offs_n, k, v, n_valid
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, QOFF, KOFF, QLEN, QROWS, KVLEN, KMASK, HMASK, LAYOUT, SEED,
+    Q, K, V, OUT, LSE, QOFF, KOFF, QLEN, KVLEN, KMASK, HMASK, LAYOUT, SEED,
     sq_h, sq_m, sk_h, sk_n, st_h, st_m,
     lay_sb, lay_sh, lay_sq,
     scale, H, Lk, dropout_p,
@@ -70,7 +82,7 @@ def _fwd_kernel(
     h = pid_bh % H
     live = tl.load(HMASK + pid_bh) != 0
     q_len = tl.where(live, tl.load(QLEN + b), 0)  # a dead head computes nothing
-    q_rows = tl.load(QROWS + b)
+    q_rows = tl.load(QLEN + b)
     start_m = pid_m * BLOCK_M
     kv_len = tl.load(KVLEN + b)
     kv_end = tl.where(start_m < q_len, kv_len, 0)  # a block of padded queries reads no key
@@ -89,11 +101,8 @@ def _fwd_kernel(
         else:
             keep = True
         if keep:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = _key_valid(KMASK, b, offs_n, kv_len, Lk, HAS_KMASK)
-            kv_off = k_base + offs_n[:, None] * sk_n + offs_d[None, :]
-            k = tl.load(K + kv_off, mask=(offs_n < kv_len)[:, None], other=0.0)
-            v = tl.load(V + kv_off, mask=(offs_n < kv_len)[:, None], other=0.0)
+            offs_n, k, v, n_valid = _kv_block(K, V, KMASK, k_base, b, start_n, kv_len, Lk, sk_n,
+                                              offs_d, HAS_KMASK, BLOCK_N)  # fmt: skip
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(n_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -183,7 +192,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    QOFF, KOFF, QLEN, QROWS, KVLEN, KMASK, HMASK, LAYOUT, SEED,
+    QOFF, KOFF, QLEN, KVLEN, KMASK, HMASK, LAYOUT, SEED,
     sq_h, sq_m, sk_h, sk_n, st_h, st_m,
     lay_sb, lay_sh, lay_sq,
     scale, H, Lk, dropout_p,
@@ -218,11 +227,8 @@ def _bwd_dq_kernel(
         else:
             keep = True
         if keep:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = _key_valid(KMASK, b, offs_n, kv_len, Lk, HAS_KMASK)
-            kv_off = k_base + offs_n[:, None] * sk_n + offs_d[None, :]
-            k = tl.load(K + kv_off, mask=(offs_n < kv_len)[:, None], other=0.0)
-            v = tl.load(V + kv_off, mask=(offs_n < kv_len)[:, None], other=0.0)
+            offs_n, k, v, n_valid = _kv_block(K, V, KMASK, k_base, b, start_n, kv_len, Lk, sk_n,
+                                              offs_d, HAS_KMASK, BLOCK_N)  # fmt: skip
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(n_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -231,5 +237,5 @@ def _bwd_dq_kernel(
                 dp = tl.where(keep, dp, 0.0) / (1.0 - dropout_p)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    stored = (offs_m < tl.load(QROWS + b))[:, None]
+    stored = (offs_m < tl.load(QLEN + b))[:, None]
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=stored)
