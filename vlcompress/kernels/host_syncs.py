@@ -1,0 +1,71 @@
+"""Counting what a piece of code costs the GPU's host side, on any device (the CPU included):
+the torch operators it issues (each one a kernel launch on CUDA) and the ones that make the
+host wait for the device (a read of a tensor's value, or an output whose size depends on the
+data). A training step that reads the device once per layer cannot keep a GPU busy; this
+makes that visible and testable without a GPU.
+
+Example::
+
+    with HostSyncCounter() as count:
+        model(batch)
+    print(count.syncs, count.ops, count.sync_ops)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["HostSyncCounter"]
+
+_aten = torch.ops.aten
+_ALWAYS_SYNC = {
+    _aten._local_scalar_dense.default,  # .item(), int(t), bool(t), float(t)
+    _aten.nonzero.default,
+    _aten.masked_select.default,
+    _aten.unique_consecutive.default,
+    _aten._unique2.default,
+    _aten.is_nonzero.default,
+}
+_BOOL_INDEXING = {
+    _aten.index.Tensor,
+    _aten.index_put.default,
+    _aten.index_put_.default,
+    _aten._index_put_impl_.default,
+}
+
+
+def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
+    if func in _ALWAYS_SYNC:
+        return True
+    if func is _aten.repeat_interleave.Tensor:  # without output_size it reads the counts
+        return kwargs.get("output_size") is None
+    if func in _BOOL_INDEXING and len(args) > 1:  # x[mask]: a nonzero inside
+        return any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+            for i in args[1]
+            if i is not None
+        )
+    return False
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """A context manager counting torch operators (``ops``) and those among them that
+    synchronise the host with a CUDA device (``syncs``; by name in ``sync_ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+        self.sync_ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        self.ops += 1
+        if _is_sync(func, args, kwargs):
+            self.syncs += 1
+            self.sync_ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **kwargs)
