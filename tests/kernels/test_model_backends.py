@@ -83,18 +83,57 @@ def test_training_mode_dropout_in_the_kernel_is_reproducible():
     assert not torch.allclose(a, clean)  # dropout (attention and elsewhere) was on
 
 
+@pytest.mark.parametrize("packing", ["attention", "stack"])
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_mcan_packed_attention_gives_the_padded_logits_and_gradients(backend):
-    """``packed_attention``: every attention call packs the real tokens (varlen) and unpacks
-    after; padded positions never reach the answer, so logits and gradients are unchanged."""
+def test_mcan_packing_gives_the_padded_logits_and_gradients(backend, packing):
+    """``packing``: the real tokens packed around every attention call (varlen), or the whole
+    layer stack run on them; padded positions never reach the answer, so logits and gradients
+    are unchanged (with a dead head and a slimmed width too)."""
+    from vlcompress.compress.slimmable import Slimmable, Submodel
+    from vlcompress.models.anatomy import anatomy_of
+
     b = batch()
+    b.text_ids[2, 1:] = 0  # a one-token question
+    b.text_mask[2, 1:] = False
     torch.manual_seed(0)
-    opts = dict(hidden_size=64, num_heads=4, ffn_size=128, num_layers=2)
+    opts = dict(hidden_size=64, num_heads=4, ffn_size=128, num_layers=2, width_adapters=True)
     padded = build_model("mcan_tiny", 30, 7, **opts).to(DEVICE).eval()
-    packed = build_model("mcan_tiny", 30, 7, packed_attention=True, **opts).to(DEVICE).eval()
+    packed = build_model("mcan_tiny", 30, 7, packing=packing, **opts).to(DEVICE).eval()
     packed.load_state_dict(padded.state_dict())
+    handles = []
+    for model in (padded, packed):
+        an = anatomy_of(model)
+        handles += an.mask_heads(model, {an.attentions[0].name: torch.tensor([1.0, 0, 1, 1])})
+        dead = torch.ones(3, 4, device=DEVICE)  # per (batch, head), set on the module
+        dead[1, 3] = dead[0, 1] = 0.0
+        model.get_submodule(an.attentions[-1].name).head_mask = dead
     want, want_g = run(padded, b, backend)
     got, got_g = run(packed, b, backend)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_g.keys() == want_g.keys()
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    for h in handles:
+        h.remove()
+    for model in (padded, packed):
+        model.get_submodule(an.attentions[-1].name).head_mask = None
+    with Slimmable(padded).submodel(Submodel(0.5, 0.5)):
+        want, _ = run(padded, b, backend)
+    with Slimmable(packed).submodel(Submodel(0.5, 0.5)):
+        got, _ = run(packed, b, backend)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_mcan_packed_stack_reads_the_device_once_per_stream(backend):
+    """On a GPU every read of the device stalls the host: the packed stack finds each
+    stream's real tokens once (2 reads) for all 4 x 3 attention calls, forward and backward;
+    the padded model reads it never."""
+    from vlcompress.kernels.host_syncs import HostSyncCounter
+
+    b = batch()
+    for packing, reads in (("padded", 0), ("attention", 2), ("stack", 2)):
+        model = build_model("mcan_tiny", 30, 7, packing=packing, hidden_size=64).to(DEVICE)
+        with HostSyncCounter() as count, attention_backend(backend):
+            model.train()(b).square().sum().backward()
+        assert count.syncs == reads, (packing, dict(count.sync_ops))

@@ -9,10 +9,19 @@ from vlcompress.kernels.dispatch import (
     attention_varlen,
     triton_available,
 )
-from vlcompress.kernels.packing import cu_seqlens, length_mask, pack, unpack
+from vlcompress.kernels.packing import (
+    Packing,
+    cu_seqlens,
+    length_mask,
+    pack,
+    packed_to_padded,
+    padded_to_packed,
+    unpack,
+)
 from vlcompress.kernels.reference import attention_reference
 
 __all__ = [
+    "Packing",
     "attention",
     "attention_backend",
     "attention_reference",
@@ -20,6 +29,8 @@ __all__ = [
     "cu_seqlens",
     "length_mask",
     "pack",
+    "packed_to_padded",
+    "padded_to_packed",
     "triton_available",
     "unpack",
 ]

@@ -125,11 +125,10 @@ def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropou
         allowed = lay if allowed is None else allowed & lay
     empty = None
     if allowed is not None:
-        empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key (broadcast shape)
-        if empty.any():
-            allowed = allowed | empty
-        else:
-            empty = None
+        # rows with no key (broadcast shape) attend to everything, then output zeros; done
+        # unconditionally, as asking whether there are any would make the host wait
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | empty
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
@@ -193,8 +192,6 @@ def attention_varlen(
     Raises:
         ValueError: for an unknown backend or bad cumulative lengths.
     """
-    from vlcompress.kernels.packing import pack, unpack
-
     backend = _checked(backend, dropout_p)
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
 
@@ -207,11 +204,13 @@ def attention_varlen(
     out = _on_triton(backend, q, kernel)
     if out is not None:
         return out
-    from vlcompress.kernels.packing import length_mask
+    from vlcompress.kernels.packing import packed_to_padded, padded_to_packed
 
     lq = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q is None else max_seqlen_q
     lk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if max_seqlen_k is None else max_seqlen_k
-    qpm, kpm = length_mask(cu_seqlens_q, lq), length_mask(cu_seqlens_k, lk)
-    qp, kp, vp = (unpack(x, m).transpose(1, 2) for x, m in ((q, qpm), (k, kpm), (v, kpm)))
-    out = _sdpa(qp, kp, vp, kpm, head_mask, None, 64, dropout_p).transpose(1, 2)
-    return pack(out, qpm)[0]
+    qp, _ = packed_to_padded(q, cu_seqlens_q, lq)
+    kp, kpm = packed_to_padded(k, cu_seqlens_k, lk)
+    vp, _ = packed_to_padded(v, cu_seqlens_k, lk)
+    out = _sdpa(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), kpm, head_mask,
+                None, 64, dropout_p)  # fmt: skip
+    return padded_to_packed(out.transpose(1, 2), cu_seqlens_q, q.shape[0])

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlcompress import registry
 from vlcompress.data.batch import VLBatch
-from vlcompress.kernels import attention, attention_varlen, pack, unpack
+from vlcompress.kernels import Packing, attention, attention_varlen
 from vlcompress.models.anatomy import (
     Anatomy,
     AttentionSpec,
@@ -52,9 +52,15 @@ class MCANConfig:
             a conv stem).
         region_dim: region feature size; ``use_boxes``/``box_dim``: optional box features.
         grid_channels, grid_context_layers, grid_pool, grid_cells: the conv stem of ``grid``.
-        packed_attention: pack the real tokens of each sequence around every attention call
-            (:func:`~vlcompress.kernels.attention_varlen`: the Triton kernel then computes no
-            padded query or key); the same logits, padded positions get zero attention output.
+        packing: how padding is handled (the same logits and gradients in every mode):
+            ``padded``: the layers see ``(B, L, D)`` and attention skips padded keys;
+            ``attention``: the real tokens are packed around every attention call
+            (:func:`~vlcompress.kernels.attention_varlen`: the Triton kernel computes no padded
+            query or key), the rest of each layer stays padded;
+            ``stack``: the question and the image are packed once after their inputs and the
+            whole encoder / decoder runs on the real tokens only (projections, FFNs and
+            LayerNorms included); the layers' inputs and outputs are then ``(total, D)``.
+            Both packed modes find the real tokens once per forward (one device read each).
         width_adapters: BST's input adapters (seed 001), needed for width slimming: a linear
             layer + LayerNorm after the LSTM (``lang_adapter``) and a LayerNorm after the
             visual input projection (``visual_norm``), so that both streams can enter the
@@ -80,7 +86,7 @@ class MCANConfig:
     grid_cells: int = field(default=16, metadata=_POSITIVE)
     width_adapters: bool = False
     lstm_size: int | None = field(default=None, metadata=in_range(1))
-    packed_attention: bool = False
+    packing: Literal["padded", "attention", "stack"] = "padded"
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +105,10 @@ class MCANConfig:
                 f"MCAN lstm_size ({self.lstm_size}) differs from hidden_size "
                 f"({self.hidden_size}); that needs width_adapters: true (the LSTM output goes "
                 "through lang_adapter to the hidden size)."
+            )
+        if self.packing not in ("padded", "attention", "stack"):
+            raise ValueError(
+                f"MCAN packing must be 'padded', 'attention' or 'stack', got {self.packing!r}."
             )
         if self.visual_input not in ("regions", "grid"):
             raise ValueError(
@@ -126,16 +136,18 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention with q/k/v/out projections; heads are concatenated head-major.
 
     ``head_mask`` (``(H,)`` or ``(B, H)``, set through the anatomy) reaches the attention
-    kernel, which then neither loads nor computes the dead heads.
+    kernel, which then neither loads nor computes the dead heads. Given :class:`Packing` objects as
+    masks, it attends over the real tokens only (varlen): inputs are then either padded
+    ``(B, L, D)`` (packed around the attention, zeros at padded queries) or already packed
+    ``(total, D)``.
     """
 
     supports_head_mask = True
 
-    def __init__(self, hidden: int, heads: int, dropout: float, packed: bool = False) -> None:
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.head_mask: torch.Tensor | None = None
         self.num_heads, self.head_dim, self.dropout = heads, hidden // heads, dropout
-        self.packed = packed
         self.q = nn.Linear(hidden, hidden)
         self.k = nn.Linear(hidden, hidden)
         self.v = nn.Linear(hidden, hidden)
@@ -146,37 +158,38 @@ class MultiHeadAttention(nn.Module):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        query_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | Packing | None,
+        query_mask: torch.Tensor | Packing | None = None,
     ) -> torch.Tensor:
-        """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)``; masks True = real
-        (``query_mask`` is used only to pack: padded queries then output zeros)."""
-        b, lq, _ = query.shape
-        lk = key.shape[1]
+        """Attend from ``query (B, Lq, D)`` to ``key``/``value (B, Lk, D)`` (masks: True =
+        real; ``query_mask`` matters only as a :class:`Packing`), or from packed ``(total_q, D)``
+        to ``(total_k, D)`` with both masks :class:`Packing` objects."""
         d = self.head_dim  # the head count follows the projections (width slimming: fewer)
-        q = self.q(query).view(b, lq, -1, d).transpose(1, 2)
-        k = self.k(key).view(b, lk, -1, d).transpose(1, 2)
-        v = self.v(value).view(b, lk, -1, d).transpose(1, 2)
-        h = q.shape[1]
+        q, k, v = self.q(query), self.k(key), self.v(value)
         p = self.dropout if self.training else 0.0
+        h = q.shape[-1] // d
         mask = self.head_mask
         if mask is not None and mask.shape[-1] != h:
             mask = mask[..., :h]
-        if self.packed and key_mask is not None and query_mask is not None:
-            ctx = self._packed(q, k, v, query_mask, key_mask, mask, p)
-        else:
-            ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=mask, dropout_p=p)
+        if isinstance(key_mask, Packing) and isinstance(query_mask, Packing):
+            return self.out(self._varlen(q, k, v, query_mask, key_mask, mask, p))
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (x.view(b, n, h, d).transpose(1, 2) for x, n in ((q, lq), (k, lk), (v, lk)))
+        ctx = attention(q, k, v, key_padding_mask=key_mask, head_mask=mask, dropout_p=p)
         return self.out(ctx.transpose(1, 2).reshape(b, lq, h * d))
 
-    @staticmethod
-    def _packed(q, k, v, query_mask, key_mask, head_mask, p) -> torch.Tensor:
-        """``attention`` over the real tokens only: pack, attend, unpack (zeros at padding)."""
-        pq, cu_q = pack(q.transpose(1, 2), query_mask)
-        pk, cu_k = pack(k.transpose(1, 2), key_mask)
-        pv, _ = pack(v.transpose(1, 2), key_mask)
-        out = attention_varlen(pq, pk, pv, cu_q, cu_k, q.shape[2], k.shape[2],
-                               head_mask=head_mask, dropout_p=p)  # fmt: skip
-        return unpack(out, query_mask).transpose(1, 2)
+    def _varlen(self, q, k, v, qp: Packing, kp: Packing, head_mask, p) -> torch.Tensor:
+        """Projected q, k, v (padded or packed) -> the attention output over real tokens."""
+        padded = q.dim() == 3
+        if padded:
+            q, k, v = qp.pack(q), kp.pack(k), kp.pack(v)
+        d = self.head_dim
+        ctx = attention_varlen(
+            q.view(q.shape[0], -1, d), k.view(k.shape[0], -1, d), v.view(v.shape[0], -1, d),
+            qp.cu_seqlens, kp.cu_seqlens, qp.max_seqlen, kp.max_seqlen,
+            head_mask=head_mask, dropout_p=p,
+        ).flatten(1)  # fmt: skip
+        return qp.unpack(ctx) if padded else ctx
 
 
 class FeedForward(nn.Module):
@@ -199,16 +212,14 @@ class SALayer(nn.Module):
 
     def __init__(self, cfg: MCANConfig) -> None:
         super().__init__()
-        self.attn = MultiHeadAttention(
-            cfg.hidden_size, cfg.num_heads, cfg.dropout, cfg.packed_attention
-        )
+        self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
-        """Update ``x (B, L, D)``."""
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | Packing | None) -> torch.Tensor:
+        """Update ``x (B, L, D)`` (or packed ``(total, D)`` with a :class:`Packing`)."""
         x = self.norm1(x + self.drop1(self.attn(x, x, x, x_mask, x_mask)))
         return self.norm2(x + self.drop2(self.ffn(x)))
 
@@ -218,7 +229,7 @@ class SGALayer(nn.Module):
 
     def __init__(self, cfg: MCANConfig) -> None:
         super().__init__()
-        args = (cfg.hidden_size, cfg.num_heads, cfg.dropout, cfg.packed_attention)
+        args = (cfg.hidden_size, cfg.num_heads, cfg.dropout)
         self.self_attn = MultiHeadAttention(*args)
         self.guided_attn = MultiHeadAttention(*args)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
@@ -231,8 +242,8 @@ class SGALayer(nn.Module):
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        x_mask: torch.Tensor | None,
-        y_mask: torch.Tensor | None,
+        x_mask: torch.Tensor | Packing | None,
+        y_mask: torch.Tensor | Packing | None,
     ) -> torch.Tensor:
         """Update ``x`` (image) guided by ``y`` (question)."""
         x = self.norm1(x + self.drop1(self.self_attn(x, x, x, x_mask, x_mask)))
@@ -419,10 +430,20 @@ class MCAN(nn.Module):
         if self.config.width_adapters:
             lang = self.lang_adapter(lang)
         img, img_mask = self.encode_visual(batch)
+        lang_m, img_m = lang_mask, img_mask
+        mode = self.config.packing
+        if mode != "padded":  # the real tokens, found once for all layers
+            if img_mask is None:
+                img_mask = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
+            lang_m, img_m = Packing.of(lang_mask), Packing.of(img_mask.bool())
+            if mode == "stack":
+                lang, img = lang_m.pack(lang), img_m.pack(img)
         for layer in self.encoder:
-            lang = layer(lang, lang_mask)
+            lang = layer(lang, lang_m)
         for layer in self.decoder:
-            img = layer(img, lang, img_mask, lang_mask)
+            img = layer(img, lang, img_m, lang_m)
+        if mode == "stack":
+            lang, img = lang_m.unpack(lang), img_m.unpack(img)
         question = self.flat_lang(lang, lang_mask)
         fused = self.norm(question + self.flat_img(img, img_mask))
         logits = self.classifier(fused)
