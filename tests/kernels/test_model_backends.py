@@ -137,3 +137,52 @@ def test_mcan_packed_stack_reads_the_device_once_per_stream(backend):
         with HostSyncCounter() as count, attention_backend(backend):
             model.train()(b).square().sum().backward()
         assert count.syncs == reads, (packing, dict(count.sync_ops))
+
+
+def uniter_batch(b=3):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 30, (b, 7), generator=g)
+    ids[0, 4:] = 0
+    mask = torch.ones(b, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    return VLBatch(text_ids=ids.to(DEVICE), text_mask=(ids != 0).to(DEVICE),
+                   visual=torch.randn(b, 5, 16, generator=g).to(DEVICE), visual_mask=mask.to(DEVICE),
+                   boxes=torch.rand(b, 5, 4, generator=g).sort(-1).values.to(DEVICE))  # fmt: skip
+
+
+def test_hf_bert_stream_runs_on_our_attention_with_the_same_logits_and_gradients():
+    """UNITER's BERT stream uses ``attn_implementation="vlcompress"``: its attention reaches
+    our dispatcher (the kernel under ``triton``) and matches transformers' own SDPA path."""
+    from vlcompress.kernels import hf
+
+    torch.manual_seed(0)
+    model = build_model("uniter_tiny", 30, 7, hidden_size=64).to(DEVICE).eval()
+    layer = model.body.encoder.layer[0]
+    assert layer.attention.self.config._attn_implementation == hf.NAME
+    calls = []
+    original = hf.attention
+    try:  # count the calls that reach the dispatcher
+        hf.attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+        b = uniter_batch()
+        got, got_g = run(model, b, "triton")
+    finally:
+        hf.attention = original
+    assert len(calls) == len(model.body.encoder.layer)
+    for lyr in model.body.encoder.layer:
+        lyr.attention.self.config._attn_implementation = "sdpa"
+    want, want_g = run(model, b, "sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_hf_attention_takes_only_what_the_kernel_can_express():
+    from vlcompress.kernels.hf import key_padding_mask
+
+    m = torch.rand(2, 6) > 0.3
+    assert torch.equal(key_padding_mask(m[:, None, None, :], 2, 6), m)
+    assert torch.equal(key_padding_mask(m[:, None, None, :].expand(2, 1, 4, 6), 2, 6), m)
+    assert key_padding_mask(None, 2, 6) is None
+    per_query = torch.rand(2, 1, 4, 6) > 0.3  # a mask that differs per query
+    assert key_padding_mask(per_query, 2, 6) is False
+    assert key_padding_mask(m[:, None, None, :].float(), 2, 6) is False  # additive masks

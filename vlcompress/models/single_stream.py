@@ -81,15 +81,19 @@ class StreamOptions:
             )
 
     def bert_config(self, vocab_size: int) -> Any:
-        """The Hugging Face ``BertConfig`` of the stream (SDPA attention)."""
+        """The Hugging Face ``BertConfig`` of the stream; its attention goes through
+        :func:`vlcompress.kernels.attention` (:mod:`vlcompress.kernels.hf`): the Triton kernel
+        on CUDA, torch SDPA elsewhere."""
         from transformers import BertConfig
+
+        from vlcompress.kernels import hf
 
         return BertConfig(
             **self.bert_sizes(vocab_size),
             hidden_dropout_prob=self.dropout,
             attention_probs_dropout_prob=self.dropout,
             layer_norm_eps=LN_EPS,
-            attn_implementation="sdpa",
+            attn_implementation=hf.NAME,
         )
 
     def bert_sizes(self, vocab_size: int) -> dict[str, int]:

@@ -1,0 +1,77 @@
+"""Our attention inside Hugging Face models: ``attn_implementation="vlcompress"`` routes a
+transformers model's attention (BERT and every model written against transformers'
+``AttentionInterface``) through :func:`vlcompress.kernels.attention`, so the Triton kernel,
+its in-kernel dropout and :func:`~vlcompress.kernels.attention_backend` reach them in training
+and evaluation alike. Calls our kernel cannot express (causal, soft-capped, a per-query mask,
+non-default scaling, key/value heads shared across query heads) go to transformers' SDPA
+function unchanged.
+
+Importing this module registers the name (the single-stream models import it)::
+
+    config = BertConfig(..., attn_implementation="vlcompress")
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from vlcompress.kernels.dispatch import attention
+
+__all__ = ["NAME", "key_padding_mask", "vlcompress_attention_forward"]
+NAME = "vlcompress"
+
+
+def key_padding_mask(
+    mask: torch.Tensor | None, batch: int, keys: int
+) -> torch.Tensor | bool | None:
+    """The ``(B, Lk)`` key padding of a transformers attention mask that only masks keys
+    (``(B, 1, 1, Lk)`` bool, True = attend, or expanded to ``(B, 1, Lq, Lk)`` with a zero
+    query stride), ``None`` when there is none, or ``False`` when the mask says more than key
+    padding (decided from its shape and strides: the device is never read)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] != batch:
+        return False
+    if mask.shape[1] != 1 or mask.shape[3] != keys or (mask.shape[2] != 1 and mask.stride(2)):
+        return False
+    return mask[:, 0, 0, :]
+
+
+def vlcompress_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature (``query (B, H, Lq, D)``, returns ``(B, Lq, H, D)``
+    and no weights) over :func:`vlcompress.kernels.attention`."""
+    b, h, _, d = query.shape
+    kpm = key_padding_mask(attention_mask, b, key.shape[2])
+    plain = (
+        kpm is not False
+        and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and key.shape[1] == h
+        and (scaling is None or math.isclose(scaling, d**-0.5, rel_tol=1e-6))
+    )
+    if not plain:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
+        )  # fmt: skip
+    out = attention(query, key, value, key_padding_mask=kpm, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, vlcompress_attention_forward)
