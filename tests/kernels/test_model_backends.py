@@ -186,3 +186,39 @@ def test_hf_attention_takes_only_what_the_kernel_can_express():
     per_query = torch.rand(2, 1, 4, 6) > 0.3  # a mask that differs per query
     assert key_padding_mask(per_query, 2, 6) is False
     assert key_padding_mask(m[:, None, None, :].float(), 2, 6) is False  # additive masks
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_uniter_packed_stack_gives_the_padded_logits_and_gradients(backend):
+    """``packing: stack``: the real text and image tokens of the batch run through every BERT
+    layer as one packed row (varlen attention); same logits and gradients as padded."""
+    b = uniter_batch()
+    torch.manual_seed(0)
+    padded = build_model("uniter_tiny", 30, 7, hidden_size=64).to(DEVICE).eval()
+    packed = build_model("uniter_tiny", 30, 7, hidden_size=64, packing="stack").to(DEVICE)
+    packed.load_state_dict(padded.state_dict())
+    packed.eval()
+    seen = []
+    hook = packed.body.encoder.layer[0].register_forward_hook(lambda m, a, o: seen.append(o))
+    want, want_g = run(padded, b, backend)
+    got, got_g = run(packed, b, backend)
+    hook.remove()
+    real = int(b.text_mask[:, : uniter_question_length(b)].sum() + b.visual_mask.sum())
+    assert seen[0].shape == (1, real, 64)  # no padded token computed
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def uniter_question_length(b):
+    return int(b.text_mask.any(0).nonzero().max()) + 1
+
+
+def test_stack_packing_refuses_an_attention_that_cannot_read_lengths():
+    model = build_model("uniter_tiny", 30, 7, hidden_size=64, packing="stack")
+    for lyr in model.body.encoder.layer:
+        lyr.attention.self.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="packing: stack needs"):
+        model.eval()(uniter_batch())
+    with pytest.raises(ValueError, match="packing must be"):
+        build_model("uniter_tiny", 30, 7, packing="ragged")

@@ -4,7 +4,8 @@ transformers model's attention (BERT and every model written against transformer
 its in-kernel dropout and :func:`~vlcompress.kernels.attention_backend` reach them in training
 and evaluation alike. Calls our kernel cannot express (causal, soft-capped, a per-query mask,
 non-default scaling, key/value heads shared across query heads) go to transformers' SDPA
-function unchanged.
+function unchanged. Packed sequences (one row with transformers' flash-attention lengths
+``cu_seq_lens_q/k``) go to :func:`vlcompress.kernels.attention_varlen`.
 
 Importing this module registers the name (the single-stream models import it)::
 
@@ -20,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vlcompress.kernels.dispatch import attention
+from vlcompress.kernels.dispatch import attention, attention_varlen
 
 __all__ = ["NAME", "key_padding_mask", "vlcompress_attention_forward"]
 NAME = "vlcompress"
@@ -56,6 +57,8 @@ def vlcompress_attention_forward(
     """transformers' attention signature (``query (B, H, Lq, D)``, returns ``(B, Lq, H, D)``
     and no weights) over :func:`vlcompress.kernels.attention`."""
     b, h, _, d = query.shape
+    if kwargs.get("cu_seq_lens_q") is not None:  # packed sequences in one row (varlen)
+        return _varlen(query, key, value, dropout, kwargs), None
     kpm = key_padding_mask(attention_mask, b, key.shape[2])
     plain = (
         kpm is not False
@@ -72,6 +75,22 @@ def vlcompress_attention_forward(
         )  # fmt: skip
     out = attention(query, key, value, key_padding_mask=kpm, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen(query, key, value, dropout: float, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One row of packed sequences ``(1, H, total, D)`` with transformers' flash-attention
+    lengths (``cu_seq_lens_q/k``, ``max_length_q/k``) -> ``(1, total, H, D)``."""
+    if query.shape[0] != 1 or kwargs.get("cu_seq_lens_k") is None:
+        raise ValueError(
+            "packed attention takes the sequences as one row (1, H, total, D) with both "
+            f"cu_seq_lens_q and cu_seq_lens_k; got a batch of {query.shape[0]} rows"
+        )
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = attention_varlen(
+        q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
+        kwargs.get("max_length_q"), kwargs.get("max_length_k"), dropout_p=dropout,
+    )  # fmt: skip
+    return out[None]
 
 
 AttentionInterface.register(NAME, vlcompress_attention_forward)

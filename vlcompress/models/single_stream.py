@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from vlcompress.data.batch import VLBatch
+from vlcompress.kernels.packing import Packing
 from vlcompress.models.anatomy import (
     BERT_PATTERNS,
     Anatomy,
@@ -63,6 +64,10 @@ class StreamOptions:
         num_layers: transformer layers.
         dropout: dropout inside the embeddings and the encoder (attention included).
         max_position_embeddings: longest question in tokens.
+        packing: ``padded`` (the stream is ``(B, T + N, H)``, padded keys masked) or ``stack``
+            (the real text and image tokens of the whole batch are packed once into one
+            ``(1, total, H)`` row and every layer runs on them only; the attention sees the
+            sequences' cumulative lengths: the same logits and gradients, no padding computed).
     """
 
     hidden_size: int = field(default=768, metadata=_POSITIVE)
@@ -71,9 +76,13 @@ class StreamOptions:
     num_layers: int = field(default=12, metadata=_POSITIVE)
     dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
     max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
+    packing: Literal["padded", "stack"] = "padded"
 
     def check_stream(self, model: str) -> None:
-        """Raise ``ValueError`` when ``hidden_size`` is not a whole number of heads."""
+        """Raise ``ValueError`` when ``hidden_size`` is not a whole number of heads or the
+        packing is unknown."""
+        if self.packing not in ("padded", "stack"):
+            raise ValueError(f"{model} packing must be 'padded' or 'stack', got {self.packing!r}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"{model} hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -201,6 +210,7 @@ class BertStream(nn.Module):
         from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
 
         config = options.bert_config(vocab_size)
+        self.packing = options.packing
         self.embeddings = BertEmbeddings(config)
         self.add_module(visual_name, visual)
         self.encoder = BertEncoder(config)
@@ -231,9 +241,27 @@ class BertStream(nn.Module):
         text = self.embeddings(input_ids=text_ids)
         if image_mask is None:
             image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
-        mask = torch.cat([text_mask.bool(), image_mask.bool()], dim=1)[:, None, None, :]
-        hidden = self.encoder(torch.cat([text, image], dim=1), attention_mask=mask)
+        mask = torch.cat([text_mask.bool(), image_mask.bool()], dim=1)
+        x = torch.cat([text, image], dim=1)
+        if self.packing == "stack":
+            return self.pooler(self._packed(x, mask)), text
+        hidden = self.encoder(x, attention_mask=mask[:, None, None, :])
         return self.pooler(hidden.last_hidden_state), text
+
+    def _packed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder over the real tokens only, as one packed row; back to ``(B, L, H)``."""
+        from vlcompress.kernels import hf
+
+        if self.encoder.config._attn_implementation != hf.NAME:
+            raise ValueError(
+                f"packing: stack needs the stream's attention to be {hf.NAME!r} (it reads the "
+                f"sequences' lengths), not {self.encoder.config._attn_implementation!r}."
+            )
+        p = Packing.of(mask)
+        lengths = dict(cu_seq_lens_q=p.cu_seqlens, cu_seq_lens_k=p.cu_seqlens,
+                       max_length_q=p.max_seqlen, max_length_k=p.max_seqlen)  # fmt: skip
+        hidden = self.encoder(p.pack(x)[None], attention_mask=None, **lengths)
+        return p.unpack(hidden.last_hidden_state[0])
 
 
 class SingleStreamVQA(nn.Module):
