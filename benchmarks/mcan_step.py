@@ -1,4 +1,4 @@
-"""One MCAN-small training step (forward + backward + AdamW, bf16 autocast) with each attention
+"""One MCAN-small (or ``--model``) training step (forward + backward + AdamW, bf16 autocast) with each attention
 backend (torch SDPA vs our Triton kernel, attention dropout 0.1 inside it) and each way of
 handling padding (MCAN's ``packing``): ``padded``; ``attention`` (the real tokens packed around
 every attention call: no padded query or key computed); ``stack`` (the whole encoder / decoder
@@ -6,6 +6,7 @@ runs on the real tokens only, projections and FFNs included).
 
     python benchmarks/mcan_step.py            # needs a CUDA GPU
     python benchmarks/mcan_step.py --device cpu --batch 8 --repeats 3   # smoke run on the CPU
+    python benchmarks/mcan_step.py --model uniter_base     # a single-stream model (padded, stack)
 
 Random region features at VQA v2's shapes: batch 64, up to 100 regions of 2048 (10-100 per
 image) and up to 14 question tokens (4-14), so ~40% of all positions are padding; 3,129 answers,
@@ -36,9 +37,12 @@ def make_batch(batch: int, regions: int, tokens: int, dim: int, vocab: int, devi
     n_regions = torch.randint(10, regions + 1, (batch,), generator=g)
     text_mask = torch.arange(tokens) < n_words[:, None]
     ids = torch.randint(1, vocab, (batch, tokens), generator=g) * text_mask
+    corners = torch.rand(batch, regions, 4, generator=g)
+    boxes = torch.cat([corners[..., :2].minimum(corners[..., 2:]),
+                       corners[..., :2].maximum(corners[..., 2:])], -1)  # fmt: skip
     b = VLBatch(text_ids=ids, text_mask=text_mask,
                 visual=torch.randn(batch, regions, dim, generator=g),
-                visual_mask=torch.arange(regions) < n_regions[:, None])  # fmt: skip
+                visual_mask=torch.arange(regions) < n_regions[:, None], boxes=boxes)  # fmt: skip
     return move_data_to_device(b, torch.device(device))
 
 
@@ -69,18 +73,22 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--model", default="mcan_small", help="mcan_* or a single-stream model")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/mcan_step.py needs a CUDA GPU (or --device cpu for a smoke run)")
         return 0
-    batch = make_batch(args.batch, 100, 14, 2048, 20572, args.device)
+    mcan = args.model.startswith("mcan")
+    vocab = 20572 if mcan else 30522  # GloVe words / BERT word pieces
+    batch = make_batch(args.batch, 100, 14, 2048, vocab, args.device)
     targets = torch.rand(args.batch, 3129, device=args.device)
     backends = ["sdpa", "triton"] if args.device == "cuda" else ["sdpa"]
-    variants = [(f"{b} {p}", b, p) for b in backends for p in ("padded", "attention", "stack")]
+    packings = ("padded", "attention", "stack") if mcan else ("padded", "stack")
+    variants = [(f"{b} {p}", b, p) for b in backends for p in packings]
     times = {}
     for name, backend, packing in variants:
         torch.manual_seed(0)
-        model = build_model("mcan_small", 20572, 3129, packing=packing)
+        model = build_model(args.model, vocab, 3129, packing=packing)
         model = model.to(args.device).train()
         times[name] = step_time(model, batch, targets, backend, args.repeats, args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -88,7 +96,7 @@ def main() -> int:
         1
         - float(batch.visual_mask.float().mean() * 100 + batch.text_mask.float().mean() * 14) / 114
     )
-    print(f"MCAN-small training step, batch {args.batch}, <= 100 regions, <= 14 tokens "
+    print(f"{args.model} training step, batch {args.batch}, <= 100 regions, <= 14 tokens "
           f"({pad:.0%} padding), {name}")  # fmt: skip
     for name, t in times.items():
         print(f"  {name:>16}: {t * 1e3:8.2f} ms  ({times['sdpa padded'] / t:.2f}x sdpa padded)")
