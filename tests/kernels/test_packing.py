@@ -41,6 +41,17 @@ def test_packing_reads_the_device_once_and_carries_gradients():
     assert torch.equal(x.grad, 2.0 * mask[..., None, None].expand_as(x).float())
 
 
+def test_a_full_packing_needs_no_device_read():
+    with HostSyncCounter() as count:
+        full = Packing.full(3, 4, "cpu")
+    want = Packing.of(torch.ones(3, 4, dtype=torch.bool))
+    assert count.syncs == 0 and full.total == 12
+    for a, b in zip(
+        (full.mask, full.index, full.cu_seqlens), (want.mask, want.index, want.cu_seqlens)
+    ):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+
+
 def test_packing_refuses_mismatched_tensors():
     x, mask = ragged()
     p = Packing.of(mask)

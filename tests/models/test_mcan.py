@@ -68,6 +68,31 @@ def test_grid_forward_on_real_batch_and_backward(easy_vqa_batch, easy_vqa_dm):
     assert all(p.grad is not None for n, p in m.named_parameters() if not n.startswith("embedding"))
 
 
+@pytest.mark.parametrize("packing", ["attention", "stack"])
+def test_grid_packing_on_real_batch_gives_the_padded_logits(easy_vqa_batch, easy_vqa_dm, packing):
+    """Real easy-VQA questions (padded) and a grid image (no padding, packed without a read
+    of the device): the packed modes give the padded model's logits and gradients."""
+    from vlcompress.kernels.host_syncs import HostSyncCounter
+
+    opts = dict(visual_input="grid", hidden_size=64)
+    torch.manual_seed(0)
+    padded = build_model("mcan_tiny", len(easy_vqa_dm.word_vocab), 13, **opts).eval()
+    packed = build_model("mcan_tiny", len(easy_vqa_dm.word_vocab), 13, packing=packing, **opts)
+    packed.load_state_dict(padded.state_dict())
+    want = padded(easy_vqa_batch)
+    want.square().sum().backward()
+    with HostSyncCounter() as count:
+        got = packed.eval()(easy_vqa_batch)
+        got.square().sum().backward()
+    assert count.syncs == 1  # the questions' real tokens, found once
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (n, a), b in zip(padded.named_parameters(), packed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="packing must be"):
+        build_model("mcan_tiny", 30, 7, packing="ragged")
+
+
 def test_input_kind_mismatch_is_explained(easy_vqa_batch):
     m = build_model("mcan_tiny", 50, 13)  # regions
     with pytest.raises(ValueError, match="expects region features"):

@@ -94,6 +94,13 @@ class Packing:
         index = mask.flatten().nonzero().squeeze(1)  # the one read of the device
         return cls(mask, index, cu_seqlens(mask), mask.shape[1])
 
+    @classmethod
+    def full(cls, batch: int, length: int, device: torch.device | str) -> Packing:
+        """The packing of a batch without padding (no read of the device)."""
+        mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+        return cls(mask, torch.arange(batch * length, device=device), cu, length)
+
     @property
     def total(self) -> int:
         """The number of real tokens."""

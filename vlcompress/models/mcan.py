@@ -433,9 +433,12 @@ class MCAN(nn.Module):
         lang_m, img_m = lang_mask, img_mask
         mode = self.config.packing
         if mode != "padded":  # the real tokens, found once for all layers
-            if img_mask is None:
-                img_mask = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
-            lang_m, img_m = Packing.of(lang_mask), Packing.of(img_mask.bool())
+            lang_m = Packing.of(lang_mask)
+            img_m = (
+                Packing.full(*img.shape[:2], img.device)
+                if img_mask is None
+                else Packing.of(img_mask.bool())
+            )
             if mode == "stack":
                 lang, img = lang_m.pack(lang), img_m.pack(img)
         for layer in self.encoder:
