@@ -14,7 +14,10 @@ blocks, one for dQ over query blocks) with:
   write zeros, so they cost one launch slot and give zero output and zero gradients;
 * a block-sparse layout: query block ``i`` visits key block ``j`` only where the layout is set;
 * attention dropout drawn inside the kernels (Philox; the backward regenerates the mask);
-* head dims 16, 32, 64, 128; fp16 / bf16 on GPU, fp32 everywhere (``TRITON_INTERPRET=1``).
+* head dims 16, 32, 64, 128; fp16 / bf16 on GPU, fp32 everywhere (``TRITON_INTERPRET=1``);
+* a cheap launch: no host-device synchronisation (varlen: given ``max_seqlen_*``), the
+  shape-only tensors of a launch cached (bounded LRU), and no autograd node when no gradient
+  is wanted.
 
 Semantics are those of :func:`vlcompress.kernels.reference.attention_reference`, including
 zeros for query rows that see no key.
@@ -22,8 +25,10 @@ zeros for query rows that see no key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +44,56 @@ from vlcompress.kernels.flash_attention_limits import BLOCK_SIZES, HEAD_DIMS
 
 __all__ = ["LaunchConfig", "dropout_keep_mask", "flash_attention", "flash_attention_varlen"]
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- cached constants
+_CACHE_SIZE = 64
+"""At most this many shape-only constant sets are kept (least recently used evicted)."""
+
+
+def _build_constants(key: tuple) -> tuple[torch.Tensor, ...]:
+    """The tensors of a constant key (see :func:`_constants`)."""
+    kind, dev = key[0], key[-1]
+    if kind == "padded":  # per-sequence offsets and lengths, key positions 1..Lk
+        _, b, h, lq, lk, d, _ = key
+        seq = torch.arange(b, device=dev, dtype=torch.int64)
+        pos = torch.arange(1, lk + 1, device=dev, dtype=torch.int32)
+        qlen = torch.full((b,), lq, dtype=torch.int32, device=dev)
+        krows = torch.full((b,), lk, dtype=torch.int32, device=dev)
+        return seq * (h * lq * d), seq * (h * lk * d), qlen, krows, pos
+    if kind == "ones":  # a live-everywhere head mask of n (batch, head) pairs
+        return (torch.ones(key[1], dtype=torch.int8, device=dev),)
+    if kind == "device":  # the placeholder of absent masks, the zero seed, [0, 1] per int dtype
+        return (
+            torch.ones(1, dtype=torch.int8, device=dev),
+            torch.zeros(1, dtype=torch.int64, device=dev),
+            torch.arange(2, dtype=torch.int32, device=dev),  # no host copy: capturable
+            torch.arange(2, dtype=torch.int64, device=dev),
+        )
+    raise KeyError(key)
+
+
+_cached_constants = functools.lru_cache(maxsize=_CACHE_SIZE)(_build_constants)
+
+
+def _constants(*key) -> tuple[torch.Tensor, ...]:
+    """Read-only tensors that depend only on shapes and the device (the last key entry), built
+    once and kept in a bounded LRU cache: ``("padded", b, h, lq, lk, d, dev)`` -> (qoff, koff,
+    qlen, krows, key positions), ``("ones", n, dev)`` -> (an all-live head mask,),
+    ``("device", dev)`` -> (mask placeholder, zero seed, ``[0, 1]`` int32, ``[0, 1]`` int64).
+
+    Nothing may write them: the kernels only read them and no output aliases one. Under CUDA
+    graph capture they are built fresh and not cached (a tensor made during capture holds
+    nothing until the graph replays, and an evicted one would free memory the graph reads).
+    """
+    if _capturing(key[-1]):
+        return _build_constants(key)
+    return _cached_constants(key)
+
+
+def _capturing(dev: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``dev``'s current stream."""
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------------- launch plans
@@ -74,15 +129,27 @@ def _check_head_dim(d: int, block_size: int | None) -> None:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
 
 
+def _as_int8(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask as int8 (nonzero = 1): a bool mask is reinterpreted in place, no copy."""
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    return mask.view(torch.int8)
+
+
 def _head_mask(head_mask: torch.Tensor | None, b: int, h: int, dev: torch.device) -> torch.Tensor:
+    """The live flag of every (batch, head) pair: ``B * H`` contiguous int8."""
     if head_mask is None:
-        return torch.ones(b * h, dtype=torch.int8, device=dev)
+        return _constants("ones", b * h, dev)[0]
     hm = head_mask.to(dev)
     if hm.shape not in ((h,), (b, h)):
         raise ValueError(
             f"head_mask must be (H,) = ({h},) or (B, H) = {(b, h)}, got {tuple(hm.shape)}"
         )
-    return (hm != 0).to(torch.int8).expand(b, h).contiguous().view(-1)
+    if hm.dim() == 1 and b > 1:
+        hm = hm.expand(b, h)
+    if hm.dtype != torch.bool or not hm.is_contiguous():
+        hm = hm != 0  # a new contiguous (B, H) bool tensor
+    return hm.view(torch.int8)
 
 
 def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size) -> _Plan:
@@ -99,6 +166,8 @@ def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
     _check_head_dim(d, block_size)
     lk = k.shape[2]
     dev = q.device
+    qoff, koff, qlen, krows, pos = _constants("padded", b, h, lq, lk, d, dev)
+    placeholder = _constants("device", dev)[0]
     if block_layout is not None and block_size is None:
         block_size = 64
     if key_padding_mask is not None:
@@ -106,12 +175,10 @@ def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
             raise ValueError(
                 f"key_padding_mask must be (B, Lk) = {(b, lk)}, got {tuple(key_padding_mask.shape)}"
             )
-        kmask = key_padding_mask.to(dev, torch.int8).contiguous()
-        pos = torch.arange(1, lk + 1, device=dev, dtype=torch.int32)
-        kvlen = (kmask.to(torch.int32) * pos).amax(dim=1).to(torch.int32).contiguous()
+        kmask = _as_int8(key_padding_mask.to(dev)).contiguous()
+        kvlen = (kmask * pos).amax(dim=1)  # one past the last real key (int32)
     else:
-        kmask = torch.ones(1, dtype=torch.int8, device=dev)
-        kvlen = torch.full((b,), lk, dtype=torch.int32, device=dev)
+        kmask, kvlen = placeholder, krows
     if block_layout is not None:
         n_qb, n_kb = triton.cdiv(lq, block_size), triton.cdiv(lk, block_size)
         lay = block_layout.to(dev)
@@ -120,41 +187,103 @@ def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
                 f"block_layout must end in (query blocks, key blocks) = {(n_qb, n_kb)} for block_size "
                 f"{block_size}, with optional leading (H,) or (B, H); got {tuple(lay.shape)}"
             )
-        while lay.dim() < 4:
-            lay = lay.unsqueeze(0)
-        lay = (lay != 0).to(torch.int8).expand(b, h, n_qb, n_kb)
+        lay = _as_int8(lay.contiguous())
+        lay = lay.view((1,) * (4 - lay.dim()) + tuple(lay.shape)).expand(b, h, n_qb, n_kb)
         lay_strides = (lay.stride(0), lay.stride(1), lay.stride(2))  # last dim is contiguous
     else:
-        lay, lay_strides = torch.ones(1, dtype=torch.int8, device=dev), (0, 0, 0)
-    seq = torch.arange(b, device=dev, dtype=torch.int64)
+        lay, lay_strides = placeholder, (0, 0, 0)
     return _Plan(
-        qoff=seq * (h * lq * d), koff=seq * (h * lk * d),
-        qlen=torch.full((b,), lq, dtype=torch.int32, device=dev),
-        kvlen=kvlen, krows=torch.full((b,), lk, dtype=torch.int32, device=dev),
+        qoff=qoff, koff=koff, qlen=qlen, kvlen=kvlen, krows=krows,
         kmask=kmask, hmask=_head_mask(head_mask, b, h, dev), lay=lay, lay_strides=lay_strides,
         strides=(lq * d, d, lk * d, d, lq, 1), b=b, h=h, max_q=lq, max_k=lk,
         has_kmask=key_padding_mask is not None, has_layout=block_layout is not None,
     )  # fmt: skip
 
 
-def _lengths(cu: torch.Tensor, total: int, what: str) -> torch.Tensor:
-    """Sequence lengths from cumulative lengths, checked."""
+def _validate_on_host(cu: torch.Tensor) -> bool:
+    """Whether the values of cumulative lengths are checked on the host: only where reading
+    them costs no device synchronisation (a CPU tensor). Elsewhere they are checked on the
+    device (``torch._assert_async``) unless the host must read them anyway."""
+    return cu.device.type == "cpu"
+
+
+def _check_cu_layout(cu: torch.Tensor, what: str) -> None:
+    """dtype and shape of cumulative lengths (no read of their values)."""
     if cu.dim() != 1 or len(cu) < 2 or cu.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"{what} must be a 1-D int32/int64 tensor of B + 1 cumulative lengths starting at "
             f"0 (e.g. [0, 14, 23]), got {cu.dtype} {tuple(cu.shape)}"
         )
-    lengths = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+
+
+def _host_values(cus: list[torch.Tensor]) -> list[list[int]]:
+    """The values of the cumulative lengths ``cus`` as lists: free for CPU tensors, one
+    device synchronisation for the others together."""
+    on_device = [i for i, c in enumerate(cus) if not _validate_on_host(c)]
+    if len(on_device) < 2:
+        return [c.tolist() for c in cus]
+    flat = torch.cat([cus[i].to(cus[on_device[0]].device, torch.int64)
+                      for i in on_device]).tolist()  # fmt: skip
+    out = [[] if i in on_device else c.tolist() for i, c in enumerate(cus)]
+    for i in on_device:
+        out[i], flat = flat[: len(cus[i])], flat[len(cus[i]) :]
+    return out
+
+
+def _check_on_host(values: list[int], total: int, max_len: int | None, what: str) -> int:
+    """Check cumulative lengths read on the host; return the longest sequence."""
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or values[-1] != total or min(lengths) < 0:
         raise ValueError(
             f"{what} must start at 0, never decrease and end at the packed length {total}; "
-            f"got {cu.tolist() if len(cu) <= 10 else cu[:10].tolist() + ['...']}"
+            f"got {values if len(values) <= 10 else values[:10] + ['...']}"
         )
-    return lengths.to(torch.int32).contiguous()
+    longest = max(lengths)
+    if max_len is not None and max_len < longest:
+        side = "query" if what.endswith("_q") else "key"
+        raise ValueError(
+            f"max_seqlen_{what[-1]} {max_len} is shorter than the longest {side} sequence "
+            f"({longest}); pass at least that, or None"
+        )
+    return longest
+
+
+def _check_on_device(cu: torch.Tensor, lengths: torch.Tensor, total: int, max_len: int,
+                     what: str) -> None:  # fmt: skip
+    """Check cumulative lengths on their device without reading them: a bad tensor fails the
+    stream asynchronously (a ``RuntimeError`` at the next synchronisation; on CUDA a
+    device-side assert, after which the CUDA context is unusable)."""
+    ok = lengths.clamp(0, max_len).eq(lengths).all()
+    torch._assert_async(
+        ok, f"{what} must never decrease and hold no sequence longer than {max_len}"
+    )
+    ends = cu[:: len(cu) - 1]  # [cu[0], cu[-1]], a view
+    zero_one = _constants("device", cu.device)[2 if cu.dtype == torch.int32 else 3]
+    ok = torch.sub(ends, zero_one, alpha=total).eq(0).all()  # [cu[0], cu[-1] - total] == 0
+    torch._assert_async(ok, f"{what} must start at 0 and end at the packed length {total}")
+
+
+def _sequences(cu, values, total, max_len, row, dev, what):
+    """Per-sequence lengths (int32), element offsets (int64, ``row`` elements a position) and
+    the longest length of cumulative lengths ``cu``; ``values`` are its values when read on
+    the host (then checked there), else ``None`` (checked on the device)."""
+    longest = _check_on_host(values, total, max_len, what) if values is not None else max_len
+    longest = longest if max_len is None else max_len  # the grid and the dropout use max_len
+    cu = cu.to(dev)
+    lengths = cu[1:] - cu[:-1]
+    if values is None:
+        _check_on_device(cu, lengths, total, max_len, what)
+    if lengths.dtype != torch.int32:
+        lengths = lengths.to(torch.int32)
+    return lengths, cu[:-1].to(torch.int64) * row, longest
 
 
 def _packed_plan(q, k, v, cu_q, cu_k, max_q, max_k, head_mask, block_size) -> _Plan:
-    """Validate packed inputs ``(total, H, D)`` with cumulative lengths and build their plan."""
+    """Validate packed inputs ``(total, H, D)`` with cumulative lengths and build their plan.
+
+    With ``max_q`` and ``max_k`` given and cumulative lengths on the GPU nothing is read on
+    the host (the values are checked on the device); a ``None`` one is read (one
+    synchronisation for both). CPU cumulative lengths are checked on the host."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"packed q, k, v must be (total, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -167,30 +296,33 @@ def _packed_plan(q, k, v, cu_q, cu_k, max_q, max_k, head_mask, block_size) -> _P
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     _check_head_dim(d, block_size)
-    dev = q.device
-    qlen = _lengths(cu_q.to(dev), q.shape[0], "cu_seqlens_q")
-    klen = _lengths(cu_k.to(dev), k.shape[0], "cu_seqlens_k")
-    if len(qlen) != len(klen):
+    _check_cu_layout(cu_q, "cu_seqlens_q")
+    _check_cu_layout(cu_k, "cu_seqlens_k")
+    if len(cu_q) != len(cu_k):
         raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k describe {len(qlen)} and {len(klen)} sequences; "
-            "give one query and one key sequence per batch element"
+            f"cu_seqlens_q and cu_seqlens_k describe {len(cu_q) - 1} and {len(cu_k) - 1} "
+            "sequences; give one query and one key sequence per batch element"
         )
-    b = len(qlen)
-    longest_q, longest_k = int(qlen.max()), int(klen.max())
-    if (max_q is not None and max_q < longest_q) or (max_k is not None and max_k < longest_k):
-        raise ValueError(
-            f"max_seqlen_q / max_seqlen_k ({max_q}, {max_k}) are shorter than the longest "
-            f"sequences ({longest_q}, {longest_k}); pass at least those, or None"
-        )
-    max_q = longest_q if max_q is None else int(max_q)
-    max_k = longest_k if max_k is None else int(max_k)
+    dev, b = q.device, len(cu_q) - 1
+    shared = cu_k is cu_q and k.shape[0] == q.shape[0] and max_k == max_q  # self-attention
+    cus = [cu_q] if shared else [cu_q, cu_k]
+    maxes = [max_q] if shared else [max_q, max_k]
+    read = [m is None or _validate_on_host(c) for c, m in zip(cus, maxes)]
+    values = iter(_host_values([c for c, r in zip(cus, read) if r]))
+    host = [next(values) if r else None for r in read]
+    qlen, qoff, max_q = _sequences(cu_q, host[0], q.shape[0], max_q, h * d, dev, "cu_seqlens_q")
+    if shared:
+        klen, koff, max_k = qlen, qoff, max_q
+    else:
+        klen, koff, max_k = _sequences(cu_k, host[1], k.shape[0], max_k, h * d, dev,
+                                       "cu_seqlens_k")  # fmt: skip
+    placeholder = _constants("device", dev)[0]
     return _Plan(
-        qoff=cu_q.to(dev, torch.int64)[:-1] * (h * d), koff=cu_k.to(dev, torch.int64)[:-1] * (h * d),
-        qlen=qlen, kvlen=klen, krows=klen,
-        kmask=torch.ones(1, dtype=torch.int8, device=dev), hmask=_head_mask(head_mask, b, h, dev),
-        lay=torch.ones(1, dtype=torch.int8, device=dev), lay_strides=(0, 0, 0),
-        strides=(d, h * d, d, h * d, 1, h), b=b, h=h, max_q=max(max_q, 1), max_k=max(max_k, 1),
-        has_kmask=False, has_layout=False,
+        qoff=qoff, koff=koff, qlen=qlen, kvlen=klen, krows=klen,
+        kmask=placeholder, hmask=_head_mask(head_mask, b, h, dev),
+        lay=placeholder, lay_strides=(0, 0, 0),
+        strides=(d, h * d, d, h * d, 1, h), b=b, h=h, max_q=max(int(max_q), 1),
+        max_k=max(int(max_k), 1), has_kmask=False, has_layout=False,
     )  # fmt: skip
 
 
@@ -220,8 +352,6 @@ _TUNED: dict[tuple, LaunchConfig] = {}
 
 def _should_tune(q: torch.Tensor) -> bool:
     """Tune on a real GPU only (the interpreter runs any block size alike)."""
-    import os
-
     return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -322,7 +452,8 @@ def _forward(plan: _Plan, q, k, v, scale, dropout_p, seed_t, cfg: LaunchConfig):
 
 
 def _backward(plan: _Plan, q, k, v, o, lse, do, scale, dropout_p, seed_t, cfg: LaunchConfig):
-    delta = (do.float() * o.float()).sum(-1).contiguous()
+    # the row statistic delta = rowsum(dO * O) in fp32 (a mixed-dtype product: one cast only)
+    delta = (do.float() * o).sum(-1)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(
         HAS_KMASK=plan.has_kmask, HAS_LAYOUT=plan.has_layout, HAS_DROPOUT=dropout_p > 0,
@@ -340,23 +471,30 @@ def _backward(plan: _Plan, q, k, v, o, lse, do, scale, dropout_p, seed_t, cfg: L
     return dq, dk, dv
 
 
+def _run_forward(q, k, v, plan: _Plan, scale, dropout_p, seed, block_size):
+    """Check the dropout, pick the launch configuration and run the forward: ``(o, lse,
+    seed_t, (scale, dropout_p, cfg))`` for q, k, v already contiguous."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    cfg = _launch_config(plan, q, k, v, block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if dropout_p > 0:
+        seed_t = _seed(seed, q.device)
+    else:
+        seed_t = _constants("device", q.device)[1]  # read by no kernel (no dropout)
+    o, lse = _forward(plan, q, k, v, scale, dropout_p, seed_t, cfg)
+    return o, lse, seed_t, (scale, float(dropout_p), cfg)
+
+
 class _FlashAttention(torch.autograd.Function):
     """A thin ``autograd.Function`` over :func:`_forward` / :func:`_backward`."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, dropout_p, seed, block_size):  # noqa: D102
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        cfg = _launch_config(plan, q, k, v, block_size)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        if dropout_p > 0:
-            seed_t = _seed(seed, q.device)
-        else:
-            seed_t = torch.zeros(1, dtype=torch.int64, device=q.device)
-        o, lse = _forward(plan, q, k, v, scale, dropout_p, seed_t, cfg)
+        o, lse, seed_t, meta = _run_forward(q, k, v, plan, scale, dropout_p, seed, block_size)
         ctx.save_for_backward(q, k, v, o, lse, seed_t)
-        ctx.plan, ctx.meta = plan, (scale, float(dropout_p), cfg)
+        ctx.plan, ctx.meta = plan, meta
         return o
 
     @staticmethod
@@ -366,6 +504,14 @@ class _FlashAttention(torch.autograd.Function):
         grads = _backward(ctx.plan, q, k, v, o, lse, do.contiguous(), scale, dropout_p, seed_t,
                           cfg)  # fmt: skip
         return (*grads, None, None, None, None, None)
+
+
+def _apply(q, k, v, plan: _Plan, scale, dropout_p, seed, block_size) -> torch.Tensor:
+    """Through autograd when a gradient is wanted, else the forward alone (no graph node)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, plan, scale, dropout_p, seed, block_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _run_forward(q, k, v, plan, scale, dropout_p, seed, block_size)[0]
 
 
 # ---------------------------------------------------------------------- public functions
@@ -396,7 +542,7 @@ def flash_attention(
         ValueError: for unsupported shapes, head dims, block sizes, mask shapes or dropout.
     """
     plan = _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size)
-    return _FlashAttention.apply(q, k, v, plan, scale, dropout_p, seed, block_size)
+    return _apply(q, k, v, plan, scale, dropout_p, seed, block_size)
 
 
 def flash_attention_varlen(
@@ -419,12 +565,17 @@ def flash_attention_varlen(
     ``cu_seqlens``; cross-attention: each side its own). No padding exists, so none is
     computed. Returns ``(total_q, H, D)``.
 
-    ``max_seqlen_*``: the longest sequences (computed from ``cu_seqlens`` when ``None``, which
-    reads them on the host); dead heads, dropout and the scale as in :func:`flash_attention`
-    (:func:`dropout_keep_mask` with the longest lengths). A sequence with no key outputs zeros.
+    ``max_seqlen_*``: the longest sequences, or longer (computed from ``cu_seqlens`` when
+    ``None``, which reads them on the host: one synchronisation on a GPU). With both given
+    and ``cu_seqlens`` on the GPU nothing is read on the host: the cumulative lengths are
+    checked on the device (``torch._assert_async``), so bad ones fail at the next
+    synchronisation, as a device-side assert. CPU ``cu_seqlens`` are checked on the host.
+    Dead heads, dropout and the scale as in :func:`flash_attention` (:func:`dropout_keep_mask`
+    with ``max_seqlen_*``). A sequence with no key outputs zeros.
 
     Raises:
-        ValueError: for unsupported shapes or head dims, or bad cumulative lengths.
+        ValueError: for unsupported shapes or head dims, or bad cumulative lengths read on the
+            host (on the device: a ``RuntimeError`` when the stream next synchronises).
 
     Example::
 
@@ -433,4 +584,4 @@ def flash_attention_varlen(
     """
     plan = _packed_plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         head_mask, block_size)  # fmt: skip
-    return _FlashAttention.apply(q, k, v, plan, scale, dropout_p, seed, block_size)
+    return _apply(q, k, v, plan, scale, dropout_p, seed, block_size)
