@@ -38,11 +38,20 @@ _BOOL_INDEXING = {
 }
 
 
+def _on_device(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta")
+
+
 def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
     if func in _ALWAYS_SYNC:
         return True
     if func is _aten.repeat_interleave.Tensor:  # without output_size it reads the counts
         return kwargs.get("output_size") is None
+    if func is _aten._to_copy.default:  # .cpu(), .tolist() of a device tensor
+        device = kwargs.get("device")
+        return _on_device(args[0]) and device is not None and torch.device(device).type == "cpu"
+    if func is _aten.copy_.default:  # a host tensor filled from a device one
+        return _on_device(args[1]) and not _on_device(args[0])
     if func in _BOOL_INDEXING and len(args) > 1:  # x[mask]: a nonzero inside
         return any(
             isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
@@ -54,7 +63,10 @@ def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
 
 class HostSyncCounter(TorchDispatchMode):
     """A context manager counting torch operators (``ops``) and those among them that
-    synchronise the host with a CUDA device (``syncs``; by name in ``sync_ops``)."""
+    synchronise the host with a CUDA device (``syncs``; by name in ``sync_ops``): reads of a
+    value, data-dependent output sizes, and copies from the device to the host. On the CPU the
+    same code counts the same, except reads of a CPU tensor's values that bypass torch's
+    operators (``tolist``, ``numpy``), which are free there."""
 
     def __init__(self) -> None:
         super().__init__()
