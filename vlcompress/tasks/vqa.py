@@ -189,18 +189,7 @@ class VQATask(L.LightningModule):
         """Store the global RNG states (dropout etc.) so a resumed run continues exactly, and
         the answer list (checked when a later stage starts from this checkpoint)."""
         checkpoint["vlcompress_answers"] = list(self.answers)
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["vlcompress_rng"] = {  # tensors and plain types: loads with weights_only=True
-            "torch": torch.get_rng_state(),
-            "numpy": [
-                kind,
-                torch.from_numpy(keys.astype(np.int64)),
-                int(pos),
-                int(has_gauss),
-                float(gauss),
-            ],
-            "python": random.getstate(),
-        }
+        checkpoint["vlcompress_rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the RNG states saved by :meth:`on_save_checkpoint`."""
@@ -282,9 +271,33 @@ def vqa_task(options: VQATaskOptions, **context: Any) -> VQATask:
     return VQATask(**context)
 
 
+def rng_state() -> dict[str, Any]:
+    """The global RNG states a resumed run needs (tensors and plain types: a checkpoint holding
+    them loads with ``weights_only=True``): torch's CPU generator, the current CUDA device's
+    (dropout on a GPU, the attention kernel's in-kernel dropout seeds), numpy's and Python's."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],  # fmt: skip
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
 def _set_rng(rng: dict[str, Any]) -> None:
-    """Set the torch / numpy / python RNG states stored by ``VQATask.on_save_checkpoint``."""
+    """Set the RNG states of :func:`rng_state` (a CUDA state only where CUDA is in use: a run
+    saved on a GPU resumes on the CPU with the CPU's states)."""
     torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(rng["python"])
