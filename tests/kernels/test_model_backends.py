@@ -222,3 +222,33 @@ def test_stack_packing_refuses_an_attention_that_cannot_read_lengths():
         model.eval()(uniter_batch())
     with pytest.raises(ValueError, match="packing must be"):
         build_model("uniter_tiny", 30, 7, packing="ragged")
+
+
+@pytest.mark.parametrize("packing", ["padded", "stack"])
+def test_soft_and_trainable_head_gates_behave_as_on_sdpa(packing):
+    """Head gates are floats: a soft gate scales its head, and a gate that requires a gradient
+    (first-order importance in StructuredPruning) gets the same gradient from the Triton path
+    as from SDPA, a gate at 0 included."""
+    from vlcompress.models.anatomy import anatomy_of
+
+    b = batch()
+    torch.manual_seed(0)
+    opts = dict(hidden_size=64, num_heads=4, ffn_size=128, num_layers=2)
+    model = build_model("mcan_tiny", 30, 7, packing=packing, **opts).to(DEVICE).eval()
+    an = anatomy_of(model)
+    grads, logits = {}, {}
+    for backend in ("sdpa", "triton"):
+        gates = {a.name: torch.tensor([1.0, 0.5, 0.0, 1.0], device=DEVICE, requires_grad=True)
+                 for a in an.attentions}  # fmt: skip
+        handles = an.mask_heads(model, gates)
+        with attention_backend(backend):
+            out = model(b)
+        out.square().sum().backward()
+        for h in handles:
+            h.remove()
+        logits[backend] = out.detach()
+        grads[backend] = {n: g.grad for n, g in gates.items()}
+    torch.testing.assert_close(logits["triton"], logits["sdpa"], rtol=1e-4, atol=1e-5)
+    for n, g in grads["sdpa"].items():
+        assert g is not None and g.abs().sum() > 0
+        torch.testing.assert_close(grads["triton"][n], g, rtol=1e-4, atol=1e-5, msg=n)

@@ -114,6 +114,20 @@ def _on_triton(backend: str, q: torch.Tensor, kernel: Any) -> torch.Tensor | Non
         return None
 
 
+def _kernel_head_mask(
+    head_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the kernel takes of a head mask (its liveness: nonzero = live, dead heads are
+    skipped) and what is applied to its output afterwards: a floating mask scales the heads
+    (SDPA's semantics: ``out * mask``, so soft masks scale and a mask that requires a gradient
+    gets one; such a mask keeps every head computed, as a gate at 0 still has a gradient)."""
+    if head_mask is None or not head_mask.is_floating_point():
+        return head_mask, None
+    if head_mask.requires_grad and torch.is_grad_enabled():
+        return None, head_mask
+    return head_mask, head_mask
+
+
 def _sdpa(q, k, v, key_padding_mask, head_mask, block_layout, block_size, dropout_p):
     b, h, lq, _ = q.shape
     lk = k.shape[2]
@@ -163,8 +177,10 @@ def attention(
     def kernel() -> torch.Tensor:
         from vlcompress.kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, key_padding_mask, head_mask, block_layout, block_size,
-                               None, dropout_p)  # fmt: skip
+        live, scale = _kernel_head_mask(head_mask)
+        out = flash_attention(q, k, v, key_padding_mask, live, block_layout, block_size,
+                              None, dropout_p)  # fmt: skip
+        return out if scale is None else apply_head_mask(out, scale)
 
     out = _on_triton(backend, q, kernel)
     if out is not None:
@@ -198,8 +214,16 @@ def attention_varlen(
     def kernel() -> torch.Tensor:
         from vlcompress.kernels.flash_attention import flash_attention_varlen
 
-        return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, head_mask, dropout_p=dropout_p)  # fmt: skip
+        live, scale = _kernel_head_mask(head_mask)
+        out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, live, dropout_p=dropout_p)  # fmt: skip
+        if scale is None:
+            return out
+        scale = scale.to(out.device, out.dtype)
+        if scale.dim() == 2:  # per (sequence, head): each query row takes its sequence's
+            lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+            scale = scale.repeat_interleave(lengths, dim=0, output_size=out.shape[0])
+        return out * scale[..., None]
 
     out = _on_triton(backend, q, kernel)
     if out is not None:
