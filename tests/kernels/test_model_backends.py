@@ -44,6 +44,14 @@ def run(model, b, backend):
                              if p.grad is not None}  # fmt: skip
 
 
+def assert_same(got, want, got_g, want_g):
+    """The same logits and the same gradient of every parameter."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_g.keys() == want_g.keys()
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_mcan_logits_and_gradients_match_across_backends():
     from vlcompress.compress.slimmable import Slimmable, Submodel
     from vlcompress.models.anatomy import anatomy_of
@@ -54,10 +62,7 @@ def test_mcan_logits_and_gradients_match_across_backends():
     handles = an.mask_heads(model, {first: torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEVICE)})
     want, want_g = run(model, b, "sdpa")
     got, got_g = run(model, b, "triton")
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert got_g.keys() == want_g.keys()
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same(got, want, got_g, want_g)
     for h in handles:
         h.remove()
     slim = Slimmable(model)  # half width: the kernel sees 2 live heads
@@ -109,10 +114,7 @@ def test_mcan_packing_gives_the_padded_logits_and_gradients(backend, packing):
         model.get_submodule(an.attentions[-1].name).head_mask = dead
     want, want_g = run(padded, b, backend)
     got, got_g = run(packed, b, backend)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert got_g.keys() == want_g.keys()
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same(got, want, got_g, want_g)
     for h in handles:
         h.remove()
     for model in (padded, packed):
@@ -171,9 +173,7 @@ def test_hf_bert_stream_runs_on_our_attention_with_the_same_logits_and_gradients
     for lyr in model.body.encoder.layer:
         lyr.attention.self.config._attn_implementation = "sdpa"
     want, want_g = run(model, b, "sdpa")
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same(got, want, got_g, want_g)
 
 
 def test_hf_attention_takes_only_what_the_kernel_can_express():
@@ -205,9 +205,7 @@ def test_uniter_packed_stack_gives_the_padded_logits_and_gradients(backend):
     hook.remove()
     real = int(b.text_mask[:, : uniter_question_length(b)].sum() + b.visual_mask.sum())
     assert seen[0].shape == (1, real, 64)  # no padded token computed
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same(got, want, got_g, want_g)
 
 
 def uniter_question_length(b):
