@@ -250,3 +250,34 @@ def test_soft_and_trainable_head_gates_behave_as_on_sdpa(packing):
     for n, g in grads["sdpa"].items():
         assert g is not None and g.abs().sum() > 0
         torch.testing.assert_close(grads["triton"][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_a_whole_hf_bert_model_keeps_its_padding_on_our_attention():
+    """A transformers model that builds its own masks (``BertModel`` from a 2-D attention
+    mask) gets key padding through our mask hook, so every call reaches our dispatcher and the
+    real tokens' outputs equal transformers' SDPA."""
+    from transformers import BertConfig, BertModel
+
+    from vlcompress.kernels import hf
+
+    sizes = dict(vocab_size=40, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                 num_hidden_layers=2, max_position_embeddings=16)  # fmt: skip
+    torch.manual_seed(0)
+    ours = BertModel(BertConfig(**sizes, attn_implementation=hf.NAME)).to(DEVICE).eval()
+    theirs = BertModel(BertConfig(**sizes, attn_implementation="sdpa")).to(DEVICE).eval()
+    theirs.load_state_dict(ours.state_dict())
+    ids = torch.randint(1, 40, (3, 9), device=DEVICE)
+    mask = torch.ones(3, 9, dtype=torch.long, device=DEVICE)
+    mask[0, 5:] = mask[2, 2:] = 0
+    seen = []
+    original = hf.attention
+    try:
+        hf.attention = lambda *a, **k: seen.append(k["key_padding_mask"]) or original(*a, **k)
+        with attention_backend("triton"):
+            got = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        hf.attention = original
+    want = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(seen) == 2 and all(torch.equal(m, mask.bool()) for m in seen)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)

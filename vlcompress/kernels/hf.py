@@ -7,7 +7,8 @@ non-default scaling, key/value heads shared across query heads) go to transforme
 function unchanged. Packed sequences (one row with transformers' flash-attention lengths
 ``cu_seq_lens_q/k``) go to :func:`vlcompress.kernels.attention_varlen`.
 
-Importing this module registers the name (the single-stream models import it)::
+Importing this module registers the name with transformers' attention functions and its mask
+builders (a padding-only mask stays key padding; the single-stream models import it)::
 
     config = BertConfig(..., attn_implementation="vlcompress")
 """
@@ -20,10 +21,15 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    sdpa_mask,
+)
 
 from vlcompress.kernels.dispatch import attention, attention_varlen
 
-__all__ = ["NAME", "key_padding_mask", "vlcompress_attention_forward"]
+__all__ = ["NAME", "key_padding_mask", "vlcompress_attention_forward", "vlcompress_mask"]
 NAME = "vlcompress"
 
 
@@ -57,18 +63,23 @@ def vlcompress_attention_forward(
     """transformers' attention signature (``query (B, H, Lq, D)``, returns ``(B, Lq, H, D)``
     and no weights) over :func:`vlcompress.kernels.attention`."""
     b, h, _, d = query.shape
-    if kwargs.get("cu_seq_lens_q") is not None:  # packed sequences in one row (varlen)
-        return _varlen(query, key, value, dropout, kwargs), None
-    kpm = key_padding_mask(attention_mask, b, key.shape[2])
-    plain = (
-        kpm is not False
-        and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    expressible = (
+        not (is_causal if is_causal is not None else getattr(module, "is_causal", True))
         and kwargs.get("softcap") is None
         and kwargs.get("position_bias") is None
         and key.shape[1] == h
         and (scaling is None or math.isclose(scaling, d**-0.5, rel_tol=1e-6))
     )
-    if not plain:
+    if kwargs.get("cu_seq_lens_q") is not None:  # packed sequences in one row (varlen)
+        if not expressible:
+            raise ValueError(
+                "packed (cu_seq_lens) attention with vlcompress supports bidirectional "
+                "attention at the default scale only; use attn_implementation='flash_attention_2' "
+                "for causal, soft-capped or rescaled packed attention"
+            )
+        return _varlen(query, key, value, dropout, kwargs), None
+    kpm = key_padding_mask(attention_mask, b, key.shape[2])
+    if kpm is False or not expressible:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, **kwargs,
@@ -93,4 +104,33 @@ def _varlen(query, key, value, dropout: float, kwargs: dict[str, Any]) -> torch.
     return out[None]
 
 
+def vlcompress_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers' mask hook for ``"vlcompress"``: a bidirectional mask that only pads keys
+    stays ``(B, 1, 1, Lk)`` (what the kernel takes as key padding; ``None`` without padding);
+    any other mask is transformers' SDPA mask (and its calls go to SDPA)."""
+    padding_only = (
+        mask_function is bidirectional_mask_function
+        and local_size is None
+        and kv_offset == 0
+        and (attention_mask is None or tuple(attention_mask.shape) == (batch_size, kv_length))
+    )
+    if padding_only:
+        return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    return sdpa_mask(
+        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+        attention_mask=attention_mask, local_size=local_size, **kwargs,
+    )  # fmt: skip
+
+
 AttentionInterface.register(NAME, vlcompress_attention_forward)
+AttentionMaskInterface.register(NAME, vlcompress_mask)
