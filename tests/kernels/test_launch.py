@@ -277,3 +277,25 @@ def test_no_grad_path_equals_the_autograd_path():
                                     block_size=16)  # fmt: skip
     assert with_graph.grad_fn is not None
     torch.testing.assert_close(plain, with_graph.detach(), rtol=0, atol=0)
+
+
+def test_constants_first_made_under_inference_mode_serve_a_training_call(launches):
+    """Lightning validates under ``torch.inference_mode`` before training: the cached
+    constants it makes there must be savable for a later call's backward."""
+    fa._cached_constants.cache_clear()
+    q, k, v = padded()
+    with torch.inference_mode():
+        fa.flash_attention(q.detach(), k.detach(), v.detach(), key_mask(), dropout_p=0.0)
+    out = fa.flash_attention(q, k, v, key_mask(), dropout_p=0.0)  # saves the cached seed
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+def test_a_transposed_head_mask_reaches_the_kernel_row_major(launches):
+    hm = torch.ones(H, B)
+    hm[1, 2] = hm[0, 3] = 0.0  # dead: batch 2 head 1, batch 3 head 0
+    q, k, v = padded()
+    for mask in (hm.t(), hm.t().bool()):  # (B, H) views with strides (1, B)
+        fa.flash_attention(q, k, v, head_mask=mask)
+        live = launches[-1][1][10]  # the (batch, head) liveness the kernel reads
+        assert live.is_contiguous()  # the kernel reads its memory flat, row-major
+        assert live.reshape(-1).tolist() == (hm.t().reshape(-1) != 0).to(torch.int8).tolist()

@@ -93,6 +93,14 @@ def test_grid_packing_on_real_batch_gives_the_padded_logits(easy_vqa_batch, easy
         build_model("mcan_tiny", 30, 7, packing="ragged")
 
 
+def test_the_earlier_packed_attention_option_still_loads():
+    """Exports and configs written before ``packing`` carry ``packed_attention``."""
+    assert build_model("mcan_tiny", 30, 7, packed_attention=False).config.packing == "padded"
+    assert build_model("mcan_tiny", 30, 7, packed_attention=True).config.packing == "attention"
+    with pytest.raises(ValueError, match="drop packed_attention"):
+        build_model("mcan_tiny", 30, 7, packed_attention=True, packing="stack")
+
+
 def test_input_kind_mismatch_is_explained(easy_vqa_batch):
     m = build_model("mcan_tiny", 50, 13)  # regions
     with pytest.raises(ValueError, match="expects region features"):

@@ -209,7 +209,6 @@ def attention_varlen(
         ValueError: for an unknown backend or bad cumulative lengths.
     """
     backend = _checked(backend, dropout_p)
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
 
     def kernel() -> torch.Tensor:
         from vlcompress.kernels.flash_attention import flash_attention_varlen
@@ -221,7 +220,8 @@ def attention_varlen(
             return out
         scale = scale.to(out.device, out.dtype)
         if scale.dim() == 2:  # per (sequence, head): each query row takes its sequence's
-            lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+            lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(out.device, torch.long,
+                                                                non_blocking=True)  # fmt: skip
             scale = scale.repeat_interleave(lengths, dim=0, output_size=out.shape[0])
         return out * scale[..., None]
 

@@ -52,7 +52,14 @@ _CACHE_SIZE = 64
 
 
 def _build_constants(key: tuple) -> tuple[torch.Tensor, ...]:
-    """The tensors of a constant key (see :func:`_constants`)."""
+    """The tensors of a constant key (see :func:`_constants`), as normal tensors even when
+    first asked for under ``torch.inference_mode`` (a validation pass): a later training call
+    saves some of them for its backward."""
+    with torch.inference_mode(False):
+        return _make_constants(key)
+
+
+def _make_constants(key: tuple) -> tuple[torch.Tensor, ...]:
     kind, dev = key[0], key[-1]
     if kind == "padded":  # per-sequence offsets and lengths, key positions 1..Lk
         _, b, h, lq, lk, d, _ = key
@@ -147,9 +154,9 @@ def _head_mask(head_mask: torch.Tensor | None, b: int, h: int, dev: torch.device
         )
     if hm.dim() == 1 and b > 1:
         hm = hm.expand(b, h)
-    if hm.dtype != torch.bool or not hm.is_contiguous():
-        hm = hm != 0  # a new contiguous (B, H) bool tensor
-    return hm.view(torch.int8)
+    if hm.dtype != torch.bool:
+        hm = hm != 0
+    return hm.contiguous().view(torch.int8)  # row-major (B, H), as the kernels read it
 
 
 def _padded_plan(q, k, v, key_padding_mask, head_mask, block_layout, block_size) -> _Plan:
@@ -269,7 +276,7 @@ def _sequences(cu, values, total, max_len, row, dev, what):
     the host (then checked there), else ``None`` (checked on the device)."""
     longest = _check_on_host(values, total, max_len, what) if values is not None else max_len
     longest = longest if max_len is None else max_len  # the grid and the dropout use max_len
-    cu = cu.to(dev)
+    cu = cu.to(dev, non_blocking=True)  # a host tensor: staged, the host does not wait
     lengths = cu[1:] - cu[:-1]
     if values is None:
         _check_on_device(cu, lengths, total, max_len, what)

@@ -29,6 +29,10 @@ _ALWAYS_SYNC = {
     _aten.unique_consecutive.default,
     _aten._unique2.default,
     _aten.is_nonzero.default,
+    _aten.equal.default,
+    _aten.bincount.default,
+    _aten.histc.default,
+    _aten.unique_dim.default,
 }
 _BOOL_INDEXING = {
     _aten.index.Tensor,
@@ -47,11 +51,17 @@ def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
         return True
     if func is _aten.repeat_interleave.Tensor:  # without output_size it reads the counts
         return kwargs.get("output_size") is None
-    if func is _aten._to_copy.default:  # .cpu(), .tolist() of a device tensor
+    if func is _aten._to_copy.default:  # .cpu() / .tolist() of a device tensor, or .to(device)
         device = kwargs.get("device")
-        return _on_device(args[0]) and device is not None and torch.device(device).type == "cpu"
-    if func is _aten.copy_.default:  # a host tensor filled from a device one
-        return _on_device(args[1]) and not _on_device(args[0])
+        if device is None or _on_device(args[0]) == (torch.device(device).type != "cpu"):
+            return False
+        return _on_device(args[0]) or not kwargs.get("non_blocking", False)
+    if func is _aten.copy_.default:  # device -> host, or a blocking host -> device copy
+        dst, src = args[0], args[1]
+        if _on_device(dst) == _on_device(src):
+            return False
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        return _on_device(src) or blocking
     if func in _BOOL_INDEXING and len(args) > 1:  # x[mask]: a nonzero inside
         return any(
             isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
@@ -64,7 +74,8 @@ def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
 class HostSyncCounter(TorchDispatchMode):
     """A context manager counting torch operators (``ops``) and those among them that
     synchronise the host with a CUDA device (``syncs``; by name in ``sync_ops``): reads of a
-    value, data-dependent output sizes, and copies from the device to the host. On the CPU the
+    value, data-dependent output sizes, copies from the device to the host and blocking copies
+    from the host to the device. On the CPU the
     same code counts the same, except reads of a CPU tensor's values that bypass torch's
     operators (``tolist``, ``numpy``), which are free there."""
 

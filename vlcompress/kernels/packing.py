@@ -130,7 +130,7 @@ def packed_to_padded(
     """Packed rows ``(total, ...)`` with cumulative lengths ``cu`` -> right-padded
     ``(B, length, ...)`` (zeros at padding) and its mask, without reading the device. Sequences
     longer than ``length`` are cut."""
-    cu = cu.to(packed.device, torch.int64)
+    cu = cu.to(packed.device, torch.int64, non_blocking=True)
     mask = length_mask(cu, length)
     shape = (*mask.shape, *packed.shape[1:])
     if packed.shape[0] == 0:
@@ -146,7 +146,7 @@ def padded_to_packed(padded: torch.Tensor, cu: torch.Tensor, total: int) -> torc
     """The inverse of :func:`packed_to_padded`: right-padded ``(B, L, ...)`` -> the first
     ``cu[b + 1] - cu[b]`` positions of each row, packed ``(total, ...)``, without reading the
     device (``total`` = ``cu[-1]``, known to the caller)."""
-    cu = cu.to(padded.device, torch.int64)
+    cu = cu.to(padded.device, torch.int64, non_blocking=True)
     pos = torch.arange(total, device=padded.device)
     row = torch.searchsorted(cu[1:].contiguous(), pos, right=True)
     return padded.flatten(0, 1).index_select(0, row * padded.shape[1] + pos - cu[row])

@@ -61,6 +61,8 @@ class MCANConfig:
             whole encoder / decoder runs on the real tokens only (projections, FFNs and
             LayerNorms included); the layers' inputs and outputs are then ``(total, D)``.
             Both packed modes find the real tokens once per forward (one device read each).
+        packed_attention: the earlier name of ``packing: attention`` (``true``), kept so that
+            configs and exports that carry it still load.
         width_adapters: BST's input adapters (seed 001), needed for width slimming: a linear
             layer + LayerNorm after the LSTM (``lang_adapter``) and a LayerNorm after the
             visual input projection (``visual_norm``), so that both streams can enter the
@@ -87,6 +89,7 @@ class MCANConfig:
     width_adapters: bool = False
     lstm_size: int | None = field(default=None, metadata=in_range(1))
     packing: Literal["padded", "attention", "stack"] = "padded"
+    packed_attention: bool | None = None
 
     @property
     def head_dim(self) -> int:
@@ -105,6 +108,13 @@ class MCANConfig:
                 f"MCAN lstm_size ({self.lstm_size}) differs from hidden_size "
                 f"({self.hidden_size}); that needs width_adapters: true (the LSTM output goes "
                 "through lang_adapter to the hidden size)."
+            )
+        if self.packed_attention and self.packing == "padded":
+            object.__setattr__(self, "packing", "attention")
+        elif self.packed_attention and self.packing != "attention":
+            raise ValueError(
+                f"MCAN packed_attention: true means packing: attention, but packing is "
+                f"{self.packing!r}; drop packed_attention."
             )
         if self.packing not in ("padded", "attention", "stack"):
             raise ValueError(
