@@ -294,14 +294,18 @@ class SingleStreamVQA(nn.Module):
 
     def question(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The question ids and bool mask without the trailing columns that are padding in
-        every question (masked out anyway, and a full token of cost in every layer).
+        every question (masked out anyway, and a full token of cost in every layer; packed,
+        they cost nothing, and are kept unless the position table is too short for them).
 
         Raises:
             ValueError: for questions longer than the position table.
         """
+        limit = self.options.max_position_embeddings
+        if self.options.packing == "stack" and batch.text_ids.shape[1] <= limit:
+            # padded columns cost nothing packed: no need to read the device to trim them
+            return batch.text_ids, batch.text_mask.bool()
         real = batch.text_mask.any(0).nonzero()
         length = int(real.max()) + 1 if len(real) else 1
-        limit = self.options.max_position_embeddings
         if length > limit:
             raise ValueError(
                 f"{self.display_name} has position embeddings for {limit} tokens, the batch "
