@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -502,21 +503,88 @@ class CompressionCallback(*CALLBACK_BASES):
             ) from e
         return anatomy
 
+    # ------------------------------------------------------------------ preflight
+    def preflight(self, model: nn.Module) -> list[str]:
+        """Every problem this callback would hit on ``model``, found before training.
+
+        ``model`` is the module the callback compresses (what ``model_attr`` picks: a
+        vlcompress task's ``.model``). The checks look only at its structure and at paths, so
+        they are cheap and work on a model built on the meta device (``with
+        torch.device("meta"): model = ...``): no forward, no data, no weights read.
+        ``python -m vlcompress validate`` calls it before a run claims its folder, and
+        :meth:`setup` raises ``ValueError`` with the same problems: one source of truth.
+
+        The base reports the anatomy problems (when :attr:`requires_anatomy`); a subclass
+        returns ``super().preflight(model) + its own`` (:meth:`preflight_anatomy` gives the
+        anatomy to check against). Each problem is one sentence that names the option and the
+        fix and reads well after a ``callbacks[i]: `` prefix.
+
+        Args:
+            model: the module to compress (possibly on the meta device).
+
+        Returns:
+            The problems, one string each; empty when the callback can run on ``model``.
+        """
+        if not self.requires_anatomy:
+            return []
+        try:
+            self._anatomy_of(model)
+        except (TypeError, ValueError) as e:
+            return [str(e)]
+        return []
+
+    def preflight_anatomy(self, model: nn.Module) -> Anatomy | None:
+        """The anatomy of ``model`` for a subclass's :meth:`preflight`, or ``None`` when it
+        cannot be found (the base :meth:`preflight` reports why) or is not required."""
+        if not self.requires_anatomy:
+            return None
+        try:
+            return self._anatomy_of(model)
+        except (TypeError, ValueError):
+            return None
+
+    def _anatomy_of(self, model: nn.Module) -> Anatomy:
+        """:meth:`find_anatomy`, reusing the anatomy already found for ``model``."""
+        if model is self._model and self._anatomy is not None:
+            return self._anatomy
+        cached = self.__dict__.get("_preflight_cache")  # (weakref to the model, anatomy)
+        if cached is not None and cached[0]() is model:
+            return cached[1]
+        anatomy = self.find_anatomy(model)
+        self._preflight_cache = (weakref.ref(model), anatomy)
+        return anatomy
+
+    def _raise_preflight(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` with :meth:`preflight`'s problems (from :meth:`setup`)."""
+        problems = self.preflight(model)
+        self.__dict__.pop("_preflight_cache", None)
+        if problems:
+            raise ValueError(f"{self.state_key}: " + "; ".join(problems))
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Remember the trainer, agree on the seed, find the model and its anatomy.
+        """Remember the trainer, agree on the seed, find the model and its anatomy, and run
+        :meth:`preflight` on it (once per model).
 
         Subclasses overriding it call ``super().setup(trainer, pl_module, stage)`` first.
+
+        Raises:
+            TypeError: the model's structure is not recognised (see :meth:`find_anatomy`).
+            ValueError: a problem :meth:`preflight` found, or an anatomy that does not match.
         """
         self._trainer = trainer
         if self._seed is None:
             self._seed = int(self.decide(lambda: torch.initial_seed() % _SEED_LIMIT))
-        if not self.requires_anatomy:
-            return
         model = self._resolve_model(pl_module)
+        if not self.requires_anatomy:
+            if model is not self._model:
+                self._raise_preflight(model)
+                self._model = model
+            return
         if self._anatomy is None or model is not self._model:
             self._anatomy = self.find_anatomy(model)
             self._model = model
+            self._raise_preflight(model)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Forget the trainer (the model, anatomy and state stay for :meth:`report`)."""
