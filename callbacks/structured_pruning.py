@@ -78,8 +78,10 @@ class StructuredPruning(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(seed=seed, model_attr=model_attr, patterns=patterns, name=name)
-        self.heads = parse_sparsity(heads, "StructuredPruning: heads")
-        self.neurons = parse_sparsity(neurons, "StructuredPruning: neurons")
+        self.heads = parse_sparsity(heads, "StructuredPruning: heads", "attention heads removed")
+        self.neurons = parse_sparsity(
+            neurons, "StructuredPruning: neurons", "FFN units (neurons) removed"
+        )
         self.importance = self.check_argument("importance", importance, str, choices=IMPORTANCES)
         self.ranking = self.check_argument("ranking", ranking, str, choices=RANKINGS)
         self.check_argument("schedule", schedule, str, choices=SCHEDULES)
@@ -105,23 +107,70 @@ class StructuredPruning(CompressionCallback):
         self._blocks: dict[str, tuple[str, str, str]] = {}  # key -> (kind, name, modality)
 
     # ------------------------------------------------------------------ set-up
+    def _select(self, anatomy: Any) -> dict[str, tuple[str, str, str]]:
+        """The blocks to gate: ``"head:<name>"`` / ``"ffn:<name>"`` -> (kind, name, modality)."""
+        blocks: dict[str, tuple[str, str, str]] = {}
+        for a in anatomy.attentions:
+            if target_for(self.heads, a.modality.value):
+                blocks[f"head:{a.name}"] = ("head", a.name, a.modality.value)
+        for f in anatomy.ffns:
+            if target_for(self.neurons, f.modality.value):
+                blocks[f"ffn:{f.name}"] = ("ffn", f.name, f.modality.value)
+        return blocks
+
+    def preflight(self, model: Any) -> list[str]:
+        """The anatomy's problems, per-modality targets naming a modality without blocks, and
+        nothing to prune (e.g. ``heads=0`` and ``neurons=0``, the defaults)."""
+        problems = super().preflight(model)
+        anatomy = self.preflight_anatomy(model)
+        if anatomy is None:
+            return problems
+        has = {
+            "heads": sorted({a.modality.value for a in anatomy.attentions}),
+            "neurons": sorted({f.modality.value for f in anatomy.ffns}),
+        }
+        blocks = {"heads": "attention blocks", "neurons": "FFN blocks"}
+        for arg, targets in (("heads", self.heads), ("neurons", self.neurons)):
+            for key in targets:
+                if key != "default" and key not in has[arg]:
+                    problems.append(
+                        f"{self._opt(arg)}[{key!r}]: {type(model).__name__} has no "
+                        f"{blocks[arg]} of modality {key!r} (its {blocks[arg]} are in "
+                        f"{has[arg]}); name those modalities, or 'default'"
+                    )
+        if not self._select(anatomy):
+            example = self.advise(
+                lightning="StructuredPruning(heads=0.5) or StructuredPruning(neurons=0.5)",
+                vlcompress="callbacks=[{name: structured_pruning, options: {heads: 0.5}}]",
+            )
+            problems.append(
+                f"nothing to prune: {self._opt('heads')}={self._shown(self.heads)} and "
+                f"{self._opt('neurons')}={self._shown(self.neurons)} remove no attention head "
+                f"and no FFN unit of {type(model).__name__} (attention blocks in "
+                f"{has['heads']}, FFN blocks in {has['neurons']}); set heads to the fraction "
+                f"of attention heads to remove and/or neurons to the fraction of FFN units, "
+                f"e.g. {example}"
+            )
+        return problems
+
+    def _opt(self, arg: str) -> str:
+        return self.advise(lightning=arg, vlcompress=f"options.{arg}")
+
+    @staticmethod
+    def _shown(targets: Mapping[str, float]) -> Any:
+        return targets["default"] if list(targets) == ["default"] else dict(targets)
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Find the blocks to prune and put the gates on them."""
+        """Find the blocks to prune and put the gates on them.
+
+        Raises:
+            ValueError: the problems of :meth:`preflight` (nothing to prune, a modality
+                without blocks).
+        """
         super().setup(trainer, pl_module, stage)
         if self._blocks or self.kept:
             return
-        for a in self.anatomy.attentions:
-            if target_for(self.heads, a.modality.value):
-                self._blocks[f"head:{a.name}"] = ("head", a.name, a.modality.value)
-        for f in self.anatomy.ffns:
-            if target_for(self.neurons, f.modality.value):
-                self._blocks[f"ffn:{f.name}"] = ("ffn", f.name, f.modality.value)
-        if not self._blocks:
-            raise ValueError(
-                f"{self.state_key}: nothing to prune with heads={self.heads}, "
-                f"neurons={self.neurons}: the anatomy's blocks are in modalities "
-                f"{sorted({m.value for m in self.anatomy.modalities()})}"
-            )
+        self._blocks = self._select(self.anatomy)
         if not self.gates:
             self.gates = {k: self._ones(k) for k in self._blocks}
         self._attach()

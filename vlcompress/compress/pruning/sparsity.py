@@ -16,7 +16,7 @@ MODALITY_KEYS = ("language", "vision", "cross")
 """Modalities a per-modality sparsity may name (the anatomy's :class:`Modality` values)."""
 
 
-def _check_fraction(value: Any, what: str) -> float:
+def _check_fraction(value: Any, what: str, meaning: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"{what} must be a number in [0, 1); got {value!r} ({type(value).__name__})"
@@ -24,14 +24,15 @@ def _check_fraction(value: Any, what: str) -> float:
     value = float(value)
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise ValueError(
-            f"{what} must be in [0, 1) (the fraction of weights zeroed; 0.9 keeps 10%); "
-            f"got {value!r}"
+            f"{what} must be in [0, 1) (the fraction of {meaning}; 0.9 keeps 10%); got {value!r}"
         )
     return value
 
 
-def parse_sparsity(spec: float | Mapping[str, float], what: str = "sparsity") -> dict[str, float]:
-    """Normalise a sparsity target to ``{modality: fraction zeroed}``.
+def parse_sparsity(
+    spec: float | Mapping[str, float], what: str = "sparsity", meaning: str = "weights zeroed"
+) -> dict[str, float]:
+    """Normalise a sparsity target to ``{modality: fraction removed}``.
 
     Args:
         spec: one fraction for every modality (``0.5``), or a mapping naming modalities
@@ -39,6 +40,8 @@ def parse_sparsity(spec: float | Mapping[str, float], what: str = "sparsity") ->
             mapping is not pruned. ``"default"`` in the mapping applies to the modalities it
             does not name.
         what: the argument's name, for messages.
+        meaning: what the fraction counts, for messages (``"weights zeroed"``; structured
+            pruning: ``"attention heads removed"``).
 
     Returns:
         ``{"language"|"vision"|"cross"|"default": fraction}``; a plain number comes back as
@@ -56,11 +59,11 @@ def parse_sparsity(spec: float | Mapping[str, float], what: str = "sparsity") ->
                     f"{what}: unknown modality {key!r}; use {list(MODALITY_KEYS)} (or 'default' "
                     "for the modalities not named)"
                 )
-            out[str(key)] = _check_fraction(value, f"{what}[{key!r}]")
+            out[str(key)] = _check_fraction(value, f"{what}[{key!r}]", meaning)
         if not out:
             raise ValueError(f"{what}: the mapping is empty; name at least one modality")
         return out
-    return {"default": _check_fraction(spec, what)}
+    return {"default": _check_fraction(spec, what, meaning)}
 
 
 def target_for(targets: Mapping[str, float], modality: str) -> float | None:
