@@ -15,6 +15,7 @@ Images are decoded once into a ``uint8`` cache (``.npy``) and served from memory
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ from vlcompress.data import (
 )
 from vlcompress.data.contract import TEXT_ENCODINGS
 from vlcompress.data.text import wordpiece_tokenizer
+from vlcompress.data.vqa_files import MissingInputsError, data_dir_problems, tokenizer_problems
 from vlcompress.options import choices
 from vlcompress.registry import register
 from vlcompress.utils.io import atomic_write_bytes
@@ -48,6 +50,9 @@ __all__ = ["EasyVQADataModule", "EasyVQAOptions", "question_type", "wordpiece_to
 YES_NO = frozenset({"yes", "no"})
 _VERIFIED: set[tuple[str, int]] = set()  # caches whose checksum this process has verified
 NUM_ANNOTATORS = 10
+EXPECTED = ("answers.txt", "train/questions.json", "test/questions.json", "train/images/",
+            "test/images/")  # fmt: skip
+"""What an easy-VQA data folder holds (images named ``<image_id>.png``)."""
 
 
 def default_data_dir() -> Path:
@@ -114,7 +119,8 @@ class EasyVQADataModule(VQADataModule):
 
     Raises:
         ValueError: for a bad split name or fractions out of range.
-        FileNotFoundError: when ``data_dir`` lacks the expected files.
+        MissingInputsError: (a ``FileNotFoundError``) at ``prepare_data`` / ``setup``, listing
+            every missing input (see :meth:`missing_inputs`).
 
     Example::
 
@@ -148,22 +154,43 @@ class EasyVQADataModule(VQADataModule):
         """The data folder in use."""
         return self.data_dir if self.data_dir is not None else default_data_dir()
 
-    def _check_files(self) -> None:
-        root = self.root
-        expected = [
-            "answers.txt",
-            "train/questions.json",
-            "test/questions.json",
-            "train/images/",
-            "test/images/",
-        ]
-        missing = [e for e in expected if not (root / e).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"easy-VQA data folder {str(root)!r} is missing {missing}. Expected "
-                f"{expected} (images named <image_id>.png). The data ships with the `easy-vqa` "
-                "package (`pip install easy-vqa`); leave data.options.data_dir unset to use it."
+    @classmethod
+    def missing_inputs(cls, options: EasyVQAOptions) -> list[str]:
+        """Every problem with the inputs ``options`` name, one line each (``[]``: none).
+
+        Checks existence only (the package is located, not imported; nothing is decoded): the
+        data folder (``data_dir``, or the ``easy-vqa`` package's when unset) and the
+        ``wordpiece`` tokenizer folder.
+        """
+        problems = []
+        if options.data_dir:
+            problems += data_dir_problems(
+                options.data_dir,
+                EXPECTED,
+                obtain="Images are named <image_id>.png. The data ships with the `easy-vqa` "
+                "package (`pip install easy-vqa`): leave data.options.data_dir unset to use it.",
             )
+        else:
+            spec = importlib.util.find_spec("easy_vqa")
+            if spec is None or spec.origin is None:
+                problems.append(
+                    "data.options.data_dir is unset and the `easy-vqa` package (whose data it "
+                    "defaults to) is not installed: `pip install easy-vqa`, or set "
+                    f"data.options.data_dir to a folder holding {', '.join(EXPECTED)}."
+                )
+            else:
+                problems += data_dir_problems(
+                    str(Path(spec.origin).parent / "data"),
+                    EXPECTED,
+                    obtain="Reinstall the package: `pip install --force-reinstall easy-vqa`.",
+                    option="data.options.data_dir (unset: the `easy-vqa` package's data)",
+                )
+        return problems + tokenizer_problems(options.text_encoding, options.tokenizer)
+
+    def _check_files(self) -> None:
+        problems = self.missing_inputs(self.options)
+        if problems:
+            raise MissingInputsError("easy_vqa", problems)
 
     def _cache_path(self, part: str) -> Path:
         key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:10]

@@ -58,7 +58,6 @@ from torch.utils.data import DataLoader
 
 from vlcompress.data import RegionStore, VLBatch
 from vlcompress.data.answers import AnswerVocab
-from vlcompress.data.vqa_files import check_files
 from vlcompress.datamodules.vqa_v2 import RegionsDataOptions, RegionsVQADataModule
 from vlcompress.options import choices, in_range
 from vlcompress.registry import register
@@ -303,8 +302,8 @@ class GQADataModule(RegionsVQADataModule):
 
     Raises:
         ValueError: for bad options (see :class:`GQAOptions`).
-        FileNotFoundError: at set-up, for an unset ``data_dir``, missing question files or
-            region store (naming the files expected and where to get them).
+        MissingInputsError: (a ``FileNotFoundError``) at set-up, listing every missing input
+            with where to get it (see :meth:`missing_inputs`).
 
     Example::
 
@@ -315,57 +314,46 @@ class GQADataModule(RegionsVQADataModule):
     options_class = GQAOptions
     benchmark = "gqa"
     files: ClassVar[dict[str, tuple[str, ...]]] = GQA_FILES
+    data_dir_env = "GQA_DIR"
+    feature_tsvs = "vg_gqa_obj36.tsv gqa_testdev_obj36.tsv"
+    features = LXMERT_FEATURES
+    other_features = ""
     obtain = (
         f"Download questions1.2.zip (GQA 1.2 questions) from {GQA_SITE} and unzip the "
         "balanced files into that folder."
     )
 
     # ------------------------------------------------------------------ files
+    @staticmethod
+    def _part_files(options: GQAOptions) -> dict[str, str]:
+        out = {"train": GQA_FILES["train"][0]}
+        if options.val_source == "val":
+            out["val"] = GQA_FILES["val"][0]
+        out["test"] = options.test_questions
+        return out
+
     @property
     def part_files(self) -> dict[str, str]:
         """The question file of each part read (``val`` only with ``val_source: val``)."""
-        o = self.options
-        out = {"train": GQA_FILES["train"][0]}
-        if o.val_source == "val":
-            out["val"] = GQA_FILES["val"][0]
-        out["test"] = o.test_questions
-        return out
+        return self._part_files(self.options)
 
-    def _check_files(self) -> None:
-        check_files(self.root, list(self.part_files.values()), self.obtain)
-
-    def _open_regions(self) -> RegionStore:
-        """The region store, or an error naming GQA's feature files and the command.
-
-        Raises:
-            FileNotFoundError: when the store does not exist (or is unfinished).
-        """
-        path = self.regions_path
-        try:
-            return RegionStore(path)
-        except FileNotFoundError as e:
-            partial = path.with_name(path.name + ".partial")
-            hint = (
-                f" A conversion was started but not finished ({partial}): rerun the same command "
-                "to continue it."
-                if partial.exists()
-                else ""
-            )
-            raise FileNotFoundError(
-                f"gqa: no region store at {str(path)!r}.{hint} Convert {LXMERT_FEATURES} once: "
-                f"`python -m vlcompress prepare gqa --tsv vg_gqa_obj36.tsv gqa_testdev_obj36.tsv "
-                f"--out {path}`, or set data.options.regions_dir to an existing store."
-            ) from e
+    @classmethod
+    def required_files(cls, options: GQAOptions) -> list[str]:
+        """The question files ``options.data_dir`` must hold (the val file only with
+        ``val_source: val``; the test file is ``test_questions``)."""
+        return list(cls._part_files(options).values())
 
     def prepare_data(self) -> None:
-        """Check that the question files and the region store exist (nothing is downloaded or
-        converted here: ``python -m vlcompress prepare gqa`` converts the features once).
+        """Check that the question files, the region store and the tokenizer exist (nothing is
+        downloaded or converted here: ``python -m vlcompress prepare gqa`` converts the
+        features once).
 
         Raises:
-            FileNotFoundError: naming what is missing, where, and how to obtain it.
+            MissingInputsError: (a ``FileNotFoundError``) listing every problem at once, each
+                with where and how to obtain the input.
         """
-        self._check_files()
-        self._open_regions()
+        self._require_inputs()
+        RegionStore(self.regions_path)
 
     def _load(self) -> tuple[GQAPart, list[str]]:
         """Every part's questions and the part of each (``train`` / ``val`` / ``test``).
@@ -410,15 +398,15 @@ class GQADataModule(RegionsVQADataModule):
         training split, the one-hot targets, the text encoding and the split (idempotent).
 
         Raises:
-            FileNotFoundError: for missing question files or region store.
+            MissingInputsError: (a ``FileNotFoundError``) listing every missing input at once.
             ValueError: for malformed files, unlabelled test questions (unless
                 ``allow_unlabelled_test``), questions whose image has no features (unless
                 ``drop_missing_images``), or an empty answer vocabulary.
         """
         if self._ready:
             return
-        self._check_files()
-        self.regions = self._open_regions()
+        self._require_inputs()
+        self.regions = RegionStore(self.regions_path)
         o = self.options
         data, parts = self._load()
         keep = self._keep_with_features(data, data.image_id)

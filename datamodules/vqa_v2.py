@@ -44,10 +44,13 @@ from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.data.vqa_files import (
     VQA_CP_V2_FILES,
     VQA_V2_FILES,
+    MissingInputsError,
     VQAPart,
-    check_files,
+    data_dir_problems,
     expected_files,
     load_vqa_part,
+    regions_problems,
+    tokenizer_problems,
 )
 from vlcompress.metrics.vqa_eval import normalize_answer, soft_score
 from vlcompress.options import check_fields, choices, in_range
@@ -66,6 +69,14 @@ __all__ = [
 
 REGIONS_DIR = "regions_obj36"
 ANSWER_TYPES = ("yes/no", "number", "other")
+COCO_FEATURES = (
+    "LXMERT's obj36 features (data/mscoco_imgfeat/{train2014,val2014}_obj36.zip of "
+    "https://github.com/airsplay/lxmert, unzipped)"
+)
+CLIP_GRID = (
+    "; CLIP grid features of the COCO images instead: `python -m vlcompress prepare clip-grid "
+    "--images <train2014> <val2014> --checkpoint RN50.pt --out {out}`"
+)
 
 
 @dataclass(frozen=True)
@@ -157,14 +168,21 @@ def soft_targets(
 
 class RegionsVQADataModule(VQADataModule):
     """What ``vqa_v2``, ``vqa_cp_v2`` and ``gqa`` share: files, region store, answers,
-    loaders. A subclass sets :attr:`options_class`, :attr:`benchmark`, :attr:`files` and
-    :attr:`obtain`."""
+    loaders. A subclass sets :attr:`options_class`, :attr:`benchmark`, :attr:`files`,
+    :attr:`obtain`, :attr:`data_dir_env` and :attr:`features`."""
 
     visual_input = "regions"
     options_class: ClassVar[type[RegionsDataOptions]] = VQAv2Options
     benchmark: ClassVar[str] = ""
     files: ClassVar[dict[str, tuple[str, ...]]] = {}
     obtain: ClassVar[str] = ""
+    data_dir_env: ClassVar[str | None] = None
+    """The environment variable the shipped experiments read ``data_dir`` from."""
+    feature_tsvs: ClassVar[str] = "train2014_obj36.tsv val2014_obj36.tsv"
+    features: ClassVar[str] = COCO_FEATURES
+    """Where the files of ``feature_tsvs`` come from."""
+    other_features: ClassVar[str] = CLIP_GRID
+    """Other stores the module reads and how to make them (``{out}``: the store's path)."""
 
     def __init__(
         self, options: RegionsDataOptions | None = None, seed: int = 0, **overrides: Any
@@ -178,18 +196,55 @@ class RegionsVQADataModule(VQADataModule):
         self._ready = False
 
     # ------------------------------------------------------------------ files
+    @classmethod
+    def required_files(cls, options: RegionsDataOptions) -> list[str]:
+        """The files ``options.data_dir`` must hold."""
+        return expected_files(cls.files)
+
+    @classmethod
+    def missing_inputs(cls, options: RegionsDataOptions) -> list[str]:
+        """Every problem with the inputs ``options`` name, one line each (``[]``: none).
+
+        Checks existence only (nothing is loaded): the question / annotation files in
+        ``data_dir``, the region store and the ``wordpiece`` tokenizer folder. Each line names
+        the option to set and how to obtain the input; each expected file is named once.
+        """
+        make = (
+            f"make it once from {cls.features} with `python -m vlcompress prepare "
+            f"{cls.benchmark} --tsv {cls.feature_tsvs} --out {{out}}`{cls.other_features}"
+        )
+        return [
+            *data_dir_problems(
+                options.data_dir,
+                cls.required_files(options),
+                obtain=cls.obtain,
+                env=cls.data_dir_env,
+            ),
+            *regions_problems(options.data_dir, options.regions_dir, REGIONS_DIR, make),
+            *tokenizer_problems(options.text_encoding, options.tokenizer),
+        ]
+
+    def _require_inputs(self) -> None:
+        """Raise :class:`MissingInputsError` listing every problem of :meth:`missing_inputs`."""
+        problems = self.missing_inputs(self.options)
+        if problems:
+            raise MissingInputsError(self.benchmark, problems)
+
     @property
     def root(self) -> Path:
         """The folder of the question and annotation files.
 
         Raises:
-            FileNotFoundError: when ``data_dir`` is not set (it has no default).
+            MissingInputsError: when ``data_dir`` is not set (it has no default).
         """
         if not self.options.data_dir:
-            raise FileNotFoundError(
-                f"{self.benchmark}: data_dir is not set; set data.options.data_dir to the folder "
-                f"holding {expected_files(self.files)}. {self.obtain}"
-            )
+            raise MissingInputsError(
+                self.benchmark,
+                data_dir_problems(
+                    None, self.required_files(self.options), obtain=self.obtain,
+                    env=self.data_dir_env,
+                ),
+            )  # fmt: skip
         return Path(self.options.data_dir)
 
     @property
@@ -206,17 +261,19 @@ class RegionsVQADataModule(VQADataModule):
         :func:`vlcompress.data.regions.convert_obj36`; ``python -m vlcompress prepare``)."""
         return convert_obj36(tsv, out, dtype=dtype, max_boxes=max_boxes)
 
-    def _check_files(self) -> None:
-        check_files(self.root, expected_files(self.files), self.obtain)
-
     def _load_parts(self) -> list[tuple[str, VQAPart]]:
         """The benchmark's parts as ``("train" | "test", part)``."""
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        """Check that the JSON files and the region store exist (nothing is downloaded or
-        converted here: ``python -m vlcompress prepare`` converts the features once)."""
-        self._check_files()
+        """Check that the JSON files, the region store and the tokenizer exist (nothing is
+        downloaded or converted here: ``python -m vlcompress prepare`` converts the features
+        once).
+
+        Raises:
+            MissingInputsError: (a ``FileNotFoundError``) listing every problem at once.
+        """
+        self._require_inputs()
         RegionStore(self.regions_path)
 
     # ------------------------------------------------------------------ set-up
@@ -225,13 +282,13 @@ class RegionsVQADataModule(VQADataModule):
         targets and the split (idempotent).
 
         Raises:
-            FileNotFoundError: for missing JSON files or region store.
+            MissingInputsError: (a ``FileNotFoundError``) listing every missing input at once.
             ValueError: for questions whose image has no features (unless
                 ``drop_missing_images``), or malformed files.
         """
         if self._ready:
             return
-        self._check_files()
+        self._require_inputs()
         self.regions = RegionStore(self.regions_path)
         o = self.options
         parts, data = [], VQAPart()
@@ -403,7 +460,8 @@ class VQAv2DataModule(RegionsVQADataModule):
 
     Raises:
         ValueError: for bad options (see :class:`VQAv2Options`).
-        FileNotFoundError: at set-up, for an unset ``data_dir``, missing files or region store.
+        MissingInputsError: (a ``FileNotFoundError``) at set-up, listing every missing input
+            (see :meth:`missing_inputs`).
 
     Example::
 
@@ -413,6 +471,7 @@ class VQAv2DataModule(RegionsVQADataModule):
 
     benchmark = "vqa_v2"
     files = VQA_V2_FILES
+    data_dir_env = "VQA_DIR"
     obtain = (
         "Download and unzip the VQA v2 questions and annotations (train and val 2014) from "
         "https://visualqa.org/download.html into that folder."
@@ -439,7 +498,8 @@ class VQACPv2DataModule(RegionsVQADataModule):
 
     Raises:
         ValueError: for bad options (see :class:`VQAv2Options`).
-        FileNotFoundError: at set-up, for an unset ``data_dir``, missing files or region store.
+        MissingInputsError: (a ``FileNotFoundError``) at set-up, listing every missing input
+            (see :meth:`missing_inputs`).
 
     Example::
 
@@ -449,6 +509,7 @@ class VQACPv2DataModule(RegionsVQADataModule):
 
     benchmark = "vqa_cp_v2"
     files = VQA_CP_V2_FILES
+    data_dir_env = "VQACP_DIR"
     obtain = (
         "Download the VQA-CP v2 files (vqacp_v2_{train,test}_{questions,annotations}.json) "
         "from https://www.cc.gatech.edu/grads/a/aagrawal307/vqa-cp/ into that folder."

@@ -167,15 +167,26 @@ def test_missing_json_lists_expected_files(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         dm.setup()
     msg = str(e.value)
-    assert "missing ['v2_mscoco_val2014_annotations.json']" in msg
-    assert "v2_OpenEnded_mscoco_train2014_questions.json" in msg and "visualqa.org" in msg
+    assert (
+        f"data.options.data_dir: {str(tmp_path)!r} lacks v2_mscoco_val2014_annotations.json" in msg
+    )
+    assert "its other 3 expected file(s) are there" in msg and "visualqa.org" in msg
+    assert msg.count("v2_mscoco_val2014_annotations.json") == 1
 
 
 def test_missing_region_store_says_how_to_make_it(tmp_path):
     write_vqa_v2(tmp_path)
     dm = registry.build("datamodule", "vqa_v2", {"data_dir": str(tmp_path)}, seed=0)
-    with pytest.raises(FileNotFoundError, match="python -m vlcompress prepare <benchmark> --tsv"):
+    with pytest.raises(FileNotFoundError) as e:
         dm.prepare_data()
+    msg = str(e.value)
+    out = tmp_path / "regions_obj36"
+    assert f"data.options.regions_dir (unset: <data_dir>/regions_obj36): {str(out)!r}" in msg
+    assert (
+        "`python -m vlcompress prepare vqa_v2 --tsv train2014_obj36.tsv val2014_obj36.tsv "
+        f"--out {out}`" in msg
+    )
+    assert "prepare clip-grid" in msg and "data_dir:" not in msg  # the JSON files are there
 
 
 def test_question_without_features_is_named_or_dropped(tmp_path):

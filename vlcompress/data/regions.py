@@ -57,6 +57,7 @@ __all__ = [
     "convert_obj36",
     "parse_obj36_line",
     "read_obj36_tsv",
+    "store_problem",
 ]
 
 OBJ36_FIELDS = (
@@ -245,6 +246,31 @@ def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
     return buf.getvalue()
 
 
+def store_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a finished region store, or ``None`` when it is one (existence
+    checks only: nothing is read, so it is cheap enough for configuration validation).
+
+    Returns:
+        A phrase to follow the path (``"does not exist"``, ``"holds no region store ..."``,
+        ``"is unfinished ..."``), or ``None`` when the manifest is there.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return None
+    partial = path.with_name(path.name + ".partial")
+    if partial.exists():
+        return (
+            f"is unfinished: a conversion was started in {str(partial)!r}; rerun the same "
+            "prepare command to continue it"
+        )
+    if not path.exists():
+        return "does not exist"
+    return (
+        f"holds no region store (a store has {MANIFEST}, "
+        f"{', '.join(a + '.npy' for a in _ARRAYS)} and {IMAGE_IDS})"
+    )
+
+
 class RegionStore:
     """A converted region-feature folder, read through memory maps (see the module docstring).
 
@@ -265,18 +291,11 @@ class RegionStore:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         manifest = self.path / MANIFEST
-        if not manifest.is_file():
-            partial = self.path.with_name(self.path.name + ".partial")
-            hint = (
-                f" A conversion was started but not finished ({partial}); rerun the same "
-                "prepare command to continue it."
-                if partial.exists()
-                else ""
-            )
+        problem = store_problem(self.path)
+        if problem is not None:
             raise FileNotFoundError(
-                f"no region store at {str(self.path)!r} (expected {MANIFEST}, "
-                f"{', '.join(a + '.npy' for a in _ARRAYS)}, {IMAGE_IDS}).{hint} Convert LXMERT's "
-                "obj36 TSV files once with `python -m vlcompress prepare <benchmark> --tsv "
+                f"region store {str(self.path)!r} {problem}. Convert LXMERT's obj36 TSV files "
+                "once with `python -m vlcompress prepare <benchmark> --tsv "
                 f"<train2014_obj36.tsv> <val2014_obj36.tsv> --out {self.path}`; CLIP grid "
                 "features of the COCO images (CLIP-ViL) with `python -m vlcompress prepare "
                 f"clip-grid --images <train2014> <val2014> --checkpoint RN50.pt --out {self.path}`."

