@@ -18,6 +18,7 @@ from vlcompress.data.regions import (
     convert_obj36,
     parse_obj36_line,
     read_obj36_tsv,
+    store_problem,
 )
 
 IMAGES = [
@@ -226,6 +227,20 @@ def test_input_errors(tsv, tmp_path):
     write_obj36_tsv(other_dim, IMAGES[:1], dim=DIM * 2)
     with pytest.raises(RegionFileError, match="128 values per region, the earlier rows have 64"):
         convert_obj36([path, other_dim], tmp_path / "m", progress=False)
+
+
+def test_store_problem_existence_checks(tsv, tmp_path):
+    path, _ = tsv
+    assert store_problem(tmp_path / "nothing") == "does not exist"
+    (tmp_path / "empty").mkdir()
+    assert store_problem(tmp_path / "empty").startswith("holds no region store (a store has")
+    (tmp_path / "half.partial").mkdir()
+    assert store_problem(tmp_path / "half").startswith(
+        f"is unfinished: a conversion was started in {str(tmp_path / 'half.partial')!r}"
+    )
+    with pytest.raises(FileNotFoundError, match=r"'.*half' is unfinished.*rerun the same"):
+        RegionStore(tmp_path / "half")
+    assert store_problem(convert_obj36([path], tmp_path / "s", progress=False)) is None
 
 
 def test_store_errors_and_pickling(tsv, tmp_path):
