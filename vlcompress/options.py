@@ -17,9 +17,10 @@ directly in Python.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
-__all__ = ["check_fields", "choices", "field_problem", "in_range"]
+__all__ = ["check_fields", "choices", "field_problem", "in_range", "local_path", "path_problem"]
 
 
 def choices(*values: Any) -> dict[str, Any]:
@@ -33,6 +34,31 @@ def in_range(
     """Field metadata: ``lo <= value`` (``<`` when ``lo_open``) and ``value < hi`` (``<=``
     when not ``hi_open``)."""
     return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+
+def local_path(kind: str = "file_or_dir") -> dict[str, Any]:
+    """Field metadata: a local path that must exist when set (``file``, ``dir`` or
+    ``file_or_dir``); ``python -m vlcompress validate`` checks it before anything runs."""
+    if kind not in ("file", "dir", "file_or_dir"):
+        raise ValueError(f"local_path: kind must be 'file', 'dir' or 'file_or_dir', got {kind!r}")
+    return {"path": kind}
+
+
+def path_problem(meta: Any, value: Any) -> str | None:
+    """What is wrong with the path ``value`` under the field metadata ``meta`` (``None`` if
+    nothing, or if the field is not a :func:`local_path` or unset)."""
+    kind = meta.get("path")
+    if kind is None or value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        hint = " (a placeholder? set it to a real path)" if "/path/to" in str(value) else ""
+        return f"{value} does not exist{hint}"
+    if kind == "file" and not path.is_file():
+        return f"{value} is a folder; give a file"
+    if kind == "dir" and not path.is_dir():
+        return f"{value} is a file; give a folder"
+    return None
 
 
 def field_problem(meta: Any, value: Any, allowed: list[str] | None = None) -> str | None:

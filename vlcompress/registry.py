@@ -31,6 +31,7 @@ import importlib
 import inspect
 import logging
 import pkgutil
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -152,8 +153,12 @@ class Component:
 
 
 def _summary(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The first sentence of ``obj``'s docstring (its first paragraph, cut after the first
+    full stop), on one line."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    paragraph = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())
+    match = re.search(r"(?<![.\w]\w)\.(\s|$)", paragraph)  # not "e.g." / "i.e."
+    return paragraph[: match.start() + 1] if match else paragraph
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

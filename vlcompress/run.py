@@ -39,11 +39,13 @@ from vlcompress.cluster.environment import (
 )
 from vlcompress.config import ComponentConfig, ConfigError, ExperimentConfig
 from vlcompress.data.contract import check_data_contract
+from vlcompress.preflight import preflight
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
 from vlcompress.utils.csv_history import HistoryCSVLogger
 from vlcompress.utils.flops import count_parameters, flops_per_sample
 from vlcompress.utils.init_from import apply_init_checkpoint, resolve_init_path
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
+from vlcompress.utils.mappings import flatten
 from vlcompress.utils.plots import plot_training_curves
 from vlcompress.utils.run_folder import RESUMABLE_KEYS, RunFolder, RunFolderError, config_changes
 from vlcompress.utils.run_guard import RunGuard
@@ -118,6 +120,50 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
         if hasattr(cb, "within_vlcompress_run"):
             cb.within_vlcompress_run = True
     return cbs + own
+
+
+def log_interval(trainer_cfg: Any, dm: Any) -> int:
+    """``trainer.log_every_n_steps``; unset (``null``), about 50 points over the whole run and
+    at most every 50 steps, so that a short run still draws a training curve."""
+    if trainer_cfg.log_every_n_steps is not None:
+        return int(trainer_cfg.log_every_n_steps)
+    try:
+        batches = len(dm.train_dataloader())
+    except TypeError:  # an iterable without a length
+        return 50
+    limit = trainer_cfg.limit_train_batches
+    batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+    steps = max(1, batches) * trainer_cfg.max_epochs
+    if trainer_cfg.max_steps and trainer_cfg.max_steps > 0:
+        steps = min(steps, trainer_cfg.max_steps)
+    return max(1, min(50, steps // 50))
+
+
+def stop_report(trainer: L.Trainer, trainer_cfg: Any) -> dict[str, Any]:
+    """How training ended: steps done of steps planned, and what stopped it (``completed``,
+    ``max_time`` or ``early_stop``: a callback set ``trainer.should_stop``), with a one-line
+    message for the log and the results table."""
+    done = int(trainer.global_step)
+    try:
+        planned = int(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - an infinite or unsized loader
+        planned = None
+    epochs = f"{trainer.current_epoch} of {trainer_cfg.max_epochs} epochs"
+    out: dict[str, Any] = {"steps": done, "steps_planned": planned, "epochs": trainer.current_epoch}
+    if planned is None or done >= planned:
+        return {**out, "stopped_by": "completed", "message": f"{done} steps, {epochs}"}
+    timer = next((c for c in trainer.callbacks if type(c).__name__ == "Timer"), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    if trainer_cfg.max_time and remaining is not None and remaining <= 0:
+        why = "max_time"
+        message = (
+            f"stopped by trainer.max_time={trainer_cfg.max_time} after {done} of {planned} steps "
+            f"({epochs}); raise trainer.max_time (or set it to null) to train the whole plan"
+        )
+    else:
+        why = "early_stop"
+        message = f"stopped early by a callback after {done} of {planned} steps ({epochs})"
+    return {**out, "stopped_by": why, "message": message}
 
 
 def resolve_output_dir(cfg: ExperimentConfig) -> Path:
@@ -225,6 +271,28 @@ def _check_resumed_config(out: Path, ckpt: Path, resolved: dict[str, Any]) -> in
     return step
 
 
+def _no_checkpoint_message(out: Path, ckpt: Path) -> str:
+    """Why ``resume=true`` cannot continue the run in ``out``, and what to do instead."""
+    if not out.is_dir():
+        return (
+            f"resume=true but the run folder {out} does not exist; start the run without "
+            "resume=true (check output_dir=)"
+        )
+    attempt = RunFolder(out).unfinished_attempt()
+    if attempt is not None:
+        error = f": {attempt['error']}" if attempt["error"] else ""
+        return (
+            f"resume=true but {out} holds no checkpoint: its run {attempt['status']} before "
+            f"saving one{error}. Nothing can be resumed; run the same command without "
+            "resume=true to start again (the failed attempt is kept as "
+            f"{out.name}.failed-<time>), or give overwrite=true"
+        )
+    return (
+        f"resume=true but {ckpt} does not exist; start a new run without resume=true (another "
+        "output_dir=, or overwrite=true to move the folder's content aside)"
+    )
+
+
 def _recorded_init_from(out: Path) -> dict[str, Any] | None:
     """The ``init_from`` record of an earlier launch of this run (``run.json``), if any."""
     try:
@@ -271,7 +339,10 @@ def run_experiment(
     if cfg.resume or (requeued and found):  # the newest: last.ckpt or Lightning's hpc_ckpt
         ckpt = max(found, key=lambda p: p.stat().st_mtime) if found else last
     if cfg.resume and not ckpt.is_file():
-        raise ConfigError([f"resume=true but {ckpt} does not exist; run without resume first"])
+        raise ConfigError([_no_checkpoint_message(out, ckpt)])
+    problems = preflight(cfg, resuming=ckpt is not None)  # on every rank: all stop alike
+    if problems:
+        raise ConfigError(problems, f"experiment {cfg.name!r}")
     resume_step = _check_resumed_config(out, ckpt, resolved) if ckpt is not None else None
     if cfg.init_from and ckpt is not None:
         log.info("resuming %s: its own checkpoint wins over init_from=%s", ckpt, cfg.init_from)
@@ -298,6 +369,8 @@ def run_experiment(
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # resumable
+    # Lightning's own use of torch's deprecated pytree LeafSpec; nothing a user can change
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
     if ckpt is not None:
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     trainer = None
@@ -315,6 +388,7 @@ def run_experiment(
         ckpt_dir = out / "checkpoints"
         guard = RunGuard(str(ckpt_dir), resolved)
         t = {**asdict(cfg.trainer), "devices": devices, "num_nodes": num_nodes}
+        t["log_every_n_steps"] = log_interval(cfg.trainer, dm)
         trainer = L.Trainer(
             **t,
             default_root_dir=out,
@@ -331,10 +405,14 @@ def run_experiment(
         if trainer.is_global_zero:
             atomic_write_json(out / "data_report.json", dm.split_report)
             log.info("run folder: %s", out.resolve())
+            trainer.loggers[1].log_hyperparams(flatten(resolved))  # tensorboard/hparams.yaml
         t_fit = time.time()
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
             fit_time = time.time() - t_fit
+            stop = stop_report(trainer, cfg.trainer)
+            if stop["stopped_by"] != "completed" and trainer.is_global_zero:
+                log.warning("%s", stop["message"])
             best = (
                 trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             )
@@ -372,7 +450,9 @@ def run_experiment(
                 "best_val_accuracy": float(best_score) if best_score is not None else None,
                 "parameters": count_parameters(task.model),
                 "flops_per_sample": flops_per_sample(task.model.to("cpu"), sample),
-                "train_wall_time_s": round(fit_time, 2),
+                "train_wall_time_s": round(guard.train_time_s, 2),
+                "this_launch_train_wall_time_s": round(fit_time, 2),
+                "training": stop,
                 "total_wall_time_s": round(time.time() - t_start, 2),
                 "epochs": trainer.current_epoch,
                 "global_steps": trainer.global_step,

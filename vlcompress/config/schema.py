@@ -66,7 +66,8 @@ class SchedulerConfig:
 
 @dataclass
 class TrainerConfig:
-    """Arguments passed to ``lightning.Trainer``."""
+    """Arguments passed to ``lightning.Trainer`` (``log_every_n_steps: null``: about 50
+    points over the run, at most every 50 steps)."""
 
     max_epochs: int = field(default=10, metadata=in_range(1))
     max_steps: int = -1
@@ -79,7 +80,7 @@ class TrainerConfig:
         default="32-true",
         metadata=choices("32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"),
     )
-    log_every_n_steps: int = field(default=50, metadata=in_range(1))
+    log_every_n_steps: int | None = field(default=None, metadata=in_range(1))
     val_check_interval: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
     limit_train_batches: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))
     limit_val_batches: float = field(default=1.0, metadata=in_range(0.0))

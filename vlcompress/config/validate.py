@@ -88,6 +88,20 @@ def _suggest(key: str, valid: list[str], what: str = "valid keys") -> str:
     return f"{what}: {', '.join(valid)}"
 
 
+def _nested_key(cls: type, key: str, path: str) -> str | None:
+    """The dotted key ``key`` names one level down (``max_epochs`` -> ``trainer.max_epochs``),
+    if exactly one section of ``cls`` has such a field."""
+    hints = typing.get_type_hints(cls)
+    found = [
+        f"{path}{f.name}.{key}"
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(hints[f.name])
+        and hints[f.name] is not ComponentConfig
+        and key in {g.name for g in dataclasses.fields(hints[f.name])}
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
     """Check ``data`` (a mapping) against the dataclass ``cls``; append problems to ``errors``."""
     if not isinstance(data, dict):
@@ -100,7 +114,9 @@ def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            errors.append(f"{path}{key}: unknown key; {_suggest(str(key), sorted(fields))}")
+            nested = _nested_key(cls, str(key), path)
+            hint = f"did you mean {nested!r}?" if nested else _suggest(str(key), sorted(fields))
+            errors.append(f"{path}{key}: unknown key; {hint}")
     for name, f in fields.items():
         if name not in data:
             continue
@@ -134,9 +150,14 @@ def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
 def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> None:
     """Check one ``{name, options}`` component of registry ``kind``; append problems."""
     if not isinstance(data, dict) or "name" not in data:
+        glued = [k for k, v in (data.items() if isinstance(data, dict) else []) if v is None]
+        hint = ""
+        if glued and ":" in str(glued[0]):  # YAML reads {name:x} as the key 'name:x'
+            key, _, value = str(glued[0]).partition(":")
+            hint = f" (a missing space after the colon? write {{{key}: {value}}})"
         errors.append(
             f"{path.rstrip('.')}: expected a mapping {{name: <registered {kind}>, options: "
-            f"{{...}}}}, got {data!r}"
+            f"{{...}}}}, got {data!r}{hint}"
         )
         return
     extra = sorted(set(data) - {"name", "options"})
@@ -164,12 +185,35 @@ def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> No
         return
     before = len(errors)
     _validate(comp.options, _lists(options), f"{path}options.", errors)
-    if len(errors) > before or extra:
+    if extra or not isinstance(options, dict):
         return
-    try:
-        comp.validate(options)
-    except (TypeError, ValueError) as e:
-        errors.append(f"{path}options: {e}")
+    if len(errors) == before:
+        try:
+            comp.validate(options)
+            return
+        except (TypeError, ValueError) as e:
+            if not comp.derived:
+                errors.append(f"{path}options: {e}")
+                return
+    # The component's own checks stop at their first problem: ask it about each option that
+    # passed the schema alone, so that every bad value is reported at once.
+    known = {f.name for f in dataclasses.fields(comp.options)}
+    flagged = {e.split(":")[0] for e in errors[before:]}
+    found: list[str] = []
+    for key, value in options.items():
+        if key not in known or f"{path}options.{key}" in flagged:
+            continue
+        try:
+            comp.validate({key: value})
+        except (TypeError, ValueError) as e:
+            if str(e) not in found:
+                found.append(str(e))
+    if not found and len(errors) == before:  # only the combination is wrong (cross-field)
+        try:
+            comp.validate({k: v for k, v in options.items() if k in known})
+        except (TypeError, ValueError) as e:
+            found.append(str(e))
+    errors.extend(f"{path}options: {e}" for e in found)
 
 
 def _lists(d: Any) -> Any:

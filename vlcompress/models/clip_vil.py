@@ -63,7 +63,7 @@ from vlcompress.models.single_stream import (
     init_bert_weights,
     task_head,
 )
-from vlcompress.options import check_fields, choices, in_range
+from vlcompress.options import check_fields, choices, in_range, local_path
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
 __all__ = [
@@ -144,11 +144,11 @@ class ClipVilOptions(StreamOptions):
     """
 
     visual_encoder: str = field(default="resnet50_clip", metadata=choices(*CLIP_RESNETS))
-    visual_checkpoint: str | None = None
+    visual_checkpoint: str | None = field(default=None, metadata=local_path("file"))
     freeze_visual: bool = True
     image_size: int | None = field(default=None, metadata=_POSITIVE)
     max_grid: int = field(default=32, metadata=_POSITIVE)
-    text_init: str | None = None
+    text_init: str | None = field(default=None, metadata=local_path("dir"))
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -42,7 +42,7 @@ from vlcompress.data.batch import VLBatch
 from vlcompress.models.anatomy import Anatomy, Modality, prunable_weights_in
 from vlcompress.models.anatomy.recognise import RECOGNISERS
 from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
-from vlcompress.options import check_fields, choices, in_range
+from vlcompress.options import check_fields, choices, in_range, local_path
 from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import (
     checkpoint_folder,
@@ -111,7 +111,7 @@ class LxmertOptions(PixelInputOptions):
     dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
     max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
     head_dropout: float = field(default=0.5, metadata=in_range(0.0, 1.0))
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=local_path("dir"))
     language_init: str = field(default="random", metadata=choices("random", "minilm"))
 
     def __post_init__(self) -> None:

@@ -59,7 +59,7 @@ from vlcompress.models.single_stream import (
     task_head,
 )
 from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
-from vlcompress.options import check_fields, choices, in_range
+from vlcompress.options import check_fields, choices, in_range, local_path
 from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
@@ -110,7 +110,7 @@ class UniterOptions(StreamOptions, PixelInputOptions):
 
     region_dim: int = field(default=2048, metadata=in_range(1))
     missing_boxes: str = field(default="error", metadata=choices("error", "zeros"))
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=local_path("file"))
     language_init: str = field(default="random", metadata=choices("random", "minilm"))
 
     def __post_init__(self) -> None:

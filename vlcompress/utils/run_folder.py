@@ -2,7 +2,8 @@
 
 * a folder that already holds a run is refused unless the run is resumed (``resume=true``) or
   the old run is moved aside (``overwrite=true``: it becomes ``<folder>.replaced-<time>``,
-  never deleted);
+  never deleted); a run that ended before its first checkpoint holds nothing to resume, so it
+  is moved aside by itself (``<folder>.failed-<time>``) and the folder is used again;
 * a lock (``fcntl.flock`` on ``.lock``, released by the kernel when the process dies) refuses
   a second concurrent run naming the process that holds it;
 * temporary files of killed atomic writes are removed;
@@ -112,14 +113,23 @@ class RunFolder:
                 process is running in it, or it cannot be created or written.
         """
         if not resume and self.holds_a_run():
-            if not overwrite:
+            attempt = self.unfinished_attempt()
+            if attempt is not None and not overwrite:
+                target = self._move_aside("failed")
+                log.warning(
+                    "%s held a run that %s before its first checkpoint (%s); nothing there can "
+                    "be resumed, so it was moved to %s and this run starts afresh",
+                    self.path, attempt["status"], attempt["error"] or "no error recorded", target,
+                )  # fmt: skip
+            elif not overwrite:
                 raise RunFolderError(
                     f"run folder {self.path} already holds a run "
                     f"({', '.join(sorted(p.name for p in self.path.iterdir() if p.name not in _OWN_FILES)[:6])}); continue "
                     f"it with resume=true, choose another output_dir=, or give overwrite=true "
                     f"(the old run is kept as {self.path.name}.replaced-<time>, nothing is deleted)"
                 )
-            self._move_aside()
+            else:
+                self._move_aside("replaced")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
@@ -130,11 +140,45 @@ class RunFolder:
             ) from e
         self.clean_temp_files()
 
-    def _move_aside(self) -> None:
+    def unfinished_attempt(self) -> dict[str, str] | None:
+        """``{"status", "error"}`` when the folder holds a vlcompress run (``run.json``) that
+        ended (failed, interrupted, or died) before saving any checkpoint, so nothing in it can
+        be resumed; ``None`` otherwise (no run, a checkpoint to resume, or a live run)."""
+        if not self.path.is_dir() or any(self.path.rglob("*.ckpt")):
+            return None
+        try:
+            info = json.loads((self.path / "run.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("status") == "finished" or self._locked_by_another():
+            return None
+        return {"status": str(info.get("status") or "stopped"), "error": str(info.get("error", ""))}
+
+    def _locked_by_another(self) -> bool:
+        """True when a live process holds the folder's lock."""
+        lock = self.path / ".lock"
+        if not lock.is_file():
+            return False
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor releases a lock it took
+        return False
+
+    def _move_aside(self, why: str) -> Path:
+        """Rename the folder to ``<folder>.<why>-<time>`` (history is kept, never deleted)."""
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        target = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+        target = self.path.with_name(f"{self.path.name}.{why}-{stamp}")
+        n = 1
+        while target.exists():  # two moves within one second
+            target, n = self.path.with_name(f"{self.path.name}.{why}-{stamp}-{n}"), n + 1
         self.path.rename(target)
-        log.warning("overwrite=true: the earlier run in %s was moved to %s", self.path, target)
+        if why == "replaced":
+            log.warning("overwrite=true: the earlier run in %s was moved to %s", self.path, target)
+        return target
 
     def _lock(self) -> None:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
