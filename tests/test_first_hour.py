@@ -72,6 +72,21 @@ SCENARIOS = [
         prepare=_failed_folder,
         present=("{tmp}/failed/results.json",),
     ),
+    # 8. a run cut by trainer.max_time says so
+    Scenario(
+        "max-time-cuts-the-run",
+        [
+            "train",
+            "default",
+            "output_dir={tmp}/mt",
+            "trainer.max_epochs=50",
+            "trainer.max_time=00:00:00:02",
+            *TINY_RUN,
+        ],
+        0,
+        "stopped by trainer.max_time=00:00:00:02 after",
+        extra=("raise trainer.max_time (or set it to null)",),
+    ),  # fmt: skip
     Scenario(
         "resume-a-folder-that-does-not-exist",
         ["train", "default", "output_dir={tmp}/nothing", "resume=true"],

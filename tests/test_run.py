@@ -43,6 +43,10 @@ def test_run_folder_contents(tmp_path, tiny):
     assert set(test["answer_type"]) <= {"yes/no", "other"} and test["question_type"]
     assert saved["parameters"]["total"] > 0 and saved["flops_per_sample"] > 0
     assert saved["train_wall_time_s"] > 0 and saved["global_steps"] == 12
+    assert saved["training"]["stopped_by"] == "completed"
+    assert saved["training"]["steps_planned"] == 12
+    hparams = (tmp_path / "tensorboard" / "hparams.yaml").read_text()
+    assert "trainer.max_epochs: 2" in hparams and "model.name: mcan_tiny" in hparams
     # Callbacks report into results.json and the results table.
     assert saved["callbacks"]["FiniteLossGuard"] == {"checked_losses": 12}
     assert ["finite losses checked", "12"] in saved["callback_rows"]
@@ -58,8 +62,12 @@ def _weights(path):
 def test_resume_continues_exactly(tmp_path, tiny):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     run_experiment(*tiny(straight, "trainer.max_epochs=2"))
-    run_experiment(*tiny(cut, "trainer.max_epochs=1"))
-    run_experiment(*tiny(cut, "trainer.max_epochs=2", "resume=true"))
+    first = run_experiment(*tiny(cut, "trainer.max_epochs=1"))
+    resumed = run_experiment(*tiny(cut, "trainer.max_epochs=2", "resume=true"))
+    # the wall time covers both launches, not only the one since the resume
+    launch = resumed["this_launch_train_wall_time_s"]
+    assert resumed["train_wall_time_s"] >= first["train_wall_time_s"] + launch - 0.05
+    assert resumed["training"]["steps"] == resumed["training"]["steps_planned"] == 12
     a, b = _weights(straight / "checkpoints/last.ckpt"), _weights(cut / "checkpoints/last.ckpt")
     assert a.keys() == b.keys()
     for k in a:
@@ -68,11 +76,24 @@ def test_resume_continues_exactly(tmp_path, tiny):
     assert sorted({r["epoch"] for r in rows if r.get("val/acc")}) == ["0", "1"]  # history kept
 
 
+def test_log_interval_follows_the_run_length(easy_vqa_dm):
+    from vlcompress.config.schema import TrainerConfig
+    from vlcompress.run import log_interval
+
+    batches = len(easy_vqa_dm.train_dataloader())
+    assert log_interval(TrainerConfig(max_epochs=1, limit_train_batches=6), easy_vqa_dm) == 1
+    long = TrainerConfig(max_epochs=20)
+    assert log_interval(long, easy_vqa_dm) == min(50, batches * 20 // 50)
+    assert log_interval(TrainerConfig(log_every_n_steps=7), easy_vqa_dm) == 7  # as given
+    short = TrainerConfig(max_epochs=3, max_steps=100)
+    assert log_interval(short, easy_vqa_dm) == 2  # 100 steps: a point every 2
+
+
 def test_resume_without_checkpoint_is_explained(tmp_path, tiny):
     from vlcompress.config import ConfigError
 
     cfg, raw = tiny(tmp_path, "resume=true")
-    with pytest.raises(ConfigError, match="last.ckpt does not exist"):
+    with pytest.raises(ConfigError, match="last.ckpt does not exist; start a new run without"):
         run_experiment(cfg, raw)
 
 
