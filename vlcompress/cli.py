@@ -156,47 +156,54 @@ def _convert(what: str, run: Any) -> int:
 
 def _export_command(args: argparse.Namespace, console: Console) -> int:
     """``export``: profile a slimmable run's submodels and / or export one (exit 1 for bad
-    inputs)."""
-    from vlcompress.export import export_from_run
+    inputs, with one ``error:`` line)."""
+    import difflib
 
-    settings = {}
+    from vlcompress.export import TABLE_NOTE, export_from_run, table_cells
+
+    def fail(message: object) -> int:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 1
+
+    settings: dict[str, str] = {}
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or key not in ("width", "depth", "budget"):
-            print(f"error: {item!r}: use width=..., depth=... or budget=key=value", file=sys.stderr)
-            return 1
+            close = difflib.get_close_matches(key, ("width", "depth", "budget"), n=1)
+            hint = f" (did you mean {close[0]}=?)" if close and sep else ""
+            return fail(f"{item!r}{hint}: use width=... depth=... (e.g. width=1/2 depth=1/3) "
+                        "or budget=key=value (e.g. budget=macs=1e7)")  # fmt: skip
+        if key in settings:
+            return fail(f"{key}= is given twice; give it once")
         settings[key] = value
     if not settings and not args.table:
-        print(
-            "error: nothing to do: give width= and depth=, budget=..., or --table", file=sys.stderr
-        )
-        return 1
+        return fail("nothing to do: give width= and depth=, budget=..., or --table")
     try:
         result = export_from_run(
             args.run, table=args.table, latency=not args.no_latency,
-            large_batch=args.large_batch, out=args.out, **settings,
+            large_batch=args.large_batch, repeats=args.repeats, out=args.out, **settings,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e)
     rows = result.get("table")
-    if rows:
-        table = Table(title=f"submodels of {args.run}")
-        for col in ("submodel", "test acc", "params (M)", "MACs (M)", "b1 (ms)",
-                    f"b{args.large_batch} (ms)"):  # fmt: skip
-            table.add_column(col, justify="right")
-        for r in rows:
-            acc = r.get("accuracy")
-            table.add_row(
-                r["submodel"], "" if acc is None else f"{acc:.4f}", f"{r['parameters'] / 1e6:.2f}",
-                f"{r['macs'] / 1e6:.1f}", str(r.get("latency_b1_ms", "")),
-                str(r.get("latency_large_ms", "")),
-            )  # fmt: skip
-        console.print(table)
+    if rows and args.table:
+        header, cells = table_cells(rows, args.large_batch)
+        table = Table(title=f"submodels of {args.run}", caption=TABLE_NOTE)
+        for col in header:
+            table.add_column(col, justify="right", no_wrap=True)
+        for row in cells:
+            table.add_row(*row)
+        (console if console.is_terminal else Console(width=120)).print(table)
     if "export" in result:
         rec = result["record"]
+        if rec.get("budget"):
+            val, test = rec.get("val_accuracy"), rec.get("test_accuracy")
+            tested = "" if test is None else f"; test accuracy {test:.4f}, not used to select"
+            print(f"budget {rec['budget']}: {rec['submodel']} has the best validation accuracy "
+                  f"({val:.4f}) of the submodels within it{tested}")  # fmt: skip
         print(f"exported {rec['submodel']} ({rec['parameters']:,} parameters) to {result['export']}"
-              f" (reloaded: max |diff| {rec['reload_max_abs_diff']:.2e})")  # fmt: skip
+              f" (reloaded: max |diff| {rec['reload_max_abs_diff']:.2e}); answer questions with "
+              f"ExportedModel.load({str(result['export'])!r}).predict(questions, images)")  # fmt: skip
     return 0
 
 
@@ -280,11 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     exp.add_argument("run", help="the run folder (trained with slimmable_training)")
     exp.add_argument(
-        "settings", nargs="*", help="width=1/2 depth=1/3, or budget=macs=5e8 (most accurate within)"
+        "settings",
+        nargs="*",
+        help="width=1/2 depth=1/3 (a submodel of the run's space), or budget=macs=1e7 (the best "
+        "validation accuracy within; keys: parameters, macs, flops, latency_b1_ms, "
+        "latency_large_ms)",
     )
     exp.add_argument("--table", action="store_true", help="profile every submodel of the space")
     exp.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     exp.add_argument("--large-batch", type=int, default=64, help="batch of the second latency")
+    exp.add_argument(
+        "--repeats", type=int, default=20, help="timed calls per latency (median, p10-p90)"
+    )
     exp.add_argument("--out", default=None, help="export folder (default <run>/export/<key>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,15 +1,22 @@
 """``python -m vlcompress export <run>``: submodels of a slimmable run as standalone models.
 
-The run folder's configuration rebuilds the data module and the model; the best checkpoint
-gives the weights. Then, for the run's submodel space (its ``slimmable_training`` callback's,
-else BST's triangle):
+The run must have trained with the ``slimmable_training`` callback (only then were its
+submodels trained); its configuration rebuilds the data module and the model, its best
+checkpoint gives the weights, and its callback's space lists the submodels:
 
 * ``--table`` profiles every submodel on its exported copy (parameters, MACs, FLOPs per
-  example, CPU latency at batch 1 and a large batch), joins the run's per-submodel test
-  accuracy from ``results.json``, and writes ``submodels.json`` / ``submodels.md`` in the run;
-* ``width=... depth=...`` or ``budget=macs=5e8`` exports one submodel (the most accurate
-  within the budget) to ``<run>/export/<submodel key>/`` and checks that the reloaded export
-  gives the slimmed model's outputs.
+  example, CPU latency at batch 1 and a large batch: median and p10-p90 of repeated calls),
+  joins the run's per-submodel *validation* accuracy (and test accuracy, for information only),
+  and writes ``submodels.json`` / ``submodels.md`` in the run;
+* ``width=... depth=...`` exports that submodel of the space, ``budget=macs=1e7`` the one
+  with the best validation accuracy within the budget (never chosen on the test split), to
+  ``<run>/export/<submodel key>/``, checks that the reloaded export gives the slimmed model's
+  outputs, and stores the answer list and question encoding with it
+  (:class:`~vlcompress.compress.submodels.ExportedModel` answers questions on its own).
+
+Costs for a budget come from the run's ``submodels.json`` when it was profiled from the same
+checkpoint and has the budgeted columns, else (parameters, MACs, FLOPs) from the callback's own
+per-submodel table, else from profiling.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from omegaconf import OmegaConf
 
 from vlcompress.compress.slimmable import Slimmable, Submodel, parse_space
 from vlcompress.compress.submodels import (
+    latency_spread_problems,
     load_export,
+    noisy_latency_message,
     parse_budget,
     profile_submodels,
     save_export,
@@ -39,49 +48,209 @@ __all__ = ["export_from_run"]
 
 log = logging.getLogger(__name__)
 
+CALLBACK = "slimmable_training"
+TABLE = "submodels.json"
+_LATENCY = ("latency_b1_ms", "latency_large_ms")
+
 
 def _fraction(text: str, what: str) -> float:
     try:
-        return float(Fraction(text))
+        value = float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"{what}={text!r}: give a fraction such as 0.5 or 1/3.") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{what}={text!r}: must be in (0, 1], e.g. {what}=1/2.")
+    return value
 
 
-def _space(raw: dict[str, Any]) -> list[Submodel]:
+def _space(run: Path, raw: dict[str, Any]) -> list[Submodel]:
+    """The run's slimmable_training space; a run without the callback is refused."""
     for cb in raw.get("callbacks") or []:
-        if cb.get("name") == "slimmable_training":
+        if isinstance(cb, dict) and cb.get("name") == CALLBACK:
             return parse_space((cb.get("options") or {}).get("space", "triangle"))
-    return parse_space("triangle")
+    raise ValueError(
+        f"{run} had no slimmable training (no {CALLBACK} callback in its config.yaml): only its "
+        f"full model was trained, its submodels never were. Train with "
+        f"callbacks=[{{name: {CALLBACK}}}] (e.g. make train EXP=seed001_bst_mcan_easy_vqa) and "
+        "export that run."
+    )
 
 
-def _tested(run: Path) -> dict[str, float]:
+def _in_space(width: float, depth: float, space: list[Submodel]) -> Submodel:
+    """The submodel of ``space`` at (``width``, ``depth``), within rounding."""
+    for sub in space:
+        if abs(sub.width - width) < 1e-3 and abs(sub.depth - depth) < 1e-3:
+            return sub
+    asked = Submodel(width, depth).name
+    w, d = space[0].name[1:].split("-d")
+    raise ValueError(
+        f"{asked} is not in the run's submodel space (only those were trained): "
+        f"{', '.join(s.name for s in space)}; give one of them, e.g. width={w} depth={d}."
+    )
+
+
+def _callback_tables(run: Path, checkpoint: dict[str, Any]) -> tuple[list, list, str]:
+    """``(val rows, test rows, where the val rows came from)`` of the SlimmableTraining callback.
+
+    The validation rows are those stored in the exported checkpoint (the validation epoch that
+    made it the best) when present, else ``results.json``'s ``val_submodels``."""
+    results: dict[str, Any] = {}
     path = run / "results.json"
-    if not path.is_file():
-        return {}
-    import json
+    if path.is_file():
+        try:
+            results = json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s is unreadable; the per-submodel accuracies are unknown", path)
+    report = next(
+        (v for k, v in (results.get("callbacks") or {}).items()
+         if k.split("[")[0] == "SlimmableTraining" and isinstance(v, dict)),
+        {},
+    )  # fmt: skip
+    test = report.get("test_submodels") or []
+    state = next(
+        (v for k, v in (checkpoint.get("callbacks") or {}).items()
+         if str(k).split("[")[0] == "SlimmableTraining" and isinstance(v, dict)),
+        {},
+    )  # fmt: skip
+    val = ((state.get("state") or {}).get("tables") or {}).get("val") or []
+    if val:
+        return val, test, "checkpoint"
+    return report.get("val_submodels") or [], test, "results.json"
 
-    results = json.loads(path.read_text())
-    for key, entry in (results.get("callbacks") or {}).items():
-        if key.split("[")[0] == "SlimmableTraining" and isinstance(entry, dict):
-            return {r["submodel"]: r["accuracy"] for r in entry.get("test_submodels") or []}
-    return {}
+
+def _checkpoint_id(ckpt: Path) -> dict[str, Any]:
+    st = ckpt.stat()
+    return {"checkpoint": str(ckpt.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _reusable_rows(
+    run: Path, source: dict[str, Any], space: list[Submodel], keys: list[str], large_batch: int
+) -> list[dict[str, Any]] | None:
+    """The rows of the run's ``submodels.json`` when they were profiled from the same
+    checkpoint for the same space and hold every column of ``keys``."""
+    path = run / TABLE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        return None
+    rows = saved.get("rows") or []
+    why = None
+    if saved.get("source") != source:
+        why = "it was profiled from another checkpoint (or by an older version)"
+    elif sorted(r.get("submodel") for r in rows) != sorted(s.name for s in space):
+        why = "its submodels are not the run's space"
+    elif any(r.get(k) is None for r in rows for k in keys):
+        why = f"it lacks some of {keys}"
+    elif "latency_large_ms" in keys and saved.get("batch_large") != large_batch:
+        why = f"its large-batch latency is at batch {saved.get('batch_large')}, not {large_batch}"
+    if why:
+        log.info("not reusing %s: %s; profiling the submodels", path, why)
+        return None
+    log.info("costs from %s (profiled from the same checkpoint)", path)
+    return [dict(r) for r in rows]
+
+
+def _with_accuracy(rows: list[dict], val: list[dict], test: list[dict]) -> list[dict[str, Any]]:
+    v = {r["submodel"]: r.get("accuracy") for r in val}
+    t = {r["submodel"]: r.get("accuracy") for r in test}
+    out = []
+    for r in rows:
+        r = {k: x for k, x in r.items() if k not in ("accuracy", "examples")}
+        out.append({**r, "val_accuracy": v.get(r["submodel"]),
+                    "test_accuracy": t.get(r["submodel"])})  # fmt: skip
+    return out
+
+
+def _choose(rows: list[dict[str, Any]], bounds: dict[str, float], budget: str) -> dict[str, Any]:
+    """The row with the best validation accuracy within ``bounds``."""
+    candidates = [r for r in rows if r.get("val_accuracy") is not None]
+    unscored = [r["submodel"] for r in rows if r.get("val_accuracy") is None]
+    if unscored:
+        log.warning("submodels without a validation accuracy are not candidates: %s", unscored)
+    problems = latency_spread_problems(candidates, keys=[k for k in bounds if k in _LATENCY])
+    if problems:
+        log.warning("budget %s: %s", budget, noisy_latency_message(problems))
+    best = select(candidates, bounds, metric="val_accuracy")
+    test = best.get("test_accuracy")
+    log.info(
+        "budget %s: %s, selected by validation accuracy %.4f (test accuracy %s, for "
+        "information only)", budget, best["submodel"], best["val_accuracy"],
+        "unknown" if test is None else f"{test:.4f}",
+    )  # fmt: skip
+    return best
+
+
+def _num(v: float | None, scale: float = 1.0) -> str:
+    if v is None:
+        return ""
+    v = v / scale
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def _ms(r: dict[str, Any], key: str) -> str:
+    med, p10, p90 = (r.get(f"{key}{s}") for s in ("_ms", "_p10_ms", "_p90_ms"))
+    if med is None:
+        return ""
+    return _num(med) + ("" if p10 is None else f" ({_num(p10)}-{_num(p90)})")
+
+
+def table_cells(rows: list[dict[str, Any]], large: int) -> tuple[list[str], list[list[str]]]:
+    """Column names and cells of the submodel table (``--table``, ``submodels.md``).
+
+    Args:
+        rows: joined rows (costs, ``val_accuracy``, ``test_accuracy``, latencies).
+        large: the batch size of the second latency.
+
+    Returns:
+        ``(header, rows of strings)``; a latency cell is ``median (p10-p90)`` in ms.
+    """
+    header = ["submodel", "val acc", "test acc", "params (M)", "MACs (M)", "b1 ms",
+              f"b{large} ms"]  # fmt: skip
+
+    def acc(v: float | None) -> str:
+        return "" if v is None else f"{v:.4f}"
+
+    cells = [
+        [r["submodel"], acc(r.get("val_accuracy")), acc(r.get("test_accuracy")),
+         _num(r.get("parameters"), 1e6), _num(r.get("macs"), 1e6), _ms(r, "latency_b1"),
+         _ms(r, "latency_large")]
+        for r in rows
+    ]  # fmt: skip
+    return header, cells
+
+
+TABLE_NOTE = (
+    "val acc selects budget= exports; test acc is for information only; latency: median "
+    "(p10-p90) of repeated calls"
+)
+"""The legend of the submodel table."""
 
 
 def _markdown(rows: list[dict[str, Any]], large: int) -> str:
-    head = ("| submodel | test acc | params (M) | MACs (M) | FLOPs (M) | latency b1 (ms) | "
-            f"latency b{large} (ms) |\n|---|---|---|---|---|---|---|\n")  # fmt: skip
+    header, cells = table_cells(rows, large)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines) + f"\n\n{TABLE_NOTE}.\n"
 
-    def f(r: dict[str, Any], k: str, scale: float = 1.0, nd: int = 2) -> str:
-        v = r.get(k)
-        return "" if v is None else f"{v / scale:.{nd}f}"
 
-    body = "".join(
-        f"| {r['submodel']} | {f(r, 'accuracy', nd=4)} | {f(r, 'parameters', 1e6)} | "
-        f"{f(r, 'macs', 1e6, 1)} | {f(r, 'flops', 1e6, 1)} | {f(r, 'latency_b1_ms')} | "
-        f"{f(r, 'latency_large_ms')} |\n"
-        for r in rows
-    )
-    return head + body
+def _inputs(dm: Any, batch: Any) -> tuple[dict[str, Any], Any]:
+    """What an export needs to answer questions (``inputs.json``) and the tokenizer, if any."""
+    info = dm.info()
+    inputs = {
+        "answers": list(info.answers),
+        "text_encoding": info.text_encoding,
+        "max_question_len": int(dm.options.max_question_len),
+        "visual_input": info.visual_input,
+        "visual_shape": list(batch.visual.shape[1:]),
+    }
+    tokenizer = None
+    if info.text_encoding == "words":
+        inputs["words"] = list(dm.word_vocab.words)
+    else:
+        tokenizer = dm.tokenizer
+    return inputs, tokenizer
 
 
 def export_from_run(
@@ -93,28 +262,32 @@ def export_from_run(
     table: bool = False,
     latency: bool = True,
     large_batch: int = 64,
+    repeats: int = 20,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Profile and / or export submodels of the slimmable run in ``run`` (see the module doc).
 
-    The weights are the run's best checkpoint (chosen by the full model's validation
-    accuracy), the same the run's per-submodel test table was measured with.
+    Every argument is checked before any data or model is built. The weights are the run's
+    best checkpoint (chosen by the full model's validation accuracy).
 
     Args:
-        run: the run folder.
-        width, depth: the submodel to export (fractions such as ``"1/2"``).
-        budget: instead, the most accurate tested submodel within ``key=value[,key=value]``.
+        run: the run folder (trained with the ``slimmable_training`` callback).
+        width, depth: the submodel to export (fractions such as ``"1/2"``), one of the space.
+        budget: instead, the submodel with the best validation accuracy within
+            ``key=value[,key=value]`` (keys: :data:`~vlcompress.compress.submodels.BUDGET_KEYS`).
         table: profile every submodel into ``submodels.json`` / ``submodels.md``.
-        latency: measure latency in the table.
+        latency: measure latency when profiling (a latency budget always does).
         large_batch: the batch size of the second latency.
+        repeats: timed calls per latency (median and p10-p90 are reported).
         out: the export folder (default ``<run>/export/<submodel key>``).
 
     Returns:
-        ``{"table": rows}`` and / or ``{"export": folder, "record": ...}``.
+        ``{"table": rows}`` (when profiled or read) and / or ``{"export": folder, "record": ...}``.
 
     Raises:
         FileNotFoundError: no such run folder or checkpoint.
-        ValueError: a bad width / depth / budget, or a budget nothing fits.
+        ValueError: a run without slimmable training, a width / depth outside its space, a bad
+            budget, a budget without validation accuracies, or a budget nothing fits.
     """
     from vlcompress.run import build_datamodule, build_task
     from vlcompress.utils.init_from import resolve_init_path
@@ -124,80 +297,133 @@ def export_from_run(
         raise FileNotFoundError(f"{run / 'config.yaml'} not found: give a vlcompress run folder.")
     if (width is None) != (depth is None):
         raise ValueError("give both width= and depth= (e.g. width=1/2 depth=1/3), or budget=.")
+    if budget is not None and width is not None:
+        raise ValueError("give either budget= or width= and depth=, not both.")
+    if large_batch < 1 or repeats < 1:
+        raise ValueError(f"--large-batch and --repeats must be at least 1, got {large_batch} "
+                         f"and {repeats}.")  # fmt: skip
+    bounds = parse_budget(budget) if budget is not None else None
+    asked = None
+    if width is not None and depth is not None:
+        asked = (_fraction(width, "width"), _fraction(depth, "depth"))
     cfg, raw_cfg = load_experiment(str(run / "config.yaml"))
     raw = OmegaConf.to_container(raw_cfg, resolve=True)
+    space = _space(run, raw)
+    chosen = _in_space(*asked, space) if asked else None
+    ckpt = resolve_init_path(run, what="export", fix="give a finished run folder")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    val, test, val_source = _callback_tables(run, checkpoint)
+    source = _checkpoint_id(ckpt)
+    rows: list[dict[str, Any]] = []
+    costs_from = None
+    best: dict[str, Any] | None = None
+    if bounds is not None:
+        if not val:
+            raise ValueError(
+                f"budget= chooses by the per-submodel validation accuracy, which {run} does not "
+                "record (no val_submodels in results.json: an older or unfinished run); give "
+                "width= and depth= instead, or retrain it."
+            )
+        if not table:
+            keys = list(bounds)
+            saved = _reusable_rows(run, source, space, keys, large_batch)
+            if saved is not None:
+                rows, costs_from = saved, TABLE
+            elif not any(k in bounds for k in _LATENCY) and all(
+                r.get(k) is not None for r in val for k in keys
+            ) and {r["submodel"] for r in val} == {s.name for s in space}:  # fmt: skip
+                rows, costs_from = [dict(r) for r in val], "slimmable_training's table"
+            if rows:
+                rows = _with_accuracy(rows, val, test)
+                best = _choose(rows, bounds, budget)
+
     dm = build_datamodule(cfg.data, cfg.seed)
     task = build_task(cfg, dm)
-    ckpt = resolve_init_path(run)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = checkpoint["state_dict"]
     model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    task.model.load_state_dict(model_state)  # strict: a mismatch must not export random weights
+    try:
+        task.model.load_state_dict(model_state)  # strict: never export random weights
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{ckpt} does not fit the model of {run / 'config.yaml'} ({first}); "
+                         "was the configuration edited after training?") from None  # fmt: skip
     model = task.model.eval()
     batch = next(iter(dm.test_dataloader()))
     one, big = resize_batch(batch, 1), resize_batch(batch, large_batch)
     slim = Slimmable(model)
-    space = _space(raw)
-    tested = _tested(run)
     result: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
-    if table or budget:
-        lat = latency or (budget is not None and "latency" in budget)
-        rows = profile_submodels(slim, space, one, big if lat else None, latency=lat)
-        for r in rows:
-            r["accuracy"] = tested.get(r["submodel"])
-        result["table"] = rows
-        if table:
-            atomic_write_json(run / "submodels.json", {"batch_large": large_batch, "rows": rows})
+    try:
+        if table or (bounds is not None and best is None):
+            lat = latency or (bounds is not None and any(k in bounds for k in _LATENCY))
+            profiled = profile_submodels(slim, space, one, big if lat else None, latency=lat,
+                                         repeats=repeats)  # fmt: skip
+            rows, costs_from = _with_accuracy(profiled, val, test), "profiled"
+            atomic_write_json(run / TABLE, {"source": source, "batch_large": large_batch,
+                                            "repeats": repeats, "rows": rows})  # fmt: skip
             atomic_write_text(run / "submodels.md", _markdown(rows, large_batch))
-    chosen: Submodel | None = None
-    if budget is not None:
-        if not tested:
-            raise ValueError(
-                f"budget= needs the per-submodel test accuracy in {run / 'results.json'} "
-                "(a finished slimmable_training run); or give width= and depth=."
-            )
-        best = select([r for r in rows if r["accuracy"] is not None], parse_budget(budget))
-        chosen = Submodel(best["width"], best["depth"])
-        log.info("budget %s: %s (accuracy %.4f)", budget, best["submodel"], best["accuracy"])
-    elif width is not None and depth is not None:
-        chosen = Submodel(_fraction(width, "width"), _fraction(depth, "depth"))
-    if chosen is not None:
-        small = slim.export(chosen, one).eval()
-        folder = Path(out) if out else run / "export" / chosen.key
-        info = dm.info()
-        record = {
-            "submodel": chosen.name,
-            "width": chosen.width,
-            "depth": chosen.depth,
-            "source_run": str(run),
-            "source_checkpoint": str(ckpt),
-            "test_accuracy": tested.get(chosen.name),
-            "parameters": sum(p.numel() for p in small.parameters()),
-            **(
-                {"row": next((r for r in rows if r["submodel"] == chosen.name), None)}
-                if rows
-                else {}
-            ),  # fmt: skip
-        }
-        save_export(
-            small,
-            folder,
-            model_name=cfg.model.name,
-            context={"vocab_size": info.vocab_size, "num_answers": len(info.answers)},
-            record=record,
-            experiment=raw,
-        )
-        again = load_export(folder)
-        with torch.no_grad(), slim.submodel(chosen):
-            diff = float((again(batch) - model(batch)).abs().max())
-        record["reload_max_abs_diff"] = diff
-        written = json.loads((folder / "export.json").read_text())  # + the model's digest
-        atomic_write_json(folder / "export.json", {**written, "reload_max_abs_diff": diff})
-        if not diff <= 1e-4:
-            raise ValueError(
-                f"the reloaded export in {folder} differs from the slimmed model by {diff:.3g} "
-                "(max |logit| difference); the export is wrong, please report it."
-            )
-        result.update({"export": str(folder), "record": record})
-    slim.detach()
+            log.info("wrote %s and %s", run / TABLE, run / "submodels.md")
+        if rows:
+            result["table"] = rows
+        if bounds is not None:
+            best = best or _choose(rows, bounds, budget)
+            chosen = Submodel(best["width"], best["depth"])
+        if chosen is not None:
+            result.update(_export(run, chosen, slim, model, dm, batch, one, cfg, raw, out,
+                                  rows=rows, val=val, test=test, ckpt=ckpt, budget=budget,
+                                  costs_from=costs_from, val_source=val_source))  # fmt: skip
+    finally:
+        slim.detach()
     return result
+
+
+def _export(
+    run: Path, chosen: Submodel, slim: Slimmable, model: torch.nn.Module, dm: Any, batch: Any,
+    one: Any, cfg: Any, raw: dict[str, Any], out: str | Path | None, *, rows: list[dict],
+    val: list[dict], test: list[dict], ckpt: Path, budget: str | None, costs_from: str | None,
+    val_source: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Write ``chosen`` as a standalone export and check the reloaded copy."""
+    small = slim.export(chosen, one).eval()
+    folder = Path(out) if out else run / "export" / chosen.key
+    info = dm.info()
+    acc = {r["submodel"]: r.get("accuracy") for r in val}
+    tacc = {r["submodel"]: r.get("accuracy") for r in test}
+    record = {
+        "submodel": chosen.name,
+        "width": chosen.width,
+        "depth": chosen.depth,
+        "source_run": str(run),
+        "source_checkpoint": str(ckpt),
+        "selected_by": f"validation accuracy within budget {budget}" if budget else "width/depth",
+        "val_accuracy": acc.get(chosen.name),
+        "val_accuracy_from": val_source,
+        "test_accuracy": tacc.get(chosen.name),
+        "parameters": sum(p.numel() for p in small.parameters()),
+        **({"budget": budget, "costs_from": costs_from} if budget else {}),
+        **({"row": next((r for r in rows if r["submodel"] == chosen.name), None)} if rows
+           else {}),
+    }  # fmt: skip
+    inputs, tokenizer = _inputs(dm, batch)
+    save_export(
+        small,
+        folder,
+        model_name=cfg.model.name,
+        context={"vocab_size": info.vocab_size, "num_answers": len(info.answers)},
+        record=record,
+        experiment=raw,
+        inputs=inputs,
+        tokenizer=tokenizer,
+    )
+    again = load_export(folder)
+    with torch.no_grad(), slim.submodel(chosen):
+        diff = float((again(batch) - model(batch)).abs().max())
+    record["reload_max_abs_diff"] = diff
+    written = json.loads((folder / "export.json").read_text())  # + the model's digest
+    atomic_write_json(folder / "export.json", {**written, "reload_max_abs_diff": diff})
+    if not diff <= 1e-4:
+        raise ValueError(
+            f"the reloaded export in {folder} differs from the slimmed model by {diff:.3g} "
+            "(max |logit| difference); the export is wrong, please report it."
+        )
+    log.info("exported %s to %s", chosen.name, folder)
+    return {"export": str(folder), "record": record}

@@ -60,6 +60,7 @@ from omegaconf import OmegaConf
 from vlcompress.config import ConfigError, ExperimentConfig, load_experiment
 from vlcompress.config.load import experiments_dir
 from vlcompress.config.schema import SlurmConfig
+from vlcompress.preflight import preflight
 from vlcompress.utils.io import atomic_write_json
 
 __all__ = [
@@ -673,7 +674,8 @@ def plan_sweep(
     root: str | Path | None = None,
     executor_kind: str | None = None,
 ) -> tuple[ExperimentConfig, Path, list[Point], list[str]]:
-    """Expand the sweep and validate every point's full configuration; runs nothing.
+    """Expand the sweep and validate every point's full configuration and its preflight
+    (paths, data, callbacks: :mod:`vlcompress.preflight`); runs nothing.
 
     Args:
         exp: experiment name or YAML path.
@@ -701,7 +703,7 @@ def plan_sweep(
             pcfg, praw = load_experiment(
                 exp, [*base, *p.overrides, f"output_dir={sweep_dir / p.name}"], root_path
             )
-            errors = _check_point_config(pcfg, praw, p)
+            errors = _check_point_config(pcfg, praw, p) or preflight(pcfg)
             if executor_kind == "slurm":
                 errors += _slurm_consistency(pcfg)
         except ConfigError as e:
