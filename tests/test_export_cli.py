@@ -3,9 +3,12 @@ validation accuracy only, arguments checked before anything is built, runs witho
 training refused, latency spread, reuse of ``submodels.json``, and an export that answers real
 questions on its own."""
 
+import ast
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,7 +200,7 @@ def test_table_latency_spread_and_reuse(bst_run, tmp_path, monkeypatch, caplog, 
     assert json.loads((tmp_path / "b" / "export.json").read_text())["costs_from"] == "profiled"
 
 
-def test_export_answers_real_questions_on_its_own(bst_run, tmp_path):
+def test_export_answers_real_questions_on_its_own(bst_run, tmp_path, capsys):
     from PIL import Image
 
     from vlcompress.compress.slimmable import Slimmable, Submodel
@@ -235,6 +238,15 @@ def test_export_answers_real_questions_on_its_own(bst_run, tmp_path):
         exported.predict(questions[:1], [np.zeros((32, 32, 3), dtype=np.uint8)])
     with pytest.raises(ValueError, match="one image per question"):
         exported.predict(questions[:2], images[:1])
+    # the README's example, on this export
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- readme-example: export-predict -->\s*```python\n(.*?)```", text, re.S)
+    code = code.group(1).replace("runs/seed001_bst/export/w0.25_d1", str(folder))
+    assert str(folder) in code
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    printed = ast.literal_eval(capsys.readouterr().out.strip())
+    assert len(printed) == 4 and set(printed) <= set(exported.answers)
     # an export written before exports carried their inputs: a clear way out
     (folder / "inputs.json").unlink()
     with pytest.raises(FileNotFoundError, match="export it again"):

@@ -548,7 +548,7 @@ class ExportedModel:
             if not images:
                 raise ValueError("no images given: give one per question.")
             return torch.stack([self._visual(np.asarray(_open(im)))[0] for im in images])
-        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] in (1, 3):
