@@ -45,9 +45,11 @@ def masks_in_checkpoint(source: str | Path | Mapping[str, Any]) -> dict[str, tor
         from vlcompress.utils.init_from import resolve_init_path
 
         try:
-            p = resolve_init_path(source)
+            p = resolve_init_path(
+                source, "masks_from", "give the run folder or .ckpt file of a pruning run"
+            )
         except Exception as e:  # a ConfigError naming the expected files
-            raise FileNotFoundError(f"masks_from: no checkpoint at {source}: {e}") from e
+            raise FileNotFoundError(str(e)) from e
         ckpt, where = torch.load(p, map_location="cpu", weights_only=True), str(p)
     found = {
         key: entry["state"]["masks"]
@@ -167,6 +169,29 @@ class MagnitudePruning(PruningCallback):
         )
         self.done: list[int] = []  # events already carried out
         self.rewind_weights: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ checks
+    def preflight(self, model: torch.nn.Module) -> list[str]:
+        """:class:`PruningCallback`'s checks, and that ``masks_from`` names a checkpoint or run
+        folder (``"init"`` is checked when the run starts: it needs ``init_from``)."""
+        problems = super().preflight(model)
+        if self.masks_from is not None and self.masks_from != "init":
+            from vlcompress.config import ConfigError
+            from vlcompress.utils.init_from import resolve_init_path
+
+            try:
+                resolve_init_path(self.masks_from, *self._masks_from_words())
+            except ConfigError as e:
+                problems += list(e.errors)
+        return problems
+
+    def _masks_from_words(self) -> tuple[str, str]:
+        """How messages name ``masks_from`` and the fix for a missing one."""
+        return (
+            self.advise(lightning="masks_from", vlcompress="options.masks_from"),
+            "give the run folder (or .ckpt file) of the pruning run whose masks to keep, "
+            "or 'init' for the init_from checkpoint",
+        )
 
     # ------------------------------------------------------------------ decisions
     def _compute_masks(self, step: int) -> dict[str, torch.Tensor]:

@@ -96,8 +96,35 @@ class PruningCallback(CompressionCallback):
         self.events: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
+    def preflight(self, model: nn.Module) -> list[str]:
+        """The anatomy's problems, per-modality targets naming a modality without prunable
+        weights, bad ``include`` / ``exclude`` patterns, and nothing left to prune."""
+        problems = super().preflight(model)
+        anatomy = self.preflight_anatomy(model)
+        if anatomy is None:
+            return problems
+        weights = anatomy.prunable_weights(model)
+        has = sorted(m.value for m, params in weights.items() if params)
+        opt = self.advise(lightning="sparsity", vlcompress="options.sparsity")
+        for key in self.sparsity:
+            if key != "default" and key not in has:
+                problems.append(
+                    f"{opt}[{key!r}]: {type(model).__name__} has no prunable weights of "
+                    f"modality {key!r} (its prunable weights are in {has}); name those "
+                    "modalities, or 'default'"
+                )
+        try:
+            collect_targets(model, anatomy, self.sparsity, self.include, self.exclude)
+        except ValueError as e:
+            problems.append(str(e))
+        return problems
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Find the model, its anatomy and the weights to prune."""
+        """Find the model, its anatomy and the weights to prune.
+
+        Raises:
+            ValueError: the problems of :meth:`preflight`.
+        """
         super().setup(trainer, pl_module, stage)
         if not self.targets:
             self.targets = collect_targets(

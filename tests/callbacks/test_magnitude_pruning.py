@@ -104,7 +104,7 @@ def test_masks_from_an_earlier_run_stay_fixed(tmp_path):
     for n, zero in _zeros(model, cb).items():
         assert torch.equal(cb.masks[n].cpu(), stage2[n])
         assert bool(zero[~stage2[n]].all())
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="masks_from: .*missing does not exist"):
         masks_in_checkpoint(tmp_path / "missing")
 
 

@@ -69,8 +69,17 @@ class InitRecord:
         return dataclasses.asdict(self)
 
 
-def resolve_init_path(init_from: str | Path) -> Path:
+def resolve_init_path(
+    init_from: str | Path, what: str = "init_from", fix: str | None = None
+) -> Path:
     """The checkpoint file that ``init_from`` names (see the module docstring).
+
+    Args:
+        init_from: a run folder or a ``.ckpt`` file.
+        what: the option that gave the path, for messages (``"init_from"``; a callback's
+            ``"teacher"`` or ``"masks_from"``).
+        fix: what to do about a missing path, for messages (default: give the run folder of
+            the previous stage or a ``.ckpt`` file).
 
     Raises:
         ConfigError: the path does not exist, or a run folder holds no checkpoint.
@@ -79,12 +88,11 @@ def resolve_init_path(init_from: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
-        raise ConfigError(
-            [
-                f"init_from: {path} does not exist; give the run folder of the previous stage "
-                "(holding checkpoints/) or a .ckpt file"
-            ]
+        fix = (
+            fix
+            or "give the run folder of the previous stage (holding checkpoints/) or a .ckpt file"
         )
+        raise ConfigError([f"{what}: {path} does not exist; {fix}"])
     results = path / "results.json"
     if results.is_file():
         try:
@@ -97,16 +105,15 @@ def resolve_init_path(init_from: str | Path) -> Path:
     if last.is_file():
         if not results.is_file():
             log.warning(
-                "init_from: %s has no results.json (an unfinished run?); starting from %s",
+                "%s: %s has no results.json (an unfinished run?); starting from %s",
+                what,
                 path,
                 last,
             )
         return last
+    fix = fix or "give a finished run folder of the previous stage or a .ckpt file"
     raise ConfigError(
-        [
-            f"init_from: the folder {path} holds no checkpoints/last.ckpt or best.ckpt; give "
-            "a finished run folder of the previous stage or a .ckpt file"
-        ]
+        [f"{what}: the folder {path} holds no checkpoints/last.ckpt or best.ckpt; {fix}"]
     )
 
 
