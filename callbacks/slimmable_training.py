@@ -44,6 +44,12 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -
     )  # fmt: skip
 
 
+_LOGITS_FN_EXAMPLE = (
+    "logits_fn=lambda pl_module, output: pl_module.head(output.last_hidden_state[:, 0]) "
+    "(what your training_step does with the model's output)"
+)
+
+
 def _logits(output: Any) -> torch.Tensor:
     """The logits in a model output: the tensor itself, the first item of a tuple, or
     ``.logits``."""
@@ -56,9 +62,17 @@ def _logits(output: Any) -> torch.Tensor:
         return logits
     raise TypeError(
         f"SlimmableTraining: cannot find the logits in the model's output "
-        f"({type(output).__name__}); return a tensor, a tuple starting with it, or an object "
-        "with .logits."
+        f"({type(output).__name__}): a classifier outside the model? Give "
+        f"SlimmableTraining({_LOGITS_FN_EXAMPLE}); or make the model return a tensor, a tuple "
+        "starting with it, or an object with .logits."
     )
+
+
+def _returns_hidden_states(model: nn.Module) -> bool:
+    """A Hugging Face base model (``BertModel``, ``ViltModel``): its output holds hidden
+    states, not logits (``...For...`` classes have a head and return ``.logits``)."""
+    cls = type(model)
+    return cls.__module__.startswith("transformers.") and "For" not in cls.__name__
 
 
 def _one_example(obj: Any) -> Any:
@@ -105,7 +119,28 @@ class SlimmableTraining(CompressionCallback):
     at the batch's input size) in ``results.json``, with a plot of accuracy against MACs
     (``slimmable.png`` in the run folder). Per-example scores come from the LightningModule's
     ``example_scores(logits, batch)`` (``VQATask``: the official VQA accuracy), else top-1
-    accuracy against ``batch.targets`` / ``batch["labels"]``.
+    accuracy against ``batch.targets`` / ``batch["labels"]`` / the last item of a tuple batch
+    ``(inputs, labels)``.
+
+    In your own project the slimmed module is ``pl_module.model`` (or ``model_attr``) and its
+    forward hook sees every call your ``training_step`` / ``validation_step`` makes:
+
+    * **a head outside the model** (``self.model = BertModel(cfg)``, ``self.head =
+      nn.Linear(...)``, the step calls ``self.head(self.model(...).last_hidden_state[:, 0])``)
+      works at every width: the outputs a narrower submodel leaves narrower are zero-padded
+      back to the full hidden size at the model's boundary (``Slimmable(pad_outputs=True)``),
+      which is exactly the outside head reading its first input features;
+    * **the logits** (to distil and to evaluate the submodels) are the model's output when it
+      is a tensor, a tuple starting with one or has ``.logits``; otherwise give ``logits_fn``,
+      ``(pl_module, model_output) -> logits``, doing what your step does with the model's
+      output (``lambda pl, out: pl.head(out.last_hidden_state[:, 0])``; a module-level function
+      under ``ddp_spawn``, which pickles callbacks). A teacher (``distill="teacher"``) is a copy
+      of the slimmed module only: ``logits_fn`` gives its logits through your module's current
+      head;
+    * **width slimming** needs a width region in the anatomy (recognised Hugging Face text
+      encoders have one; MCAN needs ``width_adapters: true``); models whose patch embedding is a
+      convolution (ViLT, timm ViT) are slimmed by depth only: a space with widths of 1, e.g.
+      ``[[1, '1/2'], [1, 1]]``. :meth:`preflight` reports what is missing before training.
 
     Differences from MILVLG/bst, on purpose: the sampled submodels' losses are added and
     back-propagated once (the same gradients as BST's backward per submodel, but the graphs
@@ -124,12 +159,15 @@ class SlimmableTraining(CompressionCallback):
         distill_loss: ``bce`` (sigmoid targets, VQA) or ``kl`` (softmax, GQA).
         gt_weight: weight of the task's own loss for the distilled submodels (BST: 0).
         evaluate: which submodels validation and test evaluate.
+        logits_fn: ``(pl_module, model_output) -> logits`` for a model whose output holds no
+            logits (a classifier outside it); default: the output itself, its first item, or
+            its ``.logits``.
         seed, model_attr, patterns, name: see :class:`CompressionCallback`.
 
     Raises:
         ValueError: for a bad argument (an unknown choice, a teacher path missing with
             ``distill="teacher"``, nothing to learn from with ``distill="none"`` and
-            ``gt_weight=0``).
+            ``gt_weight=0``); at setup, the problems of :meth:`preflight`.
 
     Example::
 
@@ -149,6 +187,7 @@ class SlimmableTraining(CompressionCallback):
         distill_loss: str = "bce",
         gt_weight: float = 0.0,
         evaluate: str = "all",
+        logits_fn: Any = None,
         seed: int | None = None,
         model_attr: Any = None,
         patterns: Any = None,
@@ -177,6 +216,12 @@ class SlimmableTraining(CompressionCallback):
             )
         if not self.include_ends and self.sample == 0:
             raise ValueError("SlimmableTraining: sample=0 and include_ends=False train nothing.")
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError(
+                "SlimmableTraining: logits_fn must be a function (pl_module, model_output) -> "
+                f"logits; got {type(logits_fn).__name__}"
+            )
+        self.logits_fn = logits_fn
         self.teacher_path = teacher
         self.init_from_teacher = bool(init_from_teacher)
         self.slim: Slimmable | None = None
@@ -192,6 +237,53 @@ class SlimmableTraining(CompressionCallback):
         self.run_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
+    def preflight(self, model: nn.Module) -> list[str]:
+        """The anatomy's problems; a space with widths below 1 for a model that cannot be
+        width-slimmed (no width region, a convolutional patch embedding); a missing
+        ``teacher``; a model whose output holds no logits (a Hugging Face base model) without
+        ``logits_fn`` when distilling."""
+        from vlcompress.compress.slimmable import width_problems
+
+        problems = super().preflight(model)
+        anatomy = self.preflight_anatomy(model)
+        narrow = sorted({s.width for s in self.space if s.width < 1})
+        if anatomy is not None and narrow:
+            space = self.advise(lightning="space", vlcompress="options.space")
+            problems += [
+                f"{space} has widths {[Submodel(w, 1).name.split('-')[0][1:] for w in narrow]}"
+                f" below 1, but {p}"
+                for p in width_problems(model, anatomy)
+            ]
+        if self.distill == "teacher" and self.teacher_path:
+            from vlcompress.config import ConfigError
+            from vlcompress.utils.init_from import resolve_init_path
+
+            try:
+                resolve_init_path(self.teacher_path, *self._teacher_words())
+            except ConfigError as e:
+                problems += list(e.errors)
+        if self.distill != "none" and self.logits_fn is None and _returns_hidden_states(model):
+            problems.append(
+                f"{type(model).__name__} returns hidden states, not logits (its classifier is "
+                f"outside it), and distill={self.distill!r} needs every submodel's logits: "
+                f"give SlimmableTraining({_LOGITS_FN_EXAMPLE}), or distill='none' with "
+                "gt_weight=1"
+            )
+        return problems
+
+    def _teacher_words(self) -> tuple[str, str]:
+        """How messages name ``teacher`` and the fix for a missing one."""
+        return (
+            self.advise(lightning="teacher", vlcompress="options.teacher"),
+            self.advise(
+                lightning="train the teacher (the full model) first, or give "
+                "SlimmableTraining(teacher=...) an existing run folder or .ckpt file",
+                vlcompress="train the teacher first (e.g. make train "
+                "EXP=seed001_teacher_mcan_easy_vqa), or point options.teacher at an existing "
+                "run folder or .ckpt file",
+            ),
+        )
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Find the model, attach the slimming, load the teacher, wrap the training step."""
         super().setup(trainer, pl_module, stage)
@@ -220,13 +312,7 @@ class SlimmableTraining(CompressionCallback):
             if self.init_from_teacher:
                 self.model.load_state_dict(self.teacher.state_dict())
                 log.info("student initialised from the teacher %s", self.teacher_path)
-        self.slim = Slimmable(self.model, self.anatomy)
-        if not self.slim.rules and any(s.width < 1 for s in self.space):
-            raise ValueError(
-                f"SlimmableTraining: the space has widths below 1 but {type(self.model).__name__}"
-                "'s anatomy declares no width region (MCAN: width_adapters: true); use a "
-                "depth-only space such as [[1, '1/3'], [1, 1]] or declare Anatomy.slim."
-            )
+        self.slim = Slimmable(self.model, self.anatomy, pad_outputs=True)
         self._hook = self.model.register_forward_hook(self._on_forward, with_kwargs=True)
         original = pl_module.training_step
 
@@ -261,7 +347,7 @@ class SlimmableTraining(CompressionCallback):
     def _load_teacher(self, pl_module: Any) -> nn.Module:
         from vlcompress.utils.init_from import resolve_init_path
 
-        path = resolve_init_path(self.teacher_path)
+        path = resolve_init_path(self.teacher_path, *self._teacher_words())
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         state = ckpt.get("state_dict", ckpt)
         prefix = self._model_prefix(pl_module)
@@ -297,14 +383,20 @@ class SlimmableTraining(CompressionCallback):
         order = torch.randperm(len(rest), generator=self.generator(step, salt="sandwich"))
         return ends + [rest[i] for i in order[:k].tolist()]
 
-    def _targets(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _targets(self, pl_module: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         if self.teacher is None:
             raise RuntimeError("SlimmableTraining: no teacher loaded (distill='teacher')")
         device = next(self.model.parameters()).device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad():
-            return _logits(self.teacher(*args, **kwargs)).detach()
+            return self._logits_of(pl_module, self.teacher(*args, **kwargs)).detach()
+
+    def _logits_of(self, pl_module: Any, output: Any) -> torch.Tensor:
+        """The logits in a model output (``logits_fn`` when given)."""
+        if self.logits_fn is not None:
+            return self.logits_fn(pl_module, output)
+        return _logits(output)
 
     def _sandwich(self, pl_module: Any, original: Any, args: tuple, kwargs: dict) -> Any:
         """One step over the sampled submodels. The task's ``training_step`` runs once, for
@@ -355,9 +447,9 @@ class SlimmableTraining(CompressionCallback):
                 if self.distill == "none":
                     loss = self.gt_weight * task_loss
                 else:
-                    logits = _logits(output)
+                    logits = self._logits_of(pl_module, output)
                     if self.distill == "teacher" and targets is None:
-                        targets = self._targets(m_args, m_kwargs)
+                        targets = self._targets(pl_module, m_args, m_kwargs)
                     if targets is None:  # in-place: the largest learns from the task
                         loss = task_loss
                         if sub == self.space[-1]:
@@ -402,10 +494,15 @@ class SlimmableTraining(CompressionCallback):
         labels = getattr(batch, "targets", None)
         if labels is None and isinstance(batch, Mapping):
             labels = batch.get("labels")
+        if labels is None and isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            last = batch[-1]  # (inputs, labels)
+            if isinstance(last, torch.Tensor) and len(last) == len(logits):
+                labels = last
         if labels is None:
             raise ValueError(
                 "SlimmableTraining: cannot score the submodels: give the LightningModule an "
-                "example_scores(logits, batch) method, or batches with targets / labels."
+                "example_scores(logits, batch) method, or batches with targets / labels (or "
+                "(inputs, labels) tuples)."
             )
         if labels.dim() == logits.dim():
             labels = labels.argmax(dim=-1)
@@ -431,10 +528,10 @@ class SlimmableTraining(CompressionCallback):
             with torch.no_grad(), context() if context else contextlib.nullcontext():
                 for sub in self._eval_space():
                     if sub.is_full:
-                        logits = _logits(output)
+                        logits = self._logits_of(pl_module, output)
                     else:
                         with self.slim.submodel(sub):
-                            logits = _logits(self.model(*args, **kwargs))
+                            logits = self._logits_of(pl_module, self.model(*args, **kwargs))
                     scores = self._scores(pl_module, logits, batch)
                     acc = self._sums[sub.key]
                     acc[0] += float(scores.sum())

@@ -267,3 +267,69 @@ def test_export_keeps_tied_weights_tied():
     every = list(small.named_parameters(remove_duplicate=False))
     assert len(every) == len(list(small.parameters())) + 1  # one tensor, two names
     torch.testing.assert_close(small(b), out, rtol=0, atol=1e-6)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64)  # fmt: skip
+    return BertModel(cfg).eval()
+
+
+def test_pad_outputs_lets_a_head_outside_the_model_read_every_width():
+    bert, head = tiny_bert(), nn.Linear(32, 3)
+    ids = torch.randint(1, 100, (2, 7))
+    slim = Slimmable(bert, pad_outputs=True)
+    with slim.submodel(0.5, 1.0):  # narrow first: the full sizes are learned on the way
+        padded = bert(input_ids=ids)
+    for name in ("last_hidden_state", "pooler_output"):
+        t = getattr(padded, name)
+        assert t.shape[-1] == 32 and bool((t[..., 16:] == 0).all()) and t[..., :16].abs().sum() > 0
+    # without padding the stream is narrower; the head reads it as a sliced head would
+    plain = Slimmable(tiny_bert())
+    with plain.submodel(0.5, 1.0):
+        narrow = plain.model(input_ids=ids)
+    assert narrow.last_hidden_state.shape[-1] == 16
+    torch.testing.assert_close(
+        padded.last_hidden_state, nn.functional.pad(narrow.last_hidden_state, (0, 16))
+    )
+    torch.testing.assert_close(
+        head(padded.pooler_output),
+        nn.functional.linear(narrow.pooler_output, head.weight[:, :16], head.bias),
+    )
+    full = bert(input_ids=ids)  # full width: untouched
+    assert torch.equal(full.last_hidden_state, plain.model(input_ids=ids).last_hidden_state)
+    slim.detach()
+    assert not bert._forward_hooks  # detach removes the padding hook
+
+
+def test_pad_outputs_leaves_fixed_size_logits_alone():
+    # 7 answers = the stream width of hidden 28 at width 1/4: logits computed inside the model
+    # keep their size and are never padded
+    m, b = mcan(hidden_size=28, num_heads=4), batch()
+    slim = Slimmable(m, pad_outputs=True)
+    with slim.submodel(0.25, 1.0):
+        logits = m(b)
+    assert logits.shape == (3, 7) and bool((logits[:, -1] != 0).all())
+
+
+def test_width_problems_refuse_a_convolutional_patch_embedding_on_the_meta_device():
+    from transformers import ViltConfig, ViltModel
+
+    from vlcompress.compress.slimmable import width_problems
+
+    with torch.device("meta"):
+        vilt = ViltModel(ViltConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, image_size=32, patch_size=16))  # fmt: skip
+        bert = tiny_bert()
+    (problem,) = width_problems(vilt)
+    assert "embeddings.patch_embeddings.projection" in problem and "depth only" in problem
+    assert width_problems(bert) == []
+    slim = Slimmable(ViltModel(ViltConfig(hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=64,
+                                          image_size=32, patch_size=16)))  # fmt: skip
+    slim.set(Submodel(1.0, 0.5))  # depth works
+    with pytest.raises(ValueError, match="width 0.5: ViltModel cannot be width-slimmed"):
+        slim.set(Submodel(0.5, 1.0))

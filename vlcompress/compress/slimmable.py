@@ -59,6 +59,7 @@ __all__ = [
     "Submodel",
     "parse_space",
     "scaled",
+    "width_problems",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,94 @@ class _Rule:
         return scaled(self.size, width) * self.head_dim
 
 
+def _width_rules(model: nn.Module, anatomy: Anatomy, spec: SlimSpec) -> dict[str, _Rule]:
+    """How many outputs each module of the width region keeps, by path.
+
+    Raises:
+        ValueError, TypeError: a region module that cannot be sliced (see :class:`Slimmable`).
+    """
+    modules = dict(model.named_modules())
+    rules: dict[str, _Rule] = {}
+    for a in anatomy.attentions:
+        if not spec.in_region(a.q):
+            continue
+        if a.layout != "separate":
+            raise ValueError(
+                f"width slimming of {a.name}: its q/k/v projections are {a.layout} "
+                "(one module); only separate q/k/v projections can be sliced by head. "
+                "Leave the block out of SlimSpec.region."
+            )
+        for p in (a.q, a.k, a.v):
+            rules[p] = _Rule(a.num_heads, "heads", a.head_dim)
+    for f in anatomy.ffns:
+        if spec.in_region(f.up):
+            rules[f.up] = _Rule(f.inner_dim, "units")
+    for path, m in modules.items():
+        if path in rules or not spec.in_region(path):
+            continue
+        if type(m) in (nn.Linear, SlicedLinear):
+            rules[path] = _Rule(m.out_features, "units")
+        elif type(m) in (nn.Embedding, SlicedEmbedding):
+            if m.max_norm is not None:
+                raise ValueError(f"width slimming of {path}: an nn.Embedding with max_norm "
+                                 "renormalises rows in place; slice it only without.")  # fmt: skip
+            rules[path] = _Rule(m.embedding_dim, "units")
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            raise TypeError(
+                f"width slimming of {path}: {type(m).__name__} subclasses "
+                f"{'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Embedding'}; its own "
+                "forward would be replaced. Use the plain module or leave it out of "
+                "SlimSpec.region."
+            )
+    for path in rules:
+        if path not in modules:
+            raise ValueError(f"width slimming: {path!r} is not a module of the model")
+    return rules
+
+
+def width_problems(model: nn.Module, anatomy: Anatomy | None = None) -> list[str]:
+    """Why ``model`` cannot run at widths below 1 (empty: it can).
+
+    Looks only at the structure, so it works on a model built on the meta device: a width
+    region that is empty or holds modules that cannot be sliced, or a convolution writing the
+    hidden stream (ViLT's and timm ViT's patch embeddings: their full-width outputs would meet
+    the narrower stream). Depth slimming is unaffected.
+
+    Args:
+        model: the model.
+        anatomy: its anatomy (default :func:`~vlcompress.models.anatomy.anatomy_of`).
+    """
+    anatomy = anatomy if anatomy is not None else anatomy_of(model)
+    spec = anatomy.slim or _default_spec(anatomy)
+    name = type(model).__name__
+    depth_only = "slim it by depth only (widths of 1, e.g. the space [[1, '1/2'], [1, 1]])"
+    try:
+        rules = _width_rules(model, anatomy, spec)
+    except (TypeError, ValueError) as e:
+        return [str(e)]
+    if not rules:
+        return [
+            f"{name}'s anatomy declares no width region (SlimSpec.region is empty), so nothing "
+            "would get narrower; MCAN: set width_adapters: true (and flat_glimpses: 1); other "
+            f"models: declare Anatomy.slim, or {depth_only}"
+        ]
+    streams = {r.size for r in rules.values() if r.kind == "units"}
+    convs = [
+        path
+        for path, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+        and spec.in_region(path)
+        and m.out_channels in streams
+    ]
+    if convs:
+        return [
+            f"{name} cannot be width-slimmed: the convolution {convs[0]} (a patch embedding) "
+            "writes the hidden stream at full width, which the narrower stream then meets; "
+            f"{depth_only}"
+        ]
+    return []
+
+
 # ---------------------------------------------------------------------- the controller
 class Slimmable:
     """Run-time width / depth slimming of ``model`` through its anatomy.
@@ -230,6 +319,15 @@ class Slimmable:
         model: the model (its ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` modules
             become their sliced subclasses until :meth:`detach`).
         anatomy: its anatomy (default: :func:`~vlcompress.models.anatomy.anatomy_of`).
+        pad_outputs: zero-pad the model's outputs that a narrower submodel leaves narrower
+            (a ``BertModel``'s ``last_hidden_state`` at width 1/2 has half the features) back
+            to their full width, so code outside the model (a classifier head) works at every
+            width. Padding with zeros is what reading the first features does: a linear head
+            then computes exactly what its sliced copy computes on the narrow stream. An output
+            counts as narrowed when its last dimension is a hidden size of the width region at
+            full width and smaller now; the full sizes are learned from the first full-width
+            forward (or one extra full-width forward without gradients). Outputs the model
+            computes at a fixed size (logits of a head inside the model) are left alone.
 
     Raises:
         ValueError: for an anatomy whose width region holds fused or packed attention
@@ -245,54 +343,21 @@ class Slimmable:
         slim.set(Submodel(1.0, 1.0))     # back to the full model
     """
 
-    def __init__(self, model: nn.Module, anatomy: Anatomy | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, anatomy: Anatomy | None = None, *, pad_outputs: bool = False
+    ) -> None:
         self.model = model
         self.anatomy = anatomy if anatomy is not None else anatomy_of(model)
         self.spec = self.anatomy.slim or _default_spec(self.anatomy)
-        self.rules: dict[str, _Rule] = self._rules()
+        self.rules: dict[str, _Rule] = _width_rules(model, self.anatomy, self.spec)
+        self.pad_outputs = bool(pad_outputs)
         self.current = Submodel(1.0, 1.0)
         self.attached = False
+        self._pad_hook: Any = None
+        self._full_dims: dict[str, int] = {}  # output path -> last dimension at full width
+        self._streams = {r.size for r in self.rules.values() if r.kind == "units"}
+        self._width_problems: list[str] | None = None
         self.attach()
-
-    # ------------------------------------------------------------------ set-up
-    def _rules(self) -> dict[str, _Rule]:
-        modules = dict(self.model.named_modules())
-        rules: dict[str, _Rule] = {}
-        for a in self.anatomy.attentions:
-            if not self.spec.in_region(a.q):
-                continue
-            if a.layout != "separate":
-                raise ValueError(
-                    f"width slimming of {a.name}: its q/k/v projections are {a.layout} "
-                    "(one module); only separate q/k/v projections can be sliced by head. "
-                    "Leave the block out of SlimSpec.region."
-                )
-            for p in (a.q, a.k, a.v):
-                rules[p] = _Rule(a.num_heads, "heads", a.head_dim)
-        for f in self.anatomy.ffns:
-            if self.spec.in_region(f.up):
-                rules[f.up] = _Rule(f.inner_dim, "units")
-        for path, m in modules.items():
-            if path in rules or not self.spec.in_region(path):
-                continue
-            if type(m) in (nn.Linear, SlicedLinear):
-                rules[path] = _Rule(m.out_features, "units")
-            elif type(m) in (nn.Embedding, SlicedEmbedding):
-                if m.max_norm is not None:
-                    raise ValueError(f"width slimming of {path}: an nn.Embedding with max_norm "
-                                     "renormalises rows in place; slice it only without.")  # fmt: skip
-                rules[path] = _Rule(m.embedding_dim, "units")
-            elif isinstance(m, (nn.Linear, nn.Embedding)):
-                raise TypeError(
-                    f"width slimming of {path}: {type(m).__name__} subclasses "
-                    f"{'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Embedding'}; its own "
-                    "forward would be replaced. Use the plain module or leave it out of "
-                    "SlimSpec.region."
-                )
-        for path in rules:
-            if path not in modules:
-                raise ValueError(f"width slimming: {path!r} is not a module of the model")
-        return rules
 
     def attach(self) -> None:
         """Make every plain ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` sliceable
@@ -305,6 +370,8 @@ class Slimmable:
                 continue  # normalises over several dimensions: not a width, left alone
             if cls is not None:
                 m.__class__ = cls
+        if self.pad_outputs:
+            self._pad_hook = self.model.register_forward_hook(self._pad, with_kwargs=True)
         self.attached = True
         self.set(self.current)
 
@@ -319,6 +386,9 @@ class Slimmable:
                 m.__class__ = plain
                 for attr in ("slim_out", "seen_in"):
                     m.__dict__.pop(attr, None)
+        if self._pad_hook is not None:
+            self._pad_hook.remove()
+            self._pad_hook = None
         self.attached = False
 
     # ------------------------------------------------------------------ switching
@@ -331,16 +401,20 @@ class Slimmable:
         return out
 
     def set(self, submodel: Submodel) -> None:
-        """Switch the model to ``submodel`` (cheap: sets a few hundred integers)."""
+        """Switch the model to ``submodel`` (cheap: sets a few hundred integers).
+
+        Raises:
+            ValueError: a width below 1 for a model that cannot be width-slimmed
+                (:func:`width_problems`).
+        """
         if not self.attached:
             raise RuntimeError("Slimmable.set after detach(); call attach() first.")
-        if submodel.width < 1.0 and not self.rules:
-            raise ValueError(
-                f"width {submodel.width} asked of a model whose anatomy declares no width region "
-                "(SlimSpec.region is empty), so nothing would get narrower. MCAN: set "
-                "width_adapters: true (and flat_glimpses: 1); other models: declare "
-                "Anatomy.slim, or use widths of 1 (depth only)."
-            )
+        if submodel.width < 1.0:
+            if self._width_problems is None:
+                self._width_problems = width_problems(self.model, self.anatomy)
+            problems = self._width_problems
+            if problems:
+                raise ValueError(f"width {submodel.width}: " + "; ".join(problems))
         modules = dict(self.model.named_modules())
         for path, rule in self.rules.items():
             modules[path].slim_out = rule.at(submodel.width)
@@ -361,6 +435,40 @@ class Slimmable:
         try:
             yield target
         finally:
+            self.set(previous)
+
+    # ------------------------------------------------------------------ outputs
+    def _pad(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Forward hook (``pad_outputs``): outputs of the hidden width that leave the model
+        narrower than at full width come back zero-padded to it."""
+        width = self.current.width
+        if width >= 1.0:
+            self._full_dims.update(_last_dims(output))
+            return None
+        if any(p not in self._full_dims for p in _last_dims(output)):
+            self._record_full_dims(args, kwargs)
+        return _padded(output, "", self._pad_to(width))
+
+    def _pad_to(self, width: float) -> dict[str, int]:
+        """Output path -> full width, for the outputs a submodel of ``width`` narrows."""
+        return {
+            path: n
+            for path, n in self._full_dims.items()
+            if n in self._streams and scaled(n, width) < n
+        }
+
+    @torch.no_grad()
+    def _record_full_dims(self, args: tuple, kwargs: dict) -> None:
+        """Run the full model once (without the model's own hooks) to learn the full width of
+        each output."""
+        previous = self.current
+        was = self.model.training
+        self.set(Submodel(1.0, previous.depth))
+        self.model.eval()
+        try:
+            self._full_dims.update(_last_dims(self.model.forward(*args, **kwargs)))
+        finally:
+            self.model.train(was)
             self.set(previous)
 
     # ------------------------------------------------------------------ export
@@ -539,3 +647,54 @@ def _update_hf_config(
             cfg.intermediate_size = scaled(cfg.intermediate_size, submodel.width)
         if hasattr(cfg, "num_hidden_layers") and len(layers) == 1:
             cfg.num_hidden_layers = next(iter(layers))
+
+
+def _last_dims(output: Any, path: str = "") -> dict[str, int]:
+    """``{path: last dimension}`` of the floating-point tensors with at least 2 dimensions in a
+    model output (tensors, tuples, lists, dicts, dataclasses such as a ``ModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        ok = output.is_floating_point() and output.dim() >= 2
+        return {path: int(output.shape[-1])} if ok else {}
+    out: dict[str, int] = {}
+    if isinstance(output, Mapping):
+        for k, v in output.items():
+            out.update(_last_dims(v, f"{path}.{k}"))
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        for f in dataclasses.fields(output):
+            out.update(_last_dims(getattr(output, f.name), f"{path}.{f.name}"))
+    elif isinstance(output, (tuple, list)):
+        for i, v in enumerate(output):
+            out.update(_last_dims(v, f"{path}[{i}]"))
+    return out
+
+
+def _padded(output: Any, path: str, pad_to: Mapping[str, int]) -> Any:
+    """``output`` with the tensor at each path of ``pad_to`` zero-padded in its last dimension
+    to the given size (containers rebuilt, everything else unchanged)."""
+    if not pad_to:
+        return output
+    if isinstance(output, torch.Tensor):
+        n = pad_to.get(path)
+        if n is None or output.shape[-1] >= n:
+            return output
+        return F.pad(output, (0, n - output.shape[-1]))
+    if isinstance(output, Mapping):
+        items = {k: _padded(v, f"{path}.{k}", pad_to) for k, v in output.items()}
+        if dataclasses.is_dataclass(output):  # a transformers ModelOutput
+            return type(output)(**items)
+        return type(output)(items) if isinstance(output, dict) else items
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return dataclasses.replace(
+            output,
+            **{
+                f.name: _padded(getattr(output, f.name), f"{path}.{f.name}", pad_to)
+                for f in dataclasses.fields(output)
+                if f.init
+            },
+        )
+    if isinstance(output, (tuple, list)):
+        items = [_padded(v, f"{path}[{i}]", pad_to) for i, v in enumerate(output)]
+        if hasattr(output, "_fields"):  # a namedtuple
+            return type(output)(*items)
+        return type(output)(items)
+    return output
