@@ -200,9 +200,19 @@ def test_slurm_consistency_and_executor_choice(monkeypatch):
     assert len(problems) == 2 and "trainer.num_nodes" in problems[0]
 
 
+def _broken_easy_vqa(folder: Path) -> Path:
+    """An easy-VQA data folder with every expected file but no images: it passes every
+    check made before a run (they look for the files) and fails when the data is read."""
+    for part in ("train", "test"):
+        (folder / part / "images").mkdir(parents=True, exist_ok=True)
+        (folder / part / "questions.json").write_text("not json")
+    (folder / "answers.txt").write_text("yes\nno\n")
+    return folder
+
+
 def _fail_one_point(monkeypatch, calls: list[str], bad: tuple[float, int] | None):
-    """Record every run; the point (lr, seed) == ``bad`` gets a missing data folder, so it
-    fails at run time (FileNotFoundError in the data module) after passing validation."""
+    """Record every run; the point (lr, seed) == ``bad`` gets a data folder without images,
+    so it fails at run time (FileNotFoundError in the data module) after passing validation."""
     import vlcompress.run
 
     real = vlcompress.run.run_experiment
@@ -210,7 +220,8 @@ def _fail_one_point(monkeypatch, calls: list[str], bad: tuple[float, int] | None
     def run(cfg, raw=None):
         calls.append(Path(cfg.output_dir).name)
         if bad and (cfg.optim.lr, cfg.seed) == bad:
-            cfg.data.options["data_dir"] = str(Path(cfg.output_dir).parent / "no-such-data")
+            data = _broken_easy_vqa(Path(cfg.output_dir).parent / "no-such-data")
+            cfg.data.options["data_dir"] = str(data)
         return real(cfg, raw)
 
     monkeypatch.setattr(vlcompress.run, "run_experiment", run)
@@ -293,17 +304,20 @@ def test_local_sweep_failure_resubmission_resume_and_report(tmp_path, monkeypatc
 
 def test_submitit_executor_records_job_ids_and_failures(tmp_path):
     """Any submitit executor may be passed in; its jobs' ids and outcomes reach the manifest.
-    (submitit's LocalExecutor: a real subprocess per point; the points fail fast here.)"""
+    (submitit's LocalExecutor: a real subprocess per point; the points fail fast here: their
+    data folder passes the sweep's checks but has no images.)"""
+    broken = _broken_easy_vqa(tmp_path / "broken")
     ex = submitit.LocalExecutor(folder=tmp_path / "logs")
     ex.update_parameters(timeout_min=5)
     manifest = sw.submit_sweep(
         "default_sweep",
         [*TINY, f"output_dir={tmp_path / 'sweep'}", "sweep.seeds=[0]",
-         "sweep.grid={optim.lr: [0.001], data.options.data_dir: [/missing/a]}"],
+         f"sweep.grid={{optim.lr: [0.001], data.options.data_dir: [{broken}]}}"],
         executor=ex,
     )  # fmt: skip
     assert manifest["executor"] == "submitit"
     assert [p["outcome"] for p in manifest["points"]] == ["failed"]
     (point,) = manifest["points"]
-    assert point["job_id"] and point["error"].startswith("FileNotFoundError: easy-VQA data folder")
-    assert "/missing/a" in point["error"] and "log " in point["error"]
+    assert point["job_id"] and point["error"].startswith("FileNotFoundError")
+    assert str(broken) in point["error"]
+    assert "log " in point["error"]
