@@ -148,7 +148,7 @@ def _reusable_rows(
     if why:
         log.info("not reusing %s: %s; profiling the submodels", path, why)
         return None
-    log.info("costs from %s (profiled from the same checkpoint)", path)
+    log.debug("costs from %s (profiled from the same checkpoint)", path)
     return [dict(r) for r in rows]
 
 
