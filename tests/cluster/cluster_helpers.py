@@ -24,6 +24,17 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 UP, DOWN = REPO / "cluster" / "slurm_up.sh", REPO / "cluster" / "slurm_down.sh"
 
+
+def broken_easy_vqa(folder: Path) -> Path:
+    """An easy-VQA data folder with every expected file but no images: it passes every check
+    made before a run (they look for the files) and fails when the data is read."""
+    for part in ("train", "test"):
+        (folder / part / "images").mkdir(parents=True, exist_ok=True)
+        (folder / part / "questions.json").write_text("not json")
+    (folder / "answers.txt").write_text("yes\nno\n")
+    return folder
+
+
 # A tiny MCAN; dropout off so that 2 ranks x 16 examples and 1 process x 32 examples take the
 # same steps (dropout draws differ between the two layouts; BatchNorm statistics still do).
 TINY = [

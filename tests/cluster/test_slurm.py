@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cluster_helpers import (
     PYTHON,
     REPO,
     assert_same_run,
+    broken_easy_vqa,
     run,
     train,
     weights,
@@ -159,7 +161,8 @@ SWEEP = [
 def test_submitit_sweep_failure_and_resubmission(slurm, tmp_path):
     from vlcompress.datamodules.easy_vqa import default_data_dir
 
-    sweep_dir, data = tmp_path / "sweep", tmp_path / "data"  # `data` does not exist yet
+    sweep_dir = tmp_path / "sweep"
+    data = broken_easy_vqa(tmp_path / "data")  # no images yet: passes the checks, fails to read
     points = f"sweep.points=[{{seed: 0}}, {{seed: 1}}, {{seed: 2}}, {{seed: 3, data.options.data_dir: {data}}}]"
     args = [
         PYTHON,
@@ -203,7 +206,7 @@ def test_submitit_sweep_failure_and_resubmission(slurm, tmp_path):
                 return states
             time.sleep(2)
 
-    # 1. Four points as a job array; the point with the missing data folder fails.
+    # 1. Four points as a job array; the point with the data folder without images fails.
     try:
         p = run(args, 420, cwd=REPO, env=_env())
     finally:
@@ -228,7 +231,9 @@ def test_submitit_sweep_failure_and_resubmission(slurm, tmp_path):
     assert states[bad] == "FAILED", states
     done = {n: (sweep_dir / n / "results.json").stat().st_mtime_ns for n in good}
 
-    # 2. Fixed (the data folder appears) and re-submitted: only the failed point runs again.
+    # 2. Fixed (the real data folder takes its place) and re-submitted: only the failed point
+    #    runs again.
+    shutil.rmtree(data)
     data.symlink_to(default_data_dir(), target_is_directory=True)
     try:
         p = run(args, 300, cwd=REPO, env=_env())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+from cluster_helpers import broken_easy_vqa
 from quick_run import TINY_RUN
 from submitit.slurm.slurm import _make_sbatch_string
 
@@ -200,16 +201,6 @@ def test_slurm_consistency_and_executor_choice(monkeypatch):
     assert len(problems) == 2 and "trainer.num_nodes" in problems[0]
 
 
-def _broken_easy_vqa(folder: Path) -> Path:
-    """An easy-VQA data folder with every expected file but no images: it passes every
-    check made before a run (they look for the files) and fails when the data is read."""
-    for part in ("train", "test"):
-        (folder / part / "images").mkdir(parents=True, exist_ok=True)
-        (folder / part / "questions.json").write_text("not json")
-    (folder / "answers.txt").write_text("yes\nno\n")
-    return folder
-
-
 def _fail_one_point(monkeypatch, calls: list[str], bad: tuple[float, int] | None):
     """Record every run; the point (lr, seed) == ``bad`` gets a data folder without images,
     so it fails at run time (FileNotFoundError in the data module) after passing validation."""
@@ -220,7 +211,7 @@ def _fail_one_point(monkeypatch, calls: list[str], bad: tuple[float, int] | None
     def run(cfg, raw=None):
         calls.append(Path(cfg.output_dir).name)
         if bad and (cfg.optim.lr, cfg.seed) == bad:
-            data = _broken_easy_vqa(Path(cfg.output_dir).parent / "no-such-data")
+            data = broken_easy_vqa(Path(cfg.output_dir).parent / "no-such-data")
             cfg.data.options["data_dir"] = str(data)
         return real(cfg, raw)
 
@@ -306,7 +297,7 @@ def test_submitit_executor_records_job_ids_and_failures(tmp_path):
     """Any submitit executor may be passed in; its jobs' ids and outcomes reach the manifest.
     (submitit's LocalExecutor: a real subprocess per point; the points fail fast here: their
     data folder passes the sweep's checks but has no images.)"""
-    broken = _broken_easy_vqa(tmp_path / "broken")
+    broken = broken_easy_vqa(tmp_path / "broken")
     ex = submitit.LocalExecutor(folder=tmp_path / "logs")
     ex.update_parameters(timeout_min=5)
     manifest = sw.submit_sweep(
