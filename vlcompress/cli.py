@@ -1,10 +1,18 @@
-"""Command line: ``python -m vlcompress {train,validate,list,sweep,report,prepare} ...``."""
+"""Command line: ``python -m vlcompress {train,validate,list,sweep,report,prepare,export} ...``.
+
+train: train and test an experiment; validate: check it without running; list: experiments or
+components; sweep / report: a hyper-parameter sweep and its table; prepare: convert features
+once; export: submodels of a slimmable run."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
+import typing
+import warnings
 from typing import Any
 
 from rich.console import Console
@@ -48,23 +56,51 @@ def results_table(results: dict[str, Any]) -> Table:
     p = results.get("parameters", {})
     table.add_row("parameters", f"{p.get('total', 0):,}")
     table.add_row("FLOPs / sample", f"{results.get('flops_per_sample', 0) / 1e6:,.1f} M")
-    table.add_row("train wall time", f"{results.get('train_wall_time_s', 0):.1f} s")
-    table.add_row("epochs / steps", f"{results.get('epochs')} / {results.get('global_steps')}")
+    table.add_row("train wall time (all launches)", f"{results.get('train_wall_time_s', 0):.1f} s")
+    training = results.get("training") or {}
+    planned = training.get("steps_planned")
+    steps = f"{results.get('global_steps')}" + (f" of {planned}" if planned else "")
+    table.add_row("epochs / steps", f"{results.get('epochs')} / {steps}")
+    if training.get("stopped_by") not in (None, "completed"):
+        table.add_row("[yellow]training stopped early[/yellow]", training.get("message", ""))
     table.add_row("run folder", str(results.get("output_dir")))
     return table
 
 
-def components_table(kinds: list[str] | dict[str, str]) -> Table:
-    """A rich table of the registered components of ``kinds``: name, options, summary."""
-    import dataclasses
+def _plain(text: str) -> str:
+    """Docstring markup as plain text: ``x`` and :class:`~a.B` become x and B."""
+    text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
 
-    table = Table(title="registered components")
-    for col in ("kind", "name", "options", "summary"):
+
+def _option_lines(comp: Any) -> str:
+    """``name: type = default`` per option of a component (its own defaults for variants)."""
+    from vlcompress.config.validate import _type_name
+
+    hints = typing.get_type_hints(comp.options)
+    lines = []
+    for f in dataclasses.fields(comp.options):
+        if comp.defaults is not None:
+            default: Any = getattr(comp.defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        lines.append(f"{f.name}: {_type_name(hints[f.name])} = {default!r}")
+    return "\n".join(lines) or "-"
+
+
+def components_table(kinds: list[str] | dict[str, str]) -> Table:
+    """A rich table of the registered components of ``kinds``: name, options (type and
+    default), summary (first sentence of the docstring)."""
+    table = Table(title="registered components", show_lines=True)
+    for col in ("kind", "name", "options (type = default)", "summary"):
         table.add_column(col)
     for kind in kinds:
         for name, comp in sorted(components(kind).items()):
-            opts = ", ".join(f.name for f in dataclasses.fields(comp.options)) or "-"
-            table.add_row(kind, name, opts, comp.summary)
+            table.add_row(kind, name, _option_lines(comp), _plain(comp.summary))
     return table
 
 
@@ -209,7 +245,13 @@ def _export_command(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for configuration errors)."""
-    parser = argparse.ArgumentParser(prog="vlcompress", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vlcompress",
+        description="Compress and debias vision-language models: train experiments, sweep, "
+        "report, prepare features, export submodels. `vlcompress <command> --help` for one.",
+        epilog="examples: vlcompress train default trainer.max_epochs=3 | vlcompress validate "
+        "seed001_bst_mcan_easy_vqa | vlcompress export runs/<run> --table",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("train", "train and test an experiment"),
@@ -303,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own console handler
+    # Lightning's own use of torch's deprecated pytree LeafSpec; nothing a user can change
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
     console = Console()
 
     if args.command in ("sweep", "report"):
@@ -329,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(f"experiment {args.exp!r} is valid")
+        from vlcompress.preflight import preflight
+
+        problems = preflight(cfg)
+        if problems:
+            print(f"error: {ConfigError(problems, f'experiment {args.exp!r}')}", file=sys.stderr)
+            return 2
+        print(f"experiment {args.exp!r} is valid (options, paths, data and callbacks checked)")
         return 0
 
     from vlcompress.callbacks import NonFiniteLossError
@@ -340,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NonFiniteLossError) as e:
+    except FileNotFoundError as e:  # an input that went missing after the preflight check
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RunInterrupted as e:
