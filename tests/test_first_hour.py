@@ -121,6 +121,15 @@ SCENARIOS = [
         absent=("{tmp}/bst",),
     ),  # fmt: skip
     Scenario(
+        "slimmable-training-on-a-model-without-width-region",
+        ["train", "default", "output_dir={tmp}/slim", "callbacks=[{name: slimmable_training}]"],
+        2,
+        "callbacks[0] (slimmable_training): options.space has widths ['1/4', '1/2', '3/4'] "
+        "below 1, but MCAN's anatomy declares no width region",
+        absent=("{tmp}/slim",),
+        extra=("set width_adapters: true",),
+    ),
+    Scenario(
         "init-from-a-missing-run",
         ["validate", "default", "init_from=/nope"],
         2,
