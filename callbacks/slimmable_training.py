@@ -278,8 +278,9 @@ class SlimmableTraining(CompressionCallback):
             self.advise(
                 lightning="train the teacher (the full model) first, or give "
                 "SlimmableTraining(teacher=...) an existing run folder or .ckpt file",
-                vlcompress="train the teacher first (e.g. make train "
-                "EXP=seed001_teacher_mcan_easy_vqa), or point options.teacher at an existing "
+                vlcompress="train the teacher (the full model, same model and data) first: "
+                "the experiment's seed001_teacher_* companion, e.g. make train "
+                "EXP=seed001_teacher_mcan_easy_vqa; or point options.teacher at an existing "
                 "run folder or .ckpt file",
             ),
         )
