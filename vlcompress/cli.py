@@ -342,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=20, help="timed calls per latency (median, p10-p90)"
     )
     exp.add_argument("--out", default=None, help="export folder (default <run>/export/<key>)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    settings = [e for e in extra if "=" in e and not e.startswith("-")]
+    if settings and args.command == "export":  # key=value settings after an option
+        args.settings += settings
+        extra = [e for e in extra if e not in settings]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own console handler
     # Lightning's own use of torch's deprecated pytree LeafSpec; nothing a user can change
