@@ -125,8 +125,9 @@ def test_slimmable_training_preflight(mcan_meta, mcan_slim_meta, tmp_path):
     cb = _vlcompress(SlimmableTraining(distill="teacher", teacher=str(teacher)))
     (problem,) = cb.preflight(mcan_slim_meta)
     assert problem == (
-        f"options.teacher: {teacher} does not exist; train the teacher first (e.g. make train "
-        "EXP=seed001_teacher_mcan_easy_vqa), or point options.teacher at an existing run "
+        f"options.teacher: {teacher} does not exist; train the teacher (the full model, same "
+        "model and data) first: the experiment's seed001_teacher_* companion, e.g. make train "
+        "EXP=seed001_teacher_mcan_easy_vqa; or point options.teacher at an existing run "
         "folder or .ckpt file"
     )
     (problem,) = SlimmableTraining(distill="teacher", teacher=str(teacher)).preflight(

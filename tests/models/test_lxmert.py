@@ -201,7 +201,7 @@ def test_easy_vqa_wordpiece_questions_match_the_minilm_vocab():
         assert words[0] == "[CLS]" and words[-1] == "[SEP]" and "[UNK]" not in words
     with pytest.raises(ValueError, match="only with text_encoding: wordpiece"):
         EasyVQADataModule(tokenizer="/x")
-    with pytest.raises(FileNotFoundError, match="neither vocab.txt nor tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="'/nowhere' does not exist; set it to a local"):
         EasyVQADataModule(text_encoding="wordpiece", tokenizer="/nowhere").setup()
 
 

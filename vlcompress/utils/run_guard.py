@@ -44,7 +44,7 @@ class RunGuard(Callback):
     @property
     def train_time_s(self) -> float:
         """Fit wall time over every launch of the run: what the checkpoint resumed from had
-        spent (up to its save), plus this launch's fit so far."""
+        spent (up to its save), plus this launch's fit (so far, or until it ended)."""
         now = 0.0 if self._fit_start is None else time.monotonic() - self._fit_start
         return self._earlier_s + now
 
@@ -52,8 +52,14 @@ class RunGuard(Callback):
         """Start this launch's fit clock."""
         self._fit_start = time.monotonic()
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Stop the clock: testing afterwards is not fit time."""
+        self._earlier_s, self._fit_start = self.train_time_s, None
+
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Take the fit time the resumed checkpoint had spent; this launch adds its own."""
+        if trainer.state.fn != TrainerFn.FITTING:  # a test loading the best weights
+            return
         self._earlier_s = float(checkpoint.get(_TIME_KEY, 0.0))
         self._fit_start = time.monotonic()
 
