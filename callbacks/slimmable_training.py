@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlcompress.callbacks.base import CompressionCallback
-from vlcompress.compress.slimmable import Slimmable, Submodel, parse_space
+from vlcompress.compress.slimmable import Slimmable, Submodel, logits_in, parse_space
 from vlcompress.registry import register
 
 __all__ = ["SlimmableTraining", "distillation_loss"]
@@ -53,12 +53,8 @@ _LOGITS_FN_EXAMPLE = (
 def _logits(output: Any) -> torch.Tensor:
     """The logits in a model output: the tensor itself, the first item of a tuple, or
     ``.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
+    logits = logits_in(output)
+    if logits is not None:
         return logits
     raise TypeError(
         f"SlimmableTraining: cannot find the logits in the model's output "

@@ -57,12 +57,24 @@ __all__ = [
     "SlicedLinear",
     "Slimmable",
     "Submodel",
+    "logits_in",
     "parse_space",
     "scaled",
     "width_problems",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def logits_in(output: Any) -> torch.Tensor | None:
+    """The logits in a model's output: the tensor itself, the first item of a tuple, or
+    ``.logits``; ``None`` when there are none (e.g. a base model's hidden states)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
 
 
 def _fraction_text(x: float) -> str:

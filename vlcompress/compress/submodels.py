@@ -23,8 +23,7 @@ import json
 import logging
 import math
 import statistics
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlcompress.compress.slimmable import Slimmable, Submodel, config_attribute
+from vlcompress.compress.slimmable import Slimmable, Submodel, config_attribute, logits_in
 
 __all__ = [
     "BUDGET_KEYS",
@@ -90,7 +89,7 @@ def profile_submodels(
     Raises:
         ValueError: for ``repeats < 1``.
     """
-    from vlcompress.utils.flops import count_compute
+    from vlcompress.utils.flops import count_compute, latency_samples
 
     if latency and repeats < 1:
         raise ValueError(f"repeats must be at least 1 (timed calls per latency), got {repeats}.")
@@ -111,7 +110,7 @@ def profile_submodels(
             for key, x in (("latency_b1", example), ("latency_large", large)):
                 if x is not None:
                     x = _to(x, device)
-                    times = _timed_calls(lambda x=x, m=small: m(x), repeats, device)
+                    times = latency_samples(lambda x=x, m=small: m(x), repeats, device=device)
                     row.update(_latency_columns(key, times))
         rows.append(row)
         log.info("%s: %s", sub.name, {k: v for k, v in row.items() if k != "submodel"})
@@ -119,26 +118,6 @@ def profile_submodels(
     if problems:
         log.warning("%s", noisy_latency_message(problems))
     return rows
-
-
-@torch.inference_mode()
-def _timed_calls(
-    fn: Callable[[], Any], repeats: int, device: torch.device | str, warmup: int = 3
-) -> list[float]:
-    """Wall times (seconds) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _latency_columns(key: str, seconds: Sequence[float]) -> dict[str, float]:
@@ -402,14 +381,10 @@ def load_export(folder: str | Path) -> nn.Module:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(f"cannot find the logits in the model's output ({type(output).__name__}).")
+    logits = logits_in(output)
+    if logits is None:
+        raise TypeError(f"cannot find the logits in the model's output ({type(output).__name__}).")
+    return logits
 
 
 @dataclass

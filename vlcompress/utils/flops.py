@@ -27,6 +27,7 @@ __all__ = [
     "count_compute",
     "count_parameters",
     "flops_per_sample",
+    "latency_samples",
     "measure_latency",
     "resize_batch",
 ]
@@ -133,10 +134,14 @@ def flops_per_sample(model: nn.Module, batch: Any) -> int:
 
 
 @torch.inference_mode()
-def measure_latency(
-    fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, device: torch.device | None = None
-) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA synchronised when ``device`` is a GPU).
+def latency_samples(
+    fn: Callable[[], Any],
+    repeats: int = 20,
+    warmup: int = 3,
+    device: torch.device | str | None = None,
+) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn()`` in seconds, after ``warmup`` untimed ones
+    (CUDA synchronised around each call when ``device`` is a GPU).
 
     Args:
         fn: the call to time (e.g. ``lambda: model(batch)``).
@@ -156,4 +161,11 @@ def measure_latency(
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def measure_latency(
+    fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, device: torch.device | None = None
+) -> float:
+    """Median wall time of ``fn()`` in seconds (see :func:`latency_samples`)."""
+    return statistics.median(latency_samples(fn, repeats, warmup, device))
