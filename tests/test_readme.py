@@ -16,27 +16,28 @@ def _example(tag: str) -> str:
     return match.group(1)
 
 
-def test_own_project_example_runs(tmp_path):
-    script = tmp_path / "own_project.py"
-    script.write_text(_example("own-project"))
+def _run_example(tag: str, folder) -> str:
+    """Run the README's example ``tag`` as a script in ``folder``; its standard output."""
+    script = folder / f"{tag.replace('-', '_')}.py"
+    script.write_text(_example(tag))
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "{'dead_heads': 4}" in proc.stdout  # 2 layers x 4 heads, half switched off
-    assert "100.0%" in proc.stdout or "100%" in proc.stdout  # the coverage report
+    return proc.stdout
+
+
+def test_own_project_example_runs(tmp_path):
+    out = _run_example("own-project", tmp_path)
+    assert "{'dead_heads': 4}" in out  # 2 layers x 4 heads, half switched off
+    assert "100.0%" in out or "100%" in out  # the coverage report
 
 
 def test_own_project_slimmable_example_runs(tmp_path):
-    script = tmp_path / "own_project_slimmable.py"
-    script.write_text(_example("own-project-slimmable"))
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = re.findall(r"^(w\S+): accuracy ([\d.]+), ([\d,]+) parameters$", proc.stdout, re.M)
-    assert [r[0] for r in rows] == ["w1/2-d1/2", "w1/2-d1", "w1-d1"], proc.stdout
+    out = _run_example("own-project-slimmable", tmp_path)
+    rows = re.findall(r"^(w\S+): accuracy ([\d.]+), ([\d,]+) parameters$", out, re.M)
+    assert [r[0] for r in rows] == ["w1/2-d1/2", "w1/2-d1", "w1-d1"], out
     params = [int(r[2].replace(",", "")) for r in rows]
     assert params[0] < params[1] < params[2]  # every submodel really is smaller
     assert all(0.0 <= float(r[1]) <= 1.0 for r in rows)
-    assert proc.stdout.rstrip().endswith("Linear")  # teardown left the plain full model
+    assert out.rstrip().endswith("Linear")  # teardown left the plain full model
