@@ -224,6 +224,11 @@ class CompressionCallback(*CALLBACK_BASES):
     """Set to ``True`` by ``vlcompress.run`` so that messages name our config keys
     (``optim.lr``) instead of Lightning arguments (``Trainer(gradient_clip_val=...)``)."""
 
+    resuming_run: bool = False
+    """Set to ``True`` by ``vlcompress.preflight`` when the run continues its own checkpoint:
+    :meth:`preflight` then skips inputs that only a fresh start reads (the checkpoint holds
+    what came of them, e.g. ``MagnitudePruning``'s masks from ``masks_from``)."""
+
     def __init__(
         self,
         *,

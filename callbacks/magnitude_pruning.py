@@ -173,9 +173,12 @@ class MagnitudePruning(PruningCallback):
     # ------------------------------------------------------------------ checks
     def preflight(self, model: torch.nn.Module) -> list[str]:
         """:class:`PruningCallback`'s checks, and that ``masks_from`` names a checkpoint or run
-        folder (``"init"`` is checked when the run starts: it needs ``init_from``)."""
+        folder: before a fresh vlcompress run or in ``validate`` (at ``setup`` a resumed run
+        may already hold the masks, so the path is read, and checked, when the fit starts;
+        ``"init"`` is checked then too: it needs ``init_from``)."""
         problems = super().preflight(model)
-        if self.masks_from is not None and self.masks_from != "init":
+        fresh = not self.resuming_run and self._trainer is None
+        if self.masks_from is not None and self.masks_from != "init" and fresh:
             from vlcompress.config import ConfigError
             from vlcompress.utils.init_from import resolve_init_path
 

@@ -43,6 +43,7 @@ class Scenario:
         prepare: makes the state the scenario starts from, in the temporary folder.
         absent / present: paths (with ``{tmp}``) that must not / must exist afterwards.
         extra: further lines that must appear too.
+        never: lines that must not appear (e.g. a problem that is not there).
     """
 
     id: str
@@ -53,6 +54,7 @@ class Scenario:
     absent: tuple[str, ...] = ()
     present: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    never: tuple[str, ...] = ()
 
 
 SCENARIOS = [
@@ -170,6 +172,27 @@ SCENARIOS = [
         extra=("schedule must be one of",),
     ),  # fmt: skip
     Scenario(
+        "a-bad-option-beside-a-cross-field-pair",
+        [
+            "validate",
+            "seed001_bst_mcan_easy_vqa",
+            "callbacks.1.options={distill: teacher, teacher: runs/t, space: bogus}",
+        ],
+        2,
+        "unknown submodel space 'bogus'",
+        never=("needs teacher",),
+    ),  # fmt: skip
+    Scenario(
+        "model-attr-leading-nowhere",
+        [
+            "validate",
+            "default",
+            "callbacks=[{name: magnitude_pruning, options: {model_attr: model.nope}}]",
+        ],
+        2,
+        "model_attr='model.nope': pl_module.model (MCAN) has no attribute 'nope'",
+    ),  # fmt: skip
+    Scenario(
         "glued-yaml-colon",
         ["validate", "default", "callbacks=[{name:structured_pruning}]"],
         2,
@@ -212,7 +235,8 @@ def test_scenario(
     assert code == s.code, seen[-3000:]
     for line in (s.line, *s.extra):
         assert _fill(line, tmp_path) in seen, seen[-3000:]
-    assert "Traceback" not in seen, seen[-3000:]
+    for line in ("Traceback", *s.never):
+        assert _fill(line, tmp_path) not in seen, seen[-3000:]
     for p in s.absent:
         assert not Path(_fill(p, tmp_path)).exists(), p
     for p in s.present:

@@ -144,3 +144,49 @@ def test_the_cli_exits_143_on_sigterm_and_prints_the_resume_command(tmp_path, ti
     assert "stopped: interrupted by SIGTERM at epoch" in err
     assert "resume exactly with:\n  python -m vlcompress train default" in err
     assert f"resume=true output_dir={out}" in err
+
+
+def _attempt(folder, status, **info):
+    """A run folder whose ``run.json`` records ``status`` and no checkpoint."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("name: x\n")
+    record = {"status": status, "history": [{"status": status, "pid": info.pop("pid", 1)}]}
+    (folder / "run.json").write_text(json.dumps({**record, **info}))
+    return RunFolder(folder)
+
+
+def test_only_an_attempt_that_surely_ended_before_a_checkpoint_is_moved_aside(tmp_path):
+    import socket
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid, here = int(gone.stdout), socket.gethostname()
+    ended = {
+        "failed": _attempt(tmp_path / "failed", "failed", error="ValueError: x"),
+        "interrupted": _attempt(tmp_path / "interrupted", "interrupted"),
+        "died here": _attempt(tmp_path / "died", "running", host=here, pid=dead_pid),
+    }
+    for what, folder in ended.items():
+        assert folder.unfinished_attempt() is not None, what
+        folder.claim(resume=False)  # moved aside, the folder is this run's
+        folder.release()
+        assert list(tmp_path.glob(f"{folder.path.name}.failed-*")), what
+    maybe_alive = {
+        "running elsewhere": _attempt(tmp_path / "elsewhere", "running", host="node-b"),
+        "running here": _attempt(tmp_path / "alive", "running", host=here, pid=os.getppid()),
+        "finished": _attempt(tmp_path / "finished", "finished"),
+    }
+    with_checkpoint = _attempt(tmp_path / "saved", "failed")
+    (with_checkpoint.path / "checkpoints").mkdir()
+    (with_checkpoint.path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    maybe_alive["a checkpoint to resume"] = with_checkpoint
+    locked = _attempt(tmp_path / "locked", "failed")
+    holder = RunFolder(locked.path)
+    holder._lock()  # a live process (here: this one, through another descriptor) holds it
+    maybe_alive["locked"] = locked
+    for what, folder in maybe_alive.items():
+        assert folder.unfinished_attempt() is None, what
+    with pytest.raises(Exception, match="already holds a run"):
+        maybe_alive["running elsewhere"].claim(resume=False)
+    holder.release()
+    assert not list(tmp_path.glob("elsewhere.failed-*"))

@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from vlcompress.callbacks import NonFiniteLossError
+    from vlcompress.data.vqa_files import MissingInputsError
     from vlcompress.run import RunInterrupted, run_experiment
 
     try:
@@ -396,10 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:  # an input that went missing after the preflight check
+    except MissingInputsError as e:  # data that went missing after the preflight check
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (FileNotFoundError, NonFiniteLossError) as e:  # during the run
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RunInterrupted as e:

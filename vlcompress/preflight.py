@@ -86,7 +86,16 @@ def meta_model(cfg: ExperimentConfig) -> nn.Module:
         )
 
 
-def _callback_problems(cfg: ExperimentConfig) -> list[str]:
+class _Task(nn.Module):
+    """Stands for the task around the meta model, so that each callback picks its module as
+    in a run (``model_attr``; by default the task's ``.model``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def _callback_problems(cfg: ExperimentConfig, resuming: bool) -> list[str]:
     if not cfg.callbacks:
         return []
     problems: list[str] = []
@@ -99,17 +108,21 @@ def _callback_problems(cfg: ExperimentConfig) -> list[str]:
             continue
         if hasattr(cb, "within_vlcompress_run"):
             cb.within_vlcompress_run = True
+            cb.resuming_run = resuming
         if hasattr(cb, "preflight"):
             built.append((i, cb))
     if not built:
         return problems
     try:
-        model = meta_model(cfg)
+        task = _Task(meta_model(cfg))
     except Exception as e:  # noqa: BLE001 - reported, the run itself would raise it again
         return problems + [f"model: cannot be built ({type(e).__name__}: {e})"]
     for i, cb in built:
         try:
-            found = cb.preflight(model)
+            resolve = getattr(cb, "_resolve_model", lambda pl_module: pl_module.model)
+            found = cb.preflight(resolve(task))
+        except (TypeError, ValueError) as e:  # model_attr leads nowhere
+            found = [str(e)]
         except Exception as e:  # noqa: BLE001 - a callback's own check must not hide the rest
             found = [f"its preflight check failed: {type(e).__name__}: {e}"]
         problems += [f"callbacks[{i}] ({cfg.callbacks[i].name}): {p}" for p in found]
@@ -122,7 +135,8 @@ def preflight(cfg: ExperimentConfig, resuming: bool | None = None) -> list[str]:
 
     Args:
         cfg: the validated experiment.
-        resuming: the run continues its own checkpoint, so ``init_from`` is not used (default:
+        resuming: the run continues its own checkpoint, so ``init_from`` is not used and
+            callbacks skip inputs only a fresh start reads (default:
             ``cfg.resume``).
     """
     problems: list[str] = []
@@ -130,7 +144,8 @@ def preflight(cfg: ExperimentConfig, resuming: bool | None = None) -> list[str]:
         problems += _component_paths(kind, getattr(cfg, section), section)
     for i, c in enumerate(cfg.callbacks):
         problems += _component_paths("callback", c, f"callbacks[{i}]")
-    problems += _init_from_problems(cfg, cfg.resume if resuming is None else resuming)
+    resuming = cfg.resume if resuming is None else resuming
+    problems += _init_from_problems(cfg, resuming)
     problems += _data_problems(cfg)
-    problems += _callback_problems(cfg)
+    problems += _callback_problems(cfg, resuming)
     return problems

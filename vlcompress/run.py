@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -122,13 +123,26 @@ def build_callbacks(cfg: ExperimentConfig, ckpt_dir: Path) -> list[Callback]:
     return cbs + own
 
 
-def log_interval(trainer_cfg: Any, dm: Any) -> int:
+def processes(devices: Any, num_nodes: Any) -> int:
+    """How many processes share the training data (Lightning's ``devices`` x ``num_nodes``;
+    ``auto`` devices: every visible GPU, else one process)."""
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif str(devices).isdigit():
+        per_node = int(devices)
+    else:  # auto / -1
+        per_node = max(1, torch.cuda.device_count())
+    return max(1, per_node) * (int(num_nodes) if str(num_nodes).isdigit() else 1)
+
+
+def log_interval(trainer_cfg: Any, dm: Any, world: int = 1) -> int:
     """``trainer.log_every_n_steps``; unset (``null``), about 50 points over the whole run and
-    at most every 50 steps, so that a short run still draws a training curve."""
+    at most every 50 steps, so that a short run still draws a training curve (``world``
+    processes share each epoch's batches)."""
     if trainer_cfg.log_every_n_steps is not None:
         return int(trainer_cfg.log_every_n_steps)
     try:
-        batches = len(dm.train_dataloader())
+        batches = math.ceil(len(dm.train_dataloader()) / world)
     except TypeError:  # an iterable without a length
         return 50
     limit = trainer_cfg.limit_train_batches
@@ -282,7 +296,7 @@ def _no_checkpoint_message(out: Path, ckpt: Path) -> str:
     if attempt is not None:
         error = f": {attempt['error']}" if attempt["error"] else ""
         return (
-            f"resume=true but {out} holds no checkpoint: its run {attempt['status']} before "
+            f"resume=true but {out} holds no checkpoint: its run {attempt['ended']} before "
             f"saving one{error}. Nothing can be resumed; run the same command without "
             "resume=true to start again (the failed attempt is kept as "
             f"{out.name}.failed-<time>), or give overwrite=true"
@@ -388,7 +402,7 @@ def run_experiment(
         ckpt_dir = out / "checkpoints"
         guard = RunGuard(str(ckpt_dir), resolved)
         t = {**asdict(cfg.trainer), "devices": devices, "num_nodes": num_nodes}
-        t["log_every_n_steps"] = log_interval(cfg.trainer, dm)
+        t["log_every_n_steps"] = log_interval(cfg.trainer, dm, processes(devices, num_nodes))
         trainer = L.Trainer(
             **t,
             default_root_dir=out,
@@ -474,7 +488,11 @@ def run_experiment(
             folder.set_status("finished", exit_code=0)
             log.info("results written to %s", out / "results.json")
         return results
-    except (RunInterrupted, KeyboardInterrupt):
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # before training began: nothing was saved
+        if rank == 0:
+            folder.set_status("interrupted", signal="SIGINT", exit_code=130)
         raise
     except BaseException as e:
         if rank == 0:

@@ -675,7 +675,8 @@ def plan_sweep(
     executor_kind: str | None = None,
 ) -> tuple[ExperimentConfig, Path, list[Point], list[str]]:
     """Expand the sweep and validate every point's full configuration and its preflight
-    (paths, data, callbacks: :mod:`vlcompress.preflight`); runs nothing.
+    (paths, data, callbacks: :mod:`vlcompress.preflight`; for Slurm, a preflight problem is a
+    warning: the compute nodes may see paths this host does not); runs nothing.
 
     Args:
         exp: experiment name or YAML path.
@@ -698,14 +699,19 @@ def plan_sweep(
     sweep_dir = _default_sweep_dir(cfg, out_override).absolute()
     points = expand_points(cfg, raw)
     found: dict[str, list[str]] = {}
+    unseen: dict[str, list[str]] = {}  # preflight problems on a submit host (Slurm)
     for p in points:
         try:
             pcfg, praw = load_experiment(
                 exp, [*base, *p.overrides, f"output_dir={sweep_dir / p.name}"], root_path
             )
-            errors = _check_point_config(pcfg, praw, p) or preflight(pcfg)
+            errors = _check_point_config(pcfg, praw, p)
             if executor_kind == "slurm":
                 errors += _slurm_consistency(pcfg)
+                for problem in [] if errors else preflight(pcfg):  # paths may be node-local
+                    unseen.setdefault(problem, []).append(p.name)
+            elif not errors:
+                errors = preflight(pcfg)
         except ConfigError as e:
             errors = e.errors
         for err in errors:
@@ -716,6 +722,11 @@ def plan_sweep(
             which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             lines.append(f"{err} (point{'s' if len(names) > 1 else ''} {which})")
         raise ConfigError(lines, f"sweep of {exp!r} ({len(points)} points)")
+    for problem, names in unseen.items():
+        log.warning(
+            "not seen from this host (the job checks again on its node and fails if it is "
+            "true there): %s (points %s)", problem, ", ".join(names[:3]),
+        )  # fmt: skip
     return cfg, sweep_dir, points, base
 
 

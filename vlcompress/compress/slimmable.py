@@ -461,10 +461,11 @@ class Slimmable:
             self._record_full_dims(args, kwargs)
         return _padded(output, "", self._pad_to(width))
 
-    def _pad_to(self, width: float) -> dict[str, int]:
-        """Output path -> full width, for the outputs a submodel of ``width`` narrows."""
+    def _pad_to(self, width: float) -> dict[str, tuple[int, int]]:
+        """Output path -> (its width in a submodel of ``width``, its full width), for the
+        outputs of the hidden width that the submodel narrows."""
         return {
-            path: n
+            path: (scaled(n, width), n)
             for path, n in self._full_dims.items()
             if n in self._streams and scaled(n, width) < n
         }
@@ -474,13 +475,14 @@ class Slimmable:
         """Run the full model once (without the model's own hooks) to learn the full width of
         each output."""
         previous = self.current
-        was = self.model.training
+        modes = {m: m.training for m in self.model.modules()}  # a frozen part may be in eval
         self.set(Submodel(1.0, previous.depth))
         self.model.eval()
         try:
             self._full_dims.update(_last_dims(self.model.forward(*args, **kwargs)))
         finally:
-            self.model.train(was)
+            for m, mode in modes.items():
+                m.training = mode
             self.set(previous)
 
     # ------------------------------------------------------------------ export
@@ -680,16 +682,18 @@ def _last_dims(output: Any, path: str = "") -> dict[str, int]:
     return out
 
 
-def _padded(output: Any, path: str, pad_to: Mapping[str, int]) -> Any:
-    """``output`` with the tensor at each path of ``pad_to`` zero-padded in its last dimension
-    to the given size (containers rebuilt, everything else unchanged)."""
+def _padded(output: Any, path: str, pad_to: Mapping[str, tuple[int, int]]) -> Any:
+    """``output`` with the tensor at each path of ``pad_to`` (``(narrow, full)``) zero-padded
+    in its last dimension from ``narrow`` to ``full`` (a tensor of another size, e.g. one
+    whose last dimension is a sequence length, is left alone; containers rebuilt, everything
+    else unchanged)."""
     if not pad_to:
         return output
     if isinstance(output, torch.Tensor):
-        n = pad_to.get(path)
-        if n is None or output.shape[-1] >= n:
+        narrow, full = pad_to.get(path, (-1, -1))
+        if output.shape[-1] != narrow:
             return output
-        return F.pad(output, (0, n - output.shape[-1]))
+        return F.pad(output, (0, full - narrow))
     if isinstance(output, Mapping):
         items = {k: _padded(v, f"{path}.{k}", pad_to) for k, v in output.items()}
         if dataclasses.is_dataclass(output):  # a transformers ModelOutput

@@ -185,7 +185,7 @@ def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> No
         return
     before = len(errors)
     _validate(comp.options, _lists(options), f"{path}options.", errors)
-    if extra or not isinstance(options, dict):
+    if extra or not isinstance(options, dict) or (len(errors) > before and not comp.derived):
         return
     if len(errors) == before:
         try:
@@ -195,24 +195,24 @@ def validate_component(kind: str, data: Any, path: str, errors: list[str]) -> No
             if not comp.derived:
                 errors.append(f"{path}options: {e}")
                 return
-    # The component's own checks stop at their first problem: ask it about each option that
-    # passed the schema alone, so that every bad value is reported at once.
+    # The component's own checks stop at their first problem: set aside the options each
+    # message names and ask again, so that every bad value is reported at once (options are
+    # set aside, never checked alone: a cross-field check must see its partners).
     known = {f.name for f in dataclasses.fields(comp.options)}
     flagged = {e.split(":")[0] for e in errors[before:]}
+    rest = {k: v for k, v in options.items() if k in known and f"{path}options.{k}" not in flagged}
     found: list[str] = []
-    for key, value in options.items():
-        if key not in known or f"{path}options.{key}" in flagged:
-            continue
+    while rest:
         try:
-            comp.validate({key: value})
-        except (TypeError, ValueError) as e:
-            if str(e) not in found:
-                found.append(str(e))
-    if not found and len(errors) == before:  # only the combination is wrong (cross-field)
-        try:
-            comp.validate({k: v for k, v in options.items() if k in known})
+            comp.validate(rest)
+            break
         except (TypeError, ValueError) as e:
             found.append(str(e))
+            named = [k for k in rest if re.search(rf"\b{re.escape(k)}\b", str(e))]
+            if not named:
+                break
+            for k in named:
+                rest.pop(k)
     errors.extend(f"{path}options: {e}" for e in found)
 
 

@@ -59,6 +59,9 @@ difference would make the resumed run a different experiment and is refused."""
 
 _OWN_FILES = {".lock"}
 
+_ENDED = {"failed": "failed", "interrupted": "was interrupted"}
+"""Statuses a run records when it ends early, and how a sentence says it."""
+
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked; the message names the folder and the fix."""
@@ -119,7 +122,7 @@ class RunFolder:
                 log.warning(
                     "%s held a run that %s before its first checkpoint (%s); nothing there can "
                     "be resumed, so it was moved to %s and this run starts afresh",
-                    self.path, attempt["status"], attempt["error"] or "no error recorded", target,
+                    self.path, attempt["ended"], attempt["error"] or "no error recorded", target,
                 )  # fmt: skip
             elif not overwrite:
                 raise RunFolderError(
@@ -141,28 +144,53 @@ class RunFolder:
         self.clean_temp_files()
 
     def unfinished_attempt(self) -> dict[str, str] | None:
-        """``{"status", "error"}`` when the folder holds a vlcompress run (``run.json``) that
-        ended (failed, interrupted, or died) before saving any checkpoint, so nothing in it can
-        be resumed; ``None`` otherwise (no run, a checkpoint to resume, or a live run)."""
+        """``{"status", "ended", "error"}`` when the folder holds a vlcompress run
+        (``run.json``) that ended before saving any checkpoint, so nothing in it can be
+        resumed: it failed or was interrupted, or it was running on this host and its process
+        is gone. ``None`` otherwise: no run, a checkpoint to resume, or a run that may be
+        alive (a lock held, or ``running`` on another host, whose process cannot be seen)."""
         if not self.path.is_dir() or any(self.path.rglob("*.ckpt")):
             return None
         try:
             info = json.loads((self.path / "run.json").read_text())
         except (OSError, ValueError):
             return None
-        if info.get("status") == "finished" or self._locked_by_another():
+        status = str(info.get("status") or "")
+        if status not in _ENDED and not (status == "running" and self._died_here(info)):
             return None
-        return {"status": str(info.get("status") or "stopped"), "error": str(info.get("error", ""))}
+        if self._locked_by_another():
+            return None
+        ended = _ENDED.get(status, "stopped (its process is gone)")
+        return {"status": status, "ended": ended, "error": str(info.get("error", ""))}
+
+    @staticmethod
+    def _died_here(info: dict[str, Any]) -> bool:
+        """True when ``run.json`` says the run ran on this host in a process that is gone."""
+        history = info.get("history") or [{}]
+        pid = history[-1].get("pid")
+        if info.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, owned by someone else
+            return False
+        return pid == os.getpid()  # this process: its earlier run here has ended
 
     def _locked_by_another(self) -> bool:
-        """True when a live process holds the folder's lock."""
+        """True when a live process holds the folder's lock (or the lock cannot be tested:
+        then the folder is treated as in use)."""
         lock = self.path / ".lock"
         if not lock.is_file():
             return False
-        fd = os.open(lock, os.O_RDONLY)
+        try:  # opened for writing: NFS emulates flock with byte-range locks, which need it
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            return True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # BlockingIOError: held; anything else: cannot tell, so assume held
             return True
         finally:
             os.close(fd)  # closing the descriptor releases a lock it took
