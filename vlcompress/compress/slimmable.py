@@ -306,13 +306,15 @@ def width_problems(model: nn.Module, anatomy: Anatomy | None = None) -> list[str
             "would get narrower; MCAN: set width_adapters: true (and flat_glimpses: 1); other "
             f"models: declare Anatomy.slim, or {depth_only}"
         ]
-    streams = {r.size for r in rules.values() if r.kind == "units"}
-    convs = [
+    hidden = {a.num_heads * a.head_dim for a in anatomy.attentions}
+    convs = [  # a patch embedding: non-overlapping patches straight into the hidden size
         path
         for path, m in model.named_modules()
         if isinstance(m, nn.modules.conv._ConvNd)
         and spec.in_region(path)
-        and m.out_channels in streams
+        and m.out_channels in hidden
+        and tuple(m.kernel_size) == tuple(m.stride)
+        and max(m.kernel_size) > 1
     ]
     if convs:
         return [
