@@ -6,6 +6,14 @@ Every callback derives from :class:`CompressionCallback` and talks to models onl
 (``@register("callback", name)``) so experiments can list it by name.
 """
 
+if __name__ != "vlcompress.callbacks":  # the folder imported as a top-level package
+    raise ImportError(
+        f"the callbacks/ folder is installed as the package vlcompress.callbacks; import it under that "
+        f"name (from vlcompress.callbacks import MagnitudePruning), not as {__name__!r}: imported twice, every component in it "
+        "would register twice"
+    )
+
+
 from vlcompress.callbacks.base import (
     CompressionCallback,
     collect_report_rows,

@@ -149,3 +149,20 @@ def test_a_broken_plugin_is_named_and_skipped(monkeypatch, caplog):
         assert "plugin_loss" in registry.names("loss")
     assert "plugin_loss" not in registry.names("loss")
     assert "plugin 'broken' (broken_pkg.components) failed to load" in caplog.text
+
+
+@pytest.mark.parametrize("folder", ["callbacks", "datamodules"])
+def test_a_source_folder_imported_by_its_bare_name_is_refused_clearly(folder):
+    """``import callbacks`` from the repository root would register every component twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=root,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: the {folder}/ folder is installed as the package "
+                           f"vlcompress.{folder}")  # fmt: skip
+    assert "registered twice" not in proc.stderr
