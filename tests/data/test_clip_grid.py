@@ -19,8 +19,8 @@ from vlcompress.cli import main
 from vlcompress.data import VLBatch
 from vlcompress.data.clip_grid import cell_boxes, convert_clip_grid
 from vlcompress.data.regions import RegionStore
+from vlcompress.encoders import build_clip_resnet
 from vlcompress.models import build_model
-from vlcompress.models.clip_vil import build_clip_resnet
 
 SIZE = 64  # image_size: a 2x2 grid of 256 channels with the tiny encoder
 # (folder, image id, height, width, format, PIL mode): sizes, formats and modes differ

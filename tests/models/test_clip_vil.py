@@ -11,8 +11,8 @@ from torch import nn
 
 from vlcompress.compress.slimmable import Slimmable, Submodel, scaled
 from vlcompress.data import VLBatch
+from vlcompress.encoders.clip_resnet import CLIP_MEAN, CLIP_RESNETS, CLIP_STD, _which_encoder
 from vlcompress.models import Modality, anatomy_of, build_model
-from vlcompress.models.clip_vil import CLIP_MEAN, CLIP_RESNETS, CLIP_STD, _which_encoder
 
 L, V, X = Modality.LANGUAGE, Modality.VISION, Modality.CROSS
 TINY_BLOCKS, TINY_WIDTH = CLIP_RESNETS["tiny"]
@@ -191,7 +191,7 @@ def test_published_layouts_convert_to_timms_trunk(name):
     the timm trunk with its shape (sizes only, on the meta device)."""
     from timm.models.byobnet import checkpoint_filter_fn
 
-    from vlcompress.models.clip_vil import build_clip_resnet
+    from vlcompress.encoders import build_clip_resnet
 
     layers, width = CLIP_RESNETS[name]
     with torch.device("meta"):

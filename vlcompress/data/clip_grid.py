@@ -7,12 +7,13 @@ row-major, every one real), each with its cell's box (the cell's rectangle in th
 image, normalised by the store). The image id is the file stem (``COCO_train2014_000000000009``,
 as :func:`vlcompress.data.vqa_files.coco_image_name` names the images of the questions).
 
-The same path as the model: the trunk of :func:`~vlcompress.models.clip_vil.build_clip_resnet`
-with OpenAI's weights (:func:`~vlcompress.models.clip_vil.load_openai_clip_visual`), images
-resized and normalised by :func:`~vlcompress.models.clip_vil.clip_input`, eval mode, no
-gradients. The conversion is atomic and resumable as :func:`~vlcompress.data.regions.
-convert_obj36`'s (the same ``<out>.partial`` machinery); the resume position is the number of
-images committed (the image list is sorted and fixed).
+The same path as the model: the trunk of
+:func:`~vlcompress.encoders.clip_resnet.build_clip_resnet` with OpenAI's weights
+(:func:`~vlcompress.encoders.clip_resnet.load_openai_clip_visual`), images resized and
+normalised by :func:`~vlcompress.encoders.clip_resnet.clip_input`, eval mode, no gradients.
+The conversion is atomic and resumable as :func:`~vlcompress.data.regions.convert_obj36`'s
+(the same ``<out>.partial`` machinery); the resume position is the number of images committed
+(the image list is sorted and fixed).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from vlcompress.data.regions import (
     _check_record,
     _finish_conversion,
     _PartialStore,
+)
+from vlcompress.encoders.clip_resnet import (
+    CLIP_RESNETS,
+    build_clip_resnet,
+    clip_input,
+    load_openai_clip_visual,
 )
 
 log = logging.getLogger(__name__)
@@ -102,8 +109,6 @@ def load_image(path: str | os.PathLike, image_size: int) -> tuple[torch.Tensor, 
     """
     from PIL import Image, UnidentifiedImageError
 
-    from vlcompress.models.clip_vil import clip_input
-
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
@@ -127,8 +132,6 @@ def cell_boxes(rows: int, cols: int, height: int, width: int) -> np.ndarray:
 
 def _trunk(encoder: str, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
     """The frozen CLIP ResNet trunk of ``encoder``, with ``checkpoint``'s weights."""
-    from vlcompress.models.clip_vil import build_clip_resnet, load_openai_clip_visual
-
     with torch.random.fork_rng(devices=[]):  # random weights are the same in every run
         torch.manual_seed(0)
         trunk = build_clip_resnet(encoder)
@@ -151,8 +154,6 @@ def _trunk(encoder: str, checkpoint: str | os.PathLike | None) -> torch.nn.Modul
 
 def _grid_shape(encoder: str, image_size: int) -> tuple[int, int, int]:
     """``(channels, rows, cols)`` of the trunk's output at ``image_size`` (sizes only)."""
-    from vlcompress.models.clip_vil import build_clip_resnet
-
     with torch.device("meta"):
         trunk = build_clip_resnet(encoder).eval()
         _, c, rows, cols = trunk(torch.zeros(1, 3, image_size, image_size)).shape
@@ -180,7 +181,8 @@ def convert_clip_grid(
     Args:
         image_dirs: image folders (COCO ``train2014``, ``val2014``); see :func:`list_images`.
         out: the store folder to create (must not exist, or be empty).
-        encoder: the CLIP ResNet (a key of :data:`~vlcompress.models.clip_vil.CLIP_RESNETS`).
+        encoder: the CLIP ResNet (a key of
+            :data:`~vlcompress.encoders.clip_resnet.CLIP_RESNETS`).
         checkpoint: OpenAI's checkpoint of that encoder (``RN50.pt``); ``None``: random weights
             (tests; a warning is logged).
         image_size: images are resized to this square size (the model's ``image_size``; a
@@ -208,8 +210,6 @@ def convert_clip_grid(
         convert_clip_grid(["coco/train2014", "coco/val2014"], "vqa_v2/clip_rn50_grid",
                           checkpoint="RN50.pt", image_size=448, device="cuda")
     """
-    from vlcompress.models.clip_vil import CLIP_RESNETS
-
     if encoder not in CLIP_RESNETS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(CLIP_RESNETS)}")
     if dtype not in DTYPES:
