@@ -11,6 +11,7 @@ file and its SHA-256 under ``init_from``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,8 @@ import platform
 import shlex
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -323,27 +325,38 @@ def _write_config(out: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def run_experiment(
-    cfg: ExperimentConfig, raw: DictConfig | None = None, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    """Train, test and write the run folder; returns the results (also in ``results.json``).
+@dataclass(frozen=True)
+class RunPlan:
+    """What one launch of a run does, decided before anything is written.
 
-    Works the same in one process and as every rank of a DDP launch (Lightning's own, ``srun``
-    or ``torchrun``): all ranks use one run folder, only rank 0 writes files.
+    Attributes:
+        out: the run folder.
+        resolved: the resolved configuration (plain types; stored in every checkpoint).
+        ckpt: the checkpoint this launch continues (``resume=true`` or a requeued Slurm job),
+            or ``None`` for a fresh start.
+        resume_step: that checkpoint's global step (``None``: fresh start).
+        init_path: the checkpoint whose model weights a fresh start begins from (``init_from``).
+        devices, num_nodes: the resolved Lightning ``devices`` / ``num_nodes``.
+    """
 
-    Args:
-        cfg: the validated experiment.
-        raw: its merged OmegaConf tree (written as ``config.yaml``).
-        overrides: the command-line overrides (for the resume command printed on a signal).
+    out: Path
+    resolved: dict[str, Any]
+    ckpt: Path | None
+    resume_step: int | None
+    init_path: Path | None
+    devices: Any
+    num_nodes: int
+
+
+def plan_run(cfg: ExperimentConfig, raw: DictConfig) -> RunPlan:
+    """Phase 1: the run folder, what to resume, the preflight and the launch, on every rank
+    alike (so all ranks stop alike); nothing is written.
 
     Raises:
-        ConfigError: a bad run folder, resume or launch (one message naming the fix).
-        RunInterrupted: SIGTERM / SIGINT stopped the run after saving a checkpoint.
+        ConfigError: a bad resume, a preflight problem, a checkpoint of another experiment or
+            a launch that contradicts its settings.
     """
-    t_start = time.time()
-    rank = global_rank()
     out = resolve_output_dir(cfg)
-    raw = raw if raw is not None else OmegaConf.structured(cfg)
     resolved = OmegaConf.to_container(raw, resolve=True)
     last = out / "checkpoints" / "last.ckpt"
     found = [p for p in (last, _requeued_checkpoint(out) if out.is_dir() else None) if p]
@@ -354,7 +367,7 @@ def run_experiment(
         ckpt = max(found, key=lambda p: p.stat().st_mtime) if found else last
     if cfg.resume and not ckpt.is_file():
         raise ConfigError([_no_checkpoint_message(out, ckpt)])
-    problems = preflight(cfg, resuming=ckpt is not None)  # on every rank: all stop alike
+    problems = preflight(cfg, resuming=ckpt is not None)
     if problems:
         raise ConfigError(problems, f"experiment {cfg.name!r}")
     resume_step = _check_resumed_config(out, ckpt, resolved) if ckpt is not None else None
@@ -365,12 +378,28 @@ def run_experiment(
         devices, num_nodes = resolve_devices(cfg.trainer.devices, cfg.trainer.num_nodes)
     except ValueError as e:
         raise ConfigError([str(e)]) from e
+    return RunPlan(out, resolved, ckpt, resume_step, init_path, devices, num_nodes)
+
+
+@contextlib.contextmanager
+def claimed_folder(
+    cfg: ExperimentConfig, plan: RunPlan, raw: DictConfig, overrides: list[str] | None
+) -> Iterator[RunFolder]:
+    """Phase 2: the run folder's lifetime. Rank 0 claims it (lock, ``config.yaml``, log file,
+    ``run.json`` status ``running``); the status follows how the block ends (``failed``, or
+    ``interrupted`` by Ctrl-C before training; a signal during training is recorded where it
+    is caught); the lock, the log file and the process group are released whatever happens.
+
+    Raises:
+        ConfigError: the folder cannot be claimed (another run, a live lock, not writable).
+    """
+    rank, out = global_rank(), plan.out
     folder = RunFolder(out)
     handler: logging.Handler | None = None
     set_env = False
     if rank == 0:
         try:
-            folder.claim(resume=ckpt is not None, overwrite=cfg.overwrite)
+            folder.claim(resume=plan.ckpt is not None, overwrite=cfg.overwrite)
         except RunFolderError as e:
             raise ConfigError([str(e)]) from e
         if os.environ.get(RUN_DIR_ENV) != str(out):
@@ -378,116 +407,12 @@ def run_experiment(
         handler = _attach_file_log(out)
         _write_config(out, OmegaConf.to_yaml(raw, resolve=True))
         folder.set_status(
-            "running", command=resume_command(cfg, out, overrides), resumed_from=str(ckpt or "")
+            "running",
+            command=resume_command(cfg, out, overrides),
+            resumed_from=str(plan.ckpt or ""),
         )
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # resumable
-    # Lightning's own use of torch's deprecated pytree LeafSpec; nothing a user can change
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
-    if ckpt is not None:
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-    trainer = None
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-            # Lightning's DDP launcher sets its own thread count unless OMP_NUM_THREADS is set.
-            os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        dm = build_datamodule(cfg.data, cfg.seed)
-        task = build_task(cfg, dm)
-        init_record = apply_init_checkpoint(task, resolved, init_path) if init_path else None
-        if init_record is not None and rank == 0:
-            folder.set_status("running", init_from=init_record.to_dict())
-        ckpt_dir = out / "checkpoints"
-        guard = RunGuard(str(ckpt_dir), resolved)
-        t = {**asdict(cfg.trainer), "devices": devices, "num_nodes": num_nodes}
-        t["log_every_n_steps"] = log_interval(cfg.trainer, dm, processes(devices, num_nodes))
-        trainer = L.Trainer(
-            **t,
-            default_root_dir=out,
-            callbacks=[*build_callbacks(cfg, ckpt_dir), guard],
-            logger=[
-                HistoryCSVLogger(out, resume_step),
-                TensorBoardLogger(out, name="tensorboard", version=""),
-            ],
-            plugins=[AtomicCheckpointIO()],
-            gradient_clip_val=cfg.optim.grad_clip or None,
-            enable_progress_bar=cfg.progress_bar,
-            enable_model_summary=False,
-        )
-        if trainer.is_global_zero:
-            atomic_write_json(out / "data_report.json", dm.split_report)
-            log.info("run folder: %s", out.resolve())
-            trainer.loggers[1].log_hyperparams(flatten(resolved))  # tensorboard/hparams.yaml
-        t_fit = time.time()
-        try:
-            trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-            fit_time = time.time() - t_fit
-            stop = stop_report(trainer, cfg.trainer)
-            if stop["stopped_by"] != "completed" and trainer.is_global_zero:
-                log.warning("%s", stop["message"])
-            best = (
-                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            )
-            trainer.test(task, datamodule=dm, ckpt_path=best or None, verbose=False)
-        except SystemExit as e:  # Lightning turns SIGTERM / Ctrl-C into SystemExit
-            if guard.interrupted is None:
-                raise
-            code = 143 if guard.interrupted == "SIGTERM" else 130
-            message = (
-                f"interrupted by {guard.interrupted} at epoch {trainer.current_epoch}, global "
-                f"step {trainer.global_step}; checkpoint saved: {ckpt_dir / 'last.ckpt'}\n"
-                f"resume exactly with:\n  {resume_command(cfg, out, overrides)}"
-            )
-            if rank == 0:
-                folder.set_status("interrupted", signal=guard.interrupted, exit_code=code)
-            raise RunInterrupted(message, code) from e
-        results: dict[str, Any] = {}
-        if trainer.is_global_zero:
-            sample = next(iter(dm.val_dataloader()))
-            best_score = trainer.checkpoint_callback.best_model_score
-            results = {
-                "experiment": cfg.name,
-                "model": cfg.model.name,
-                "data": {
-                    "name": cfg.data.name,
-                    "split": dm.split_report.get("split"),
-                    **dm.split_report.get("sizes", {}),
-                    "mean_tv_distance": dm.split_report.get("mean_tv_distance"),
-                    "prior_baseline": dm.split_report.get("prior_baseline"),
-                    "anti_prior_baseline": dm.split_report.get("anti_prior_baseline"),
-                },
-                "test": task.test_report,
-                "callbacks": collect_reports(trainer.callbacks),
-                "callback_rows": [list(r) for r in collect_report_rows(trainer.callbacks)],
-                "best_val_accuracy": float(best_score) if best_score is not None else None,
-                "parameters": count_parameters(task.model),
-                "flops_per_sample": flops_per_sample(task.model.to("cpu"), sample),
-                "train_wall_time_s": round(guard.train_time_s, 2),
-                "this_launch_train_wall_time_s": round(fit_time, 2),
-                "training": stop,
-                "total_wall_time_s": round(time.time() - t_start, 2),
-                "epochs": trainer.current_epoch,
-                "global_steps": trainer.global_step,
-                "best_checkpoint": best,
-                "init_from": (init_record.to_dict() if init_record else _recorded_init_from(out)),
-                "output_dir": str(out),
-                "environment": {
-                    "torch": torch.__version__,
-                    "lightning": L.__version__,
-                    "python": platform.python_version(),
-                    "device": str(trainer.strategy.root_device),
-                    "threads": torch.get_num_threads(),
-                },
-            }
-            atomic_write_json(out / "results.json", results)
-            plot_training_curves(
-                out / "metrics.csv", out / "curves.png", title=f"{cfg.name} ({cfg.model.name})"
-            )
-            folder.set_status("finished", exit_code=0)
-            log.info("results written to %s", out / "results.json")
-        return results
+        yield folder
     except RunInterrupted:
         raise
     except KeyboardInterrupt:  # before training began: nothing was saved
@@ -508,3 +433,192 @@ def run_experiment(
         folder.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # else gloo may abort at exit
+
+
+def _quiet_known_warnings(resuming: bool) -> None:
+    """Silence Lightning warnings that say nothing a user of a run can act on."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # resumable
+    # Lightning's own use of torch's deprecated pytree LeafSpec; nothing a user can change
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
+    if resuming:
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+
+
+def build_trainer(cfg: ExperimentConfig, plan: RunPlan, dm: Any, guard: RunGuard) -> L.Trainer:
+    """Phase 3: the Lightning trainer: checkpoints, the run's callbacks and ``guard``, the CSV
+    history and TensorBoard loggers, atomic checkpoint writes."""
+    ckpt_dir = plan.out / "checkpoints"
+    t = {**asdict(cfg.trainer), "devices": plan.devices, "num_nodes": plan.num_nodes}
+    t["log_every_n_steps"] = log_interval(cfg.trainer, dm, processes(plan.devices, plan.num_nodes))
+    return L.Trainer(
+        **t,
+        default_root_dir=plan.out,
+        callbacks=[*build_callbacks(cfg, ckpt_dir), guard],
+        logger=[
+            HistoryCSVLogger(plan.out, plan.resume_step),
+            TensorBoardLogger(plan.out, name="tensorboard", version=""),
+        ],
+        plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+    )
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What fit and test leave for the results: this launch's fit time, how training ended
+    (:func:`stop_report`) and the best checkpoint (tested)."""
+
+    fit_time_s: float
+    stop: dict[str, Any]
+    best: str
+
+
+def fit_and_test(
+    cfg: ExperimentConfig,
+    plan: RunPlan,
+    trainer: L.Trainer,
+    task: L.LightningModule,
+    dm: Any,
+    guard: RunGuard,
+    folder: RunFolder,
+    overrides: list[str] | None,
+) -> Fitted:
+    """Phase 4: fit (from ``plan.ckpt`` when resuming), then test the best checkpoint.
+
+    Raises:
+        RunInterrupted: SIGTERM / SIGINT stopped training after ``last.ckpt`` was saved (the
+            status and the exact resume command recorded).
+    """
+    t_fit = time.time()
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
+        fit_time = time.time() - t_fit
+        stop = stop_report(trainer, cfg.trainer)
+        if stop["stopped_by"] != "completed" and trainer.is_global_zero:
+            log.warning("%s", stop["message"])
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=dm, ckpt_path=best or None, verbose=False)
+    except SystemExit as e:  # Lightning turns SIGTERM / Ctrl-C into SystemExit
+        if guard.interrupted is None:
+            raise
+        code = 143 if guard.interrupted == "SIGTERM" else 130
+        message = (
+            f"interrupted by {guard.interrupted} at epoch {trainer.current_epoch}, global "
+            f"step {trainer.global_step}; checkpoint saved: {plan.out / 'checkpoints' / 'last.ckpt'}\n"
+            f"resume exactly with:\n  {resume_command(cfg, plan.out, overrides)}"
+        )
+        if global_rank() == 0:
+            folder.set_status("interrupted", signal=guard.interrupted, exit_code=code)
+        raise RunInterrupted(message, code) from e
+    return Fitted(fit_time, stop, best)
+
+
+def collect_results(
+    cfg: ExperimentConfig,
+    plan: RunPlan,
+    trainer: L.Trainer,
+    task: L.LightningModule,
+    dm: Any,
+    guard: RunGuard,
+    fitted: Fitted,
+    init_record: Any,
+    t_start: float,
+) -> dict[str, Any]:
+    """Phase 5 (rank 0): ``results.json``'s content: test accuracies, data and blind
+    baselines, callback sections, costs, wall time, how training ended, environment."""
+    sample = next(iter(dm.val_dataloader()))
+    best_score = trainer.checkpoint_callback.best_model_score
+    return {
+        "experiment": cfg.name,
+        "model": cfg.model.name,
+        "data": {
+            "name": cfg.data.name,
+            "split": dm.split_report.get("split"),
+            **dm.split_report.get("sizes", {}),
+            "mean_tv_distance": dm.split_report.get("mean_tv_distance"),
+            "prior_baseline": dm.split_report.get("prior_baseline"),
+            "anti_prior_baseline": dm.split_report.get("anti_prior_baseline"),
+        },
+        "test": task.test_report,
+        "callbacks": collect_reports(trainer.callbacks),
+        "callback_rows": [list(r) for r in collect_report_rows(trainer.callbacks)],
+        "best_val_accuracy": float(best_score) if best_score is not None else None,
+        "parameters": count_parameters(task.model),
+        "flops_per_sample": flops_per_sample(task.model.to("cpu"), sample),
+        "train_wall_time_s": round(guard.train_time_s, 2),
+        "this_launch_train_wall_time_s": round(fitted.fit_time_s, 2),
+        "training": fitted.stop,
+        "total_wall_time_s": round(time.time() - t_start, 2),
+        "epochs": trainer.current_epoch,
+        "global_steps": trainer.global_step,
+        "best_checkpoint": fitted.best,
+        "init_from": (init_record.to_dict() if init_record else _recorded_init_from(plan.out)),
+        "output_dir": str(plan.out),
+        "environment": {
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+            "device": str(trainer.strategy.root_device),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def run_experiment(
+    cfg: ExperimentConfig, raw: DictConfig | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Train, test and write the run folder; returns the results (also in ``results.json``).
+
+    Works the same in one process and as every rank of a DDP launch (Lightning's own, ``srun``
+    or ``torchrun``): all ranks use one run folder, only rank 0 writes files. The phases:
+    :func:`plan_run`, :func:`claimed_folder`, set-up (data, task, ``init_from``),
+    :func:`build_trainer`, :func:`fit_and_test`, :func:`collect_results`.
+
+    Args:
+        cfg: the validated experiment.
+        raw: its merged OmegaConf tree (written as ``config.yaml``).
+        overrides: the command-line overrides (for the resume command printed on a signal).
+
+    Raises:
+        ConfigError: a bad run folder, resume or launch (one message naming the fix).
+        RunInterrupted: SIGTERM / SIGINT stopped the run after saving a checkpoint.
+    """
+    t_start = time.time()
+    raw = raw if raw is not None else OmegaConf.structured(cfg)
+    plan = plan_run(cfg, raw)
+    out = plan.out
+    with claimed_folder(cfg, plan, raw, overrides) as folder:
+        _quiet_known_warnings(plan.ckpt is not None)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+            # Lightning's DDP launcher sets its own thread count unless OMP_NUM_THREADS is set.
+            os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = build_datamodule(cfg.data, cfg.seed)
+        task = build_task(cfg, dm)
+        init_record = None
+        if plan.init_path is not None:
+            init_record = apply_init_checkpoint(task, plan.resolved, plan.init_path)
+            if global_rank() == 0:
+                folder.set_status("running", init_from=init_record.to_dict())
+        guard = RunGuard(str(out / "checkpoints"), plan.resolved)
+        trainer = build_trainer(cfg, plan, dm, guard)
+        if trainer.is_global_zero:
+            atomic_write_json(out / "data_report.json", dm.split_report)
+            log.info("run folder: %s", out.resolve())
+            trainer.loggers[1].log_hyperparams(flatten(plan.resolved))  # tensorboard/hparams.yaml
+        fitted = fit_and_test(cfg, plan, trainer, task, dm, guard, folder, overrides)
+        if not trainer.is_global_zero:
+            return {}
+        results = collect_results(cfg, plan, trainer, task, dm, guard, fitted, init_record, t_start)
+        atomic_write_json(out / "results.json", results)
+        plot_training_curves(
+            out / "metrics.csv", out / "curves.png", title=f"{cfg.name} ({cfg.model.name})"
+        )
+        folder.set_status("finished", exit_code=0)
+        log.info("results written to %s", out / "results.json")
+        return results
