@@ -555,7 +555,9 @@ class SlimmableTraining(CompressionCallback):
         self.tables[stage] = rows
         self._sums = {}
         if stage == "test" and self.is_global_zero and self.run_dir is not None:
-            self._plot(rows, self.run_dir / "slimmable.png")
+            from vlcompress.utils.plots import plot_submodels
+
+            plot_submodels(rows, self.run_dir / "slimmable.png")
 
     def _count_costs(self, args: tuple, kwargs: dict) -> None:
         """Parameters, MACs and FLOPs of every submodel's exported copy, counted on the CPU
@@ -578,41 +580,6 @@ class SlimmableTraining(CompressionCallback):
                 "flops": compute.flops,
             }
             del small
-
-    @staticmethod
-    def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-        if not rows or "macs" not in rows[0]:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from vlcompress.utils.plots import save_figure
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        widths = sorted({r["width"] for r in rows})
-        for w in widths:
-            pts = sorted((r["macs"] / 1e6, r["accuracy"], r["submodel"]) for r in rows
-                         if r["width"] == w)  # fmt: skip
-            label = f"width {pts[0][2].split('-')[0][1:]}"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-            for x, y, name in pts:
-                ax.annotate(name.split("-")[1], (x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
-        ax.set_xscale("log")
-        from matplotlib.ticker import FuncFormatter
-
-        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
-        ax.set_xlabel("MACs per example (millions, log scale)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title("submodels of one slimmable model")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save_figure(fig, path)
-        plt.close(fig)
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Start the per-submodel sums."""

@@ -1,4 +1,5 @@
-"""Plots: a run's training curves (PNG, from Lightning's ``metrics.csv``) and saving figures."""
+"""Plots: a run's training curves (PNG, from Lightning's ``metrics.csv``), a slimmable run's
+submodels (accuracy against MACs) and saving figures."""
 
 from __future__ import annotations
 
@@ -56,6 +57,45 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path, title: st
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    save_figure(fig, out_png)
+    return True
+
+
+def plot_submodels(rows: list[dict[str, Any]], out_png: str | Path) -> bool:
+    """Plot each submodel's test accuracy against its MACs per example (log scale), one line
+    per width, each point labelled with its depth. Returns False when the rows have no costs.
+
+    Args:
+        rows: ``{"submodel": "w1/2-d1/3", "width", "accuracy", "macs", ...}`` per submodel
+            (``SlimmableTraining``'s test table).
+        out_png: where to write the PNG (atomically).
+    """
+    if not rows or "macs" not in rows[0]:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for w in sorted({r["width"] for r in rows}):
+        pts = sorted((r["macs"] / 1e6, r["accuracy"], r["submodel"]) for r in rows
+                     if r["width"] == w)  # fmt: skip
+        label = f"width {pts[0][2].split('-')[0][1:]}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        for x, y, name in pts:
+            ax.annotate(name.split("-")[1], (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("MACs per example (millions, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("submodels of one slimmable model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     save_figure(fig, out_png)
     return True
 
