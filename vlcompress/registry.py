@@ -7,8 +7,14 @@ its options (timm's ``@register_model`` idea; no central table to edit)::
     class LPFLoss(VQALoss):
         def __init__(self, gamma: float = 5.0) -> None: ...
 
-    @register("model", "mcan_small", options=MCANConfig, defaults=MCAN_VARIANTS["small"])
-    def mcan_small(config: MCANConfig, vocab_size: int, num_answers: int) -> MCAN: ...
+    register(
+        "model", "mcan_small", options=MCANOptions, defaults=MCAN_VARIANTS["small"],
+        context=("vocab_size", "num_answers"),
+        summary="MCAN-small as published: hidden 512, 8 heads, FFN 2048, 6 + 6 layers.",
+    )(MCAN)
+
+Each variant of a model is one ``register`` call in the model's file, with its own defaults and
+summary (``grep -rn mcan_small vlcompress/models`` finds it).
 
 Without ``options=``, the options dataclass is derived from the builder's signature (every
 keyword argument with a default and a type hint that is not context) and the component is
@@ -90,7 +96,8 @@ class Component:
             model's ``vocab_size``).
         derived: True when ``options`` was derived from the builder's signature; such
             components are validated by building them.
-        summary: first line of the builder's docstring.
+        summary: one sentence on what it is: ``register(..., summary=...)``, else the first
+            sentence of the builder's docstring.
     """
 
     kind: str
@@ -219,6 +226,7 @@ def register(
     options: type | None = None,
     defaults: Any = None,
     context: tuple[str, ...] = (),
+    summary: str | None = None,
 ) -> Callable[[Any], Any]:
     """Class/function decorator registering a component under ``name``.
 
@@ -228,17 +236,27 @@ def register(
         options: the options dataclass; derived from the builder's signature when omitted.
         defaults: an ``options`` instance with this name's defaults (variants).
         context: builder arguments the framework supplies (not options).
+        summary: one sentence on what this name is (``python -m vlcompress list`` shows it);
+            default: the first sentence of the builder's docstring. Variants of one builder
+            each give their own.
 
     Raises:
-        ValueError: for an unknown kind or a name registered twice by different builders.
+        ValueError: for an unknown kind, a name registered twice by different builders, or an
+            empty ``summary``.
+        TypeError: when ``options`` is not a dataclass.
 
     Example::
 
         @register("callback", "finite_loss_guard")
         class FiniteLossGuard(Callback): ...
+
+        register("model", "mcan_tiny", options=MCANOptions, defaults=MCAN_VARIANTS["tiny"],
+                 context=("vocab_size", "num_answers"), summary="A tiny MCAN for tests.")(MCAN)
     """
     if kind not in KINDS:
         raise ValueError(f"unknown component kind {kind!r}; kinds: {sorted(KINDS)}")
+    if summary is not None and not summary.strip():
+        raise ValueError(f"register({kind!r}, {name!r}): summary is empty; give one sentence.")
 
     def decorate(builder: Any) -> Any:
         key = name or builder.__name__.lower()
@@ -255,8 +273,9 @@ def register(
                 f"{kind} {key!r} is registered twice: by {old.builder.__module__}."
                 f"{old.builder.__qualname__} and by {builder.__module__}.{builder.__qualname__}"
             )
+        text = " ".join(summary.split()) if summary is not None else _summary(builder)
         _REGISTRY[kind][key] = Component(
-            kind, key, builder, opts, defaults, tuple(context), derived, _summary(builder)
+            kind, key, builder, opts, defaults, tuple(context), derived, text
         )
         return builder
 

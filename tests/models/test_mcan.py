@@ -89,14 +89,14 @@ def test_grid_packing_on_real_batch_gives_the_padded_logits(easy_vqa_batch, easy
     for (n, a), b in zip(padded.named_parameters(), packed.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
-    with pytest.raises(ValueError, match="packing must be"):
+    with pytest.raises(ValueError, match="packing: 'ragged' is not one of"):
         build_model("mcan_tiny", 30, 7, packing="ragged")
 
 
 def test_the_earlier_packed_attention_option_still_loads():
     """Exports and configs written before ``packing`` carry ``packed_attention``."""
-    assert build_model("mcan_tiny", 30, 7, packed_attention=False).config.packing == "padded"
-    assert build_model("mcan_tiny", 30, 7, packed_attention=True).config.packing == "attention"
+    assert build_model("mcan_tiny", 30, 7, packed_attention=False).options.packing == "padded"
+    assert build_model("mcan_tiny", 30, 7, packed_attention=True).options.packing == "attention"
     with pytest.raises(ValueError, match="drop packed_attention"):
         build_model("mcan_tiny", 30, 7, packed_attention=True, packing="stack")
 
@@ -118,6 +118,30 @@ def test_bad_options_are_named():
         build_model("mcan_tiny", 30, 7, hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="hidden_size: must be >= 1, got -5"):
         build_model("mcan_tiny", 30, 7, hidden_size=-5)
+    with pytest.raises(
+        ValueError,
+        match=r"MCANOptions: visual_input: 'gird' is not one of \['regions', 'grid'\]; "
+        r"did you mean 'grid'\?",
+    ):
+        build_model("mcan_tiny", 30, 7, visual_input="gird")
+
+
+def test_the_earlier_names_of_the_options_still_work():
+    """``MCANConfig`` and ``model.config`` (before the options were ``MCANOptions`` /
+    ``model.options``) still work, deprecated; an MCAN pickled with ``config`` loads."""
+    import pickle
+
+    from vlcompress.models import mcan
+
+    with pytest.deprecated_call():
+        from vlcompress.models.mcan import MCANConfig
+    assert MCANConfig is mcan.MCANOptions
+    model = build_model("mcan_tiny", 30, 7, hidden_size=16)
+    with pytest.deprecated_call():
+        assert model.config is model.options
+    model.__dict__["config"] = model.__dict__.pop("options")  # as pickled before the rename
+    again = pickle.loads(pickle.dumps(model))
+    assert again.options.hidden_size == 16 and "config" not in again.__dict__
 
 
 def test_grid_cells_mismatch_is_explained(easy_vqa_batch):

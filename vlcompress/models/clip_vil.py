@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ from vlcompress.models.single_stream import (
     init_bert_weights,
     task_head,
 )
-from vlcompress.options import check_fields, choices, in_range, local_path
+from vlcompress.options import local_path, positive
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
 __all__ = [
@@ -94,7 +95,9 @@ __all__ = [
     "load_openai_clip_visual",
 ]
 
-_POSITIVE = in_range(1)
+ClipEncoderName = Literal[tuple(CLIP_RESNETS)]  # type: ignore[valid-type]
+"""The ``visual_encoder`` names: the keys of :data:`CLIP_RESNETS` (``resnet50_clip``, ...,
+``tiny``)."""
 
 
 @dataclass(frozen=True)
@@ -130,15 +133,20 @@ class ClipVilOptions(StreamOptions):
         model = CLIPViL(options, vocab_size=30522, num_answers=3129)
     """
 
-    visual_encoder: str = field(default="resnet50_clip", metadata=choices(*CLIP_RESNETS))
+    visual_encoder: ClipEncoderName = "resnet50_clip"
     visual_checkpoint: str | None = field(default=None, metadata=local_path("file"))
     freeze_visual: bool = True
-    image_size: int | None = field(default=None, metadata=_POSITIVE)
-    max_grid: int = field(default=32, metadata=_POSITIVE)
+    image_size: int | None = positive(None)
+    max_grid: int = positive(32)
     text_init: str | None = field(default=None, metadata=local_path("dir"))
 
-    def __post_init__(self) -> None:
-        check_fields(self)
+    def check(self) -> None:
+        """CLIP-ViL's cross-field checks (each field is checked on its own before).
+
+        Raises:
+            ValueError: ``hidden_size`` not divisible by ``num_heads``, or an ``image_size``
+                that is not a multiple of 32 or too large for ``max_grid``.
+        """
         self.check_stream("CLIP-ViL")
         if self.image_size is not None and self.image_size % 32:
             raise ValueError(
@@ -349,8 +357,31 @@ class CLIPViL(SingleStreamVQA):
         return an
 
 
-for _name, _defaults in CLIP_VIL_VARIANTS.items():
-    registry.register(
-        "model", _name, options=ClipVilOptions, defaults=_defaults,
-        context=("vocab_size", "num_answers"),
-    )(CLIPViL)  # fmt: skip
+_CONTEXT = ("vocab_size", "num_answers")
+
+registry.register(
+    "model",
+    "clip_vil_rn50",
+    options=ClipVilOptions,
+    defaults=CLIP_VIL_VARIANTS["clip_vil_rn50"],
+    context=_CONTEXT,
+    summary="CLIP-ViL_p with CLIP RN50 grid features: a BERT-base-sized stream (12 layers, "
+    "hidden 768) over the question and the grid cells.",
+)(CLIPViL)
+registry.register(
+    "model",
+    "clip_vil_rn50x4",
+    options=ClipVilOptions,
+    defaults=CLIP_VIL_VARIANTS["clip_vil_rn50x4"],
+    context=_CONTEXT,
+    summary="CLIP-ViL_p with CLIP RN50x4 grid features: a BERT-base-sized stream (12 layers, "
+    "hidden 768) over the question and the grid cells.",
+)(CLIPViL)
+registry.register(
+    "model",
+    "clip_vil_tiny",
+    options=ClipVilOptions,
+    defaults=CLIP_VIL_VARIANTS["clip_vil_tiny"],
+    context=_CONTEXT,
+    summary="A tiny CLIP-ViL for tests: a tiny CLIP ResNet, 2 layers, hidden 32, 4 heads.",
+)(CLIPViL)

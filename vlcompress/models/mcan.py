@@ -10,7 +10,9 @@ Post-norm residual blocks, dropout 0.1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import warnings
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -31,14 +33,16 @@ from vlcompress.models.anatomy import (
     prunable_weights_in,
 )
 from vlcompress.models.anatomy.specs import scaled
-from vlcompress.options import check_fields, in_range
+from vlcompress.options import ModelOptions, in_range, positive, probability
 
-_POSITIVE = in_range(1)
+__all__ = ["MCAN", "MCAN_VARIANTS", "MCANOptions"]
 
 
 @dataclass(frozen=True)
-class MCANConfig:
-    """Sizes and inputs of an MCAN model (see :data:`MCAN_VARIANTS`).
+class MCANOptions(ModelOptions):
+    """Sizes and inputs of an MCAN model (see :data:`MCAN_VARIANTS`); the model keeps it as
+    ``model.options`` (it was ``MCANConfig`` / ``model.config`` before; both names still work,
+    deprecated).
 
     Attributes:
         hidden_size: width of every layer (divisible by ``num_heads``).
@@ -69,25 +73,25 @@ class MCANConfig:
             encoder / decoder at any width while the LSTM and region features stay full.
     """
 
-    hidden_size: int = field(default=512, metadata=_POSITIVE)
-    num_heads: int = field(default=8, metadata=_POSITIVE)
-    ffn_size: int = field(default=2048, metadata=_POSITIVE)
-    num_layers: int = field(default=6, metadata=_POSITIVE)
-    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
-    flat_mlp_size: int = field(default=512, metadata=_POSITIVE)
-    flat_glimpses: int = field(default=1, metadata=_POSITIVE)
-    flat_out_size: int = field(default=1024, metadata=_POSITIVE)
-    word_dim: int = field(default=300, metadata=_POSITIVE)
+    hidden_size: int = positive(512)
+    num_heads: int = positive(8)
+    ffn_size: int = positive(2048)
+    num_layers: int = positive(6)
+    dropout: float = probability(0.1)
+    flat_mlp_size: int = positive(512)
+    flat_glimpses: int = positive(1)
+    flat_out_size: int = positive(1024)
+    word_dim: int = positive(300)
     visual_input: Literal["regions", "grid"] = "regions"
-    region_dim: int = field(default=2048, metadata=_POSITIVE)
+    region_dim: int = positive(2048)
     use_boxes: bool = False
-    box_dim: int = field(default=1024, metadata=_POSITIVE)
+    box_dim: int = positive(1024)
     grid_channels: tuple[int, ...] = (32, 64, 128)
-    grid_context_layers: int = field(default=2, metadata=in_range(0))
+    grid_context_layers: int = dataclasses.field(default=2, metadata=in_range(0))
     grid_pool: bool = True
-    grid_cells: int = field(default=16, metadata=_POSITIVE)
+    grid_cells: int = positive(16)
     width_adapters: bool = False
-    lstm_size: int | None = field(default=None, metadata=in_range(1))
+    lstm_size: int | None = positive(None)
     packing: Literal["padded", "attention", "stack"] = "padded"
     packed_attention: bool | None = None
 
@@ -96,8 +100,14 @@ class MCANConfig:
         """Size of one attention head."""
         return self.hidden_size // self.num_heads
 
-    def __post_init__(self) -> None:
-        check_fields(self)
+    def check(self) -> None:
+        """MCAN's cross-field checks (each field is checked on its own before).
+
+        Raises:
+            ValueError: ``hidden_size`` not divisible by ``num_heads``, an ``lstm_size``
+                without ``width_adapters``, ``packed_attention`` contradicting ``packing``,
+                or empty / non-positive ``grid_channels``.
+        """
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"MCAN hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -116,14 +126,6 @@ class MCANConfig:
                 f"MCAN packed_attention: true means packing: attention, but packing is "
                 f"{self.packing!r}; drop packed_attention."
             )
-        if self.packing not in ("padded", "attention", "stack"):
-            raise ValueError(
-                f"MCAN packing must be 'padded', 'attention' or 'stack', got {self.packing!r}."
-            )
-        if self.visual_input not in ("regions", "grid"):
-            raise ValueError(
-                f"MCAN visual_input must be 'regions' or 'grid', got {self.visual_input!r}."
-            )
         if not self.grid_channels or any(c < 1 for c in self.grid_channels):
             raise ValueError(
                 f"MCAN grid_channels must be a non-empty list of positive sizes, got "
@@ -131,10 +133,10 @@ class MCANConfig:
             )
 
 
-MCAN_VARIANTS: dict[str, MCANConfig] = {
-    "small": MCANConfig(),
-    "large": MCANConfig(hidden_size=1024, ffn_size=4096, flat_out_size=2048),
-    "tiny": MCANConfig(
+MCAN_VARIANTS: dict[str, MCANOptions] = {
+    "small": MCANOptions(),
+    "large": MCANOptions(hidden_size=1024, ffn_size=4096, flat_out_size=2048),
+    "tiny": MCANOptions(
         hidden_size=32, num_heads=4, ffn_size=64, num_layers=2, flat_mlp_size=32,
         flat_out_size=64, word_dim=16, region_dim=16, box_dim=8, grid_channels=(8, 16), grid_cells=256,
     ),
@@ -220,13 +222,13 @@ class FeedForward(nn.Module):
 class SALayer(nn.Module):
     """Self-attention layer (encoder): post-norm residual attention + FFN."""
 
-    def __init__(self, cfg: MCANConfig) -> None:
+    def __init__(self, o: MCANOptions) -> None:
         super().__init__()
-        self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
-        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
-        self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.attn = MultiHeadAttention(o.hidden_size, o.num_heads, o.dropout)
+        self.ffn = FeedForward(o.hidden_size, o.ffn_size, o.dropout)
+        self.drop1, self.drop2 = nn.Dropout(o.dropout), nn.Dropout(o.dropout)
+        self.norm1 = nn.LayerNorm(o.hidden_size, eps=1e-6)
+        self.norm2 = nn.LayerNorm(o.hidden_size, eps=1e-6)
 
     def forward(self, x: torch.Tensor, x_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         """Update ``x (B, L, D)`` (or packed ``(total, D)`` with a :class:`Packing`)."""
@@ -237,15 +239,15 @@ class SALayer(nn.Module):
 class SGALayer(nn.Module):
     """Self-guided-attention layer (decoder): self-attention, guided attention to ``y``, FFN."""
 
-    def __init__(self, cfg: MCANConfig) -> None:
+    def __init__(self, o: MCANOptions) -> None:
         super().__init__()
-        args = (cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        args = (o.hidden_size, o.num_heads, o.dropout)
         self.self_attn = MultiHeadAttention(*args)
         self.guided_attn = MultiHeadAttention(*args)
-        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
-        self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
+        self.ffn = FeedForward(o.hidden_size, o.ffn_size, o.dropout)
+        self.drop1, self.drop2, self.drop3 = (nn.Dropout(o.dropout) for _ in range(3))
         self.norm1, self.norm2, self.norm3 = (
-            nn.LayerNorm(cfg.hidden_size, eps=1e-6) for _ in range(3)
+            nn.LayerNorm(o.hidden_size, eps=1e-6) for _ in range(3)
         )
 
     def forward(
@@ -265,15 +267,15 @@ class AttFlat(nn.Module):
     """Attentional reduction: an MLP scores tokens, softmax over valid tokens, weighted sum,
     linear merge to ``flat_out_size``."""
 
-    def __init__(self, cfg: MCANConfig) -> None:
+    def __init__(self, o: MCANOptions) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.hidden_size, cfg.flat_mlp_size),
+            nn.Linear(o.hidden_size, o.flat_mlp_size),
             nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.flat_mlp_size, cfg.flat_glimpses),
+            nn.Dropout(o.dropout),
+            nn.Linear(o.flat_mlp_size, o.flat_glimpses),
         )
-        self.merge = nn.Linear(cfg.hidden_size * cfg.flat_glimpses, cfg.flat_out_size)
+        self.merge = nn.Linear(o.hidden_size * o.flat_glimpses, o.flat_out_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Reduce ``x (B, L, D)`` to ``(B, flat_out_size)``."""
@@ -334,12 +336,10 @@ class GridStem(nn.Module):
 class RegionInput(nn.Module):
     """Region features (+ optional 5-d box features ``x1, y1, x2, y2, area``) to the hidden size."""
 
-    def __init__(self, cfg: MCANConfig) -> None:
+    def __init__(self, o: MCANOptions) -> None:
         super().__init__()
-        self.box = nn.Linear(5, cfg.box_dim) if cfg.use_boxes else None
-        self.proj = nn.Linear(
-            cfg.region_dim + (cfg.box_dim if cfg.use_boxes else 0), cfg.hidden_size
-        )
+        self.box = nn.Linear(5, o.box_dim) if o.use_boxes else None
+        self.proj = nn.Linear(o.region_dim + (o.box_dim if o.use_boxes else 0), o.hidden_size)
 
     def forward(self, feats: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
         """``(B, N, region_dim)`` -> ``(B, N, hidden)``."""
@@ -359,15 +359,15 @@ class MCAN(nn.Module):
     """MCAN encoder-decoder for VQA; ``forward(VLBatch) -> logits (B, num_answers)``.
 
     Args:
-        config: sizes and visual input (see :data:`MCAN_VARIANTS`).
+        options: sizes and visual input (see :data:`MCAN_VARIANTS`).
         vocab_size: question vocabulary size (id 0 is padding).
         num_answers: classifier outputs.
     """
 
-    def __init__(self, config: MCANConfig, vocab_size: int, num_answers: int) -> None:
+    def __init__(self, options: MCANOptions, vocab_size: int, num_answers: int) -> None:
         super().__init__()
-        self.config, self.vocab_size, self.num_answers = config, vocab_size, num_answers
-        c = config
+        self.options, self.vocab_size, self.num_answers = options, vocab_size, num_answers
+        c = options
         self.embedding = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
         lstm_size = c.lstm_size or c.hidden_size
         self.lstm = nn.LSTM(c.word_dim, lstm_size, batch_first=True)
@@ -392,6 +392,23 @@ class MCAN(nn.Module):
         self.pooled_dim = c.flat_out_size
         self.question_dim = c.flat_out_size
 
+    @property
+    def config(self) -> MCANOptions:
+        """Deprecated: the options are ``model.options`` (``config`` is Hugging Face's name for
+        its own configuration object, which generic code reads)."""
+        warnings.warn(
+            "MCAN.config is deprecated; use MCAN.options", DeprecationWarning, stacklevel=2
+        )
+        return self.options
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, also an MCAN pickled before its options moved from ``config`` to
+        ``options``."""
+        if "config" in state and "options" not in state:
+            state = {**state}
+            state["options"] = state.pop("config")
+        super().__setstate__(state)
+
     @classmethod
     def from_variant(
         cls, variant: str, vocab_size: int, num_answers: int, **overrides: Any
@@ -410,7 +427,7 @@ class MCAN(nn.Module):
 
     def encode_visual(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Visual tokens ``(B, N, hidden)`` and their mask (None = all real)."""
-        if self.config.visual_input == "grid":
+        if self.options.visual_input == "grid":
             if not batch.is_pixels:
                 raise ValueError(
                     "this MCAN expects pixels (B, 3, H, W) (visual_input='grid'); got region features."
@@ -423,7 +440,7 @@ class MCAN(nn.Module):
         return self._visual_norm(self.visual(batch.visual, batch.boxes)), batch.visual_mask
 
     def _visual_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual_norm(x) if self.config.width_adapters else x
+        return self.visual_norm(x) if self.options.width_adapters else x
 
     returns_extras = True
     """``forward(batch, return_extras=True)`` also returns the extra outputs (loss contract)."""
@@ -437,11 +454,11 @@ class MCAN(nn.Module):
         vector before fusion (the original RUBi's question-only branch)."""
         lang_mask = batch.text_mask.bool()
         lang, _ = self.lstm(self.embedding(batch.text_ids))
-        if self.config.width_adapters:
+        if self.options.width_adapters:
             lang = self.lang_adapter(lang)
         img, img_mask = self.encode_visual(batch)
         lang_m, img_m = lang_mask, img_mask
-        mode = self.config.packing
+        mode = self.options.packing
         if mode != "padded":  # the real tokens, found once for all layers
             lang_m = Packing.of(lang_mask)
             img_m = (
@@ -466,9 +483,9 @@ class MCAN(nn.Module):
         """MCAN's structure: the encoder (language self-attention), the decoder (cross: vision
         self-attention, then vision queries guided by language keys), inputs and task head.
 
-        Head counts and FFN sizes are read from the modules (the config's outside a bypassed
+        Head counts and FFN sizes are read from the modules (the options' outside a bypassed
         layer), so the anatomy stays right after heads or units are removed for good."""
-        c = self.config
+        c = self.options
         an = Anatomy()
         lang, vis, cross = Modality.LANGUAGE, Modality.VISION, Modality.CROSS
         modules = dict(self.named_modules())
@@ -521,7 +538,7 @@ class MCAN(nn.Module):
         embeddings, the LSTM and the answer classifier's outputs stay full. Depth keeps the
         encoder's layers in the order ``[0, 5, 1, 4, 2, 3]`` and the decoder's in
         ``[5, 0, 1, 4, 2, 3]`` (generalised: the decoder's last layer first)."""
-        c = self.config
+        c = self.options
         enc = default_depth_priority(c.num_layers)
         dec = (c.num_layers - 1, *(i for i in enc if i != c.num_layers - 1))
         priority = {"encoder": enc, "decoder": dec}
@@ -539,12 +556,12 @@ class MCAN(nn.Module):
 
     def slimmed_options(self, width: float, layers: int) -> dict[str, Any]:
         """Option overrides that build this model's submodel at ``width`` with ``layers``
-        encoder and decoder layers (what an exported submodel's config records).
+        encoder and decoder layers (what an exported submodel's ``config.yaml`` records).
 
         Raises:
             ValueError: when the width does not keep the head size (hidden / heads).
         """
-        c = self.config
+        c = self.options
         out = {
             "hidden_size": scaled(c.hidden_size, width),
             "num_heads": scaled(c.num_heads, width),
@@ -563,11 +580,44 @@ class MCAN(nn.Module):
         return out
 
 
-for _variant, _defaults in MCAN_VARIANTS.items():
-    registry.register(
-        "model",
-        f"mcan_{_variant}",
-        options=MCANConfig,
-        defaults=_defaults,
-        context=("vocab_size", "num_answers"),
-    )(MCAN)
+_CONTEXT = ("vocab_size", "num_answers")
+
+registry.register(
+    "model",
+    "mcan_small",
+    options=MCANOptions,
+    defaults=MCAN_VARIANTS["small"],
+    context=_CONTEXT,
+    summary="MCAN-small as published (OpenVQA): hidden 512, 8 heads, FFN 2048, 6 encoder and "
+    "6 decoder layers.",
+)(MCAN)
+registry.register(
+    "model",
+    "mcan_large",
+    options=MCANOptions,
+    defaults=MCAN_VARIANTS["large"],
+    context=_CONTEXT,
+    summary="MCAN-large as published (OpenVQA): hidden 1024, 8 heads, FFN 4096, 6 encoder and "
+    "6 decoder layers, AttFlat output 2048.",
+)(MCAN)
+registry.register(
+    "model",
+    "mcan_tiny",
+    options=MCANOptions,
+    defaults=MCAN_VARIANTS["tiny"],
+    context=_CONTEXT,
+    summary="A tiny MCAN for tests: hidden 32, 4 heads, FFN 64, 2 encoder and 2 decoder layers.",
+)(MCAN)
+
+
+def __getattr__(name: str) -> Any:
+    """``MCANConfig``: the deprecated name of :class:`MCANOptions` (code and pickles that name
+    it still load)."""
+    if name == "MCANConfig":
+        warnings.warn(
+            "vlcompress.models.mcan.MCANConfig is deprecated; use MCANOptions",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return MCANOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

