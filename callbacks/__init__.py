@@ -19,6 +19,7 @@ from vlcompress.callbacks.base import (
     collect_report_rows,
     collect_reports,
 )
+from vlcompress.callbacks.effects import Effects
 from vlcompress.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
 from vlcompress.callbacks.magnitude_pruning import MagnitudePruning, masks_in_checkpoint
 from vlcompress.callbacks.mask_training import MaskTraining
@@ -28,6 +29,7 @@ from vlcompress.callbacks.structured_pruning import StructuredPruning
 
 __all__ = [
     "CompressionCallback",
+    "Effects",
     "FiniteLossGuard",
     "MagnitudePruning",
     "MaskTraining",

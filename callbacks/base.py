@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from vlcompress.callbacks.effects import Effects, quiet_logging, wrap_training_step
+
 if TYPE_CHECKING:
     from vlcompress.models.anatomy import Anatomy, AnatomyPatterns
 
@@ -169,6 +171,39 @@ class CompressionCallback(*CALLBACK_BASES):
       (``(metric, value)`` rows for the results table).
     * **messages** — :meth:`advise` picks advice for a plain Lightning project or, when the
       vlcompress run sets :attr:`within_vlcompress_run`, advice in terms of our config keys.
+    * **changing training** — one mechanism, set up through the base and undone by its
+      :meth:`teardown` (so after ``fit`` the user's module is exactly what it was: no hook,
+      no instance attribute, the same ``state_dict`` keys; the ledger is
+      :class:`~vlcompress.callbacks.effects.Effects`):
+
+      - *the training step*: :meth:`wrap_training_step` (an extra loss term, several forwards
+        per step); :meth:`quiet_logging` for a step run twice;
+      - *owned parameters*: :meth:`own_module` (adapters, projection heads) and
+        :meth:`owned_parameters` (bare tensors such as mask scores) are trained by the
+        callback's own optimiser (:meth:`configure_owned_optimizer`), built in
+        ``on_fit_start`` and stepped right before the model's optimiser, with gradients
+        averaged over DDP ranks; modules, tensors and optimiser state are in the checkpoint;
+      - *modules on the model*: :meth:`attach_module` passes a read-out's output through an
+        owned module (the anatomy's :meth:`~vlcompress.models.anatomy.Anatomy.attach`);
+      - *hidden states*: :meth:`capture_hidden` (the anatomy's read-outs, every forward);
+      - *anything else undoable* (the anatomy's masks, a ``Slimmable``): :meth:`add_effect`.
+
+      Make effects in :meth:`setup` (every stage; the base undid the last stage's); a
+      subclass that overrides ``on_fit_start``, ``on_before_optimizer_step`` or ``teardown``
+      calls ``super()``.
+
+    Resume rule
+        Lightning restores, in this order: the model's weights (``state_dict`` keys must
+        match), then every callback's :meth:`load_state_dict`, then the model's optimisers and
+        loops, then calls ``on_fit_start``. So a callback **never adds parameters or buffers to
+        the user's module** (that changes its ``state_dict`` keys and breaks the model's
+        restore): it owns them and attaches them with hooks. It creates its owned modules in
+        :meth:`setup`, which runs before :meth:`load_state_dict` (their weights are loaded
+        then; a module owned later gets its checkpointed weights when it is owned); the owned
+        optimiser is built in ``on_fit_start`` and gets its checkpointed state there. Done
+        this way a killed and resumed run ends bit-identical to an uninterrupted one
+        (``tests/callbacks/test_owned_resume.py``, both Lightning packages, 1 and 2
+        processes).
 
     Args:
         seed: seed of the callback's random decisions. ``None``: rank 0 takes
@@ -271,6 +306,11 @@ class CompressionCallback(*CALLBACK_BASES):
         self._trainer: Any = None
         self._model: nn.Module | None = None
         self._anatomy: Anatomy | None = None
+        self.effects = Effects(self.state_key)
+        self.owned = nn.ModuleDict()
+        self._owned_opt: torch.optim.Optimizer | None = None
+        self._owned_opt_state: dict[str, Any] | None = None
+        self._owned_pending: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ arguments
     def check_argument(
@@ -591,12 +631,39 @@ class CompressionCallback(*CALLBACK_BASES):
             self._model = model
             self._raise_preflight(model)
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Move the owned modules to the model's device and build the owned optimiser (with
+        its checkpointed state on resume). A subclass that overrides it calls ``super()``
+        after creating the tensors :meth:`owned_parameters` returns."""
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        self.owned.to(device)
+        params = self.owned_parameters()
+        self._owned_opt = self.configure_owned_optimizer(params) if params else None
+        if self._owned_opt is not None and self._owned_opt_state is not None:
+            self._owned_opt.load_state_dict(self._owned_opt_state)
+        if self._owned_opt is not None:
+            self._owned_opt_state = None
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Step the owned optimiser right before the model's (see :meth:`step_owned`)."""
+        self.step_owned()
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Forget the trainer (the model, anatomy and state stay for :meth:`report`)."""
-        self._trainer = None
+        """Undo every effect on the module (:attr:`effects`), keep the owned optimiser's
+        state for a later ``fit``, and forget the trainer (the model, anatomy, owned modules
+        and state stay for :meth:`report` and the next stage)."""
+        try:
+            self.effects.undo()
+        finally:
+            if self._owned_opt is not None:
+                self._owned_opt_state = self._owned_opt.state_dict()
+                self._owned_opt = None
+            self._trainer = None
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"format", "seed", "state"}``; ``state`` is :meth:`state` (checked to load with
+        """``{"format", "seed", "state"}`` and, for a callback that owns parameters,
+        ``"owned"`` (``{"modules": weights of` :attr:`owned`, ``"optimizer"``: the owned
+        optimiser's state}``); ``state`` is :meth:`state` (checked to load with
         ``torch.load(weights_only=True)``).
 
         Raises:
@@ -604,6 +671,13 @@ class CompressionCallback(*CALLBACK_BASES):
         """
         out = {"format": STATE_FORMAT, "seed": self._seed, "state": self.state()}
         _check_weights_only(out["state"], f"{type(self).__name__}.state()")
+        optimizer = (
+            self._owned_opt.state_dict() if self._owned_opt is not None else self._owned_opt_state
+        )
+        modules = {k: v.detach().cpu().clone() for k, v in self.owned.state_dict().items()}
+        modules.update({k: v for k, v in self._owned_pending.items() if k not in modules})
+        if modules or optimizer is not None:
+            out["owned"] = {"modules": modules, "optimizer": optimizer}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -629,7 +703,132 @@ class CompressionCallback(*CALLBACK_BASES):
                     self._seed_arg,
                 )
             self._seed = int(seed)
+        owned = state_dict.get("owned") or {}
+        self._owned_pending = dict(owned.get("modules") or {})
+        self._load_owned_pending()
+        self._owned_opt_state = owned.get("optimizer")
+        self._owned_opt = None
         self.load_state(state_dict.get("state") or {})
+
+    # ------------------------------------------------------------------ changing training
+    def add_effect(self, what: str, undo: Any) -> Any:
+        """Record a change to the model that :meth:`teardown` undoes; returns ``undo``.
+
+        Args:
+            what: a short description (``"head masks"``).
+            undo: a handle with ``remove()`` (hook and mask handles), an object with
+                ``detach()`` (a ``Slimmable``), or a function; a list of handles is recorded
+                one by one.
+        """
+        if isinstance(undo, list):
+            return self.effects.add_all(what, undo)
+        return self.effects.add(what, undo)
+
+    def wrap_training_step(self, pl_module: Any, wrapper: Callable[..., Any]) -> None:
+        """Run ``wrapper(step, *args, **kwargs)`` in place of the module's ``training_step``
+        until :meth:`teardown`: ``step(*args, **kwargs)`` runs the module's own step (and the
+        wrappers of callbacks that wrapped it before this one). One wrapper per callback.
+
+        Example::
+
+            def setup(self, trainer, pl_module, stage):
+                super().setup(trainer, pl_module, stage)
+                self.wrap_training_step(pl_module, self._with_extra_loss)
+
+            def _with_extra_loss(self, step, *args, **kwargs):
+                loss = step(*args, **kwargs)
+                return loss + 0.1 * self.extra_loss()
+        """
+        self.add_effect("training_step wrapper", wrap_training_step(pl_module, self, wrapper))
+
+    quiet_logging = staticmethod(quiet_logging)
+
+    def own_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Make ``module`` this callback's own: trained by the owned optimiser (its parameters
+        that require grad), saved in the checkpoint, moved to the model's device. Returns the
+        module to use: when ``name`` is owned already (a later stage's ``setup``), the one
+        owned first, with its trained weights.
+
+        Call it in :meth:`setup`; checkpointed weights are loaded into it on resume.
+
+        Raises:
+            ValueError: ``name`` is not a valid module name.
+        """
+        if name in self.owned:
+            return self.owned[name]
+        if not name.isidentifier():
+            raise ValueError(f"{self.state_key}: owned module names are identifiers; got {name!r}")
+        self.owned[name] = module
+        self._load_owned_pending()
+        return module
+
+    def _load_owned_pending(self) -> None:
+        """Load the checkpointed weights of owned modules that exist now."""
+        for name, module in self.owned.items():
+            prefix = f"{name}."
+            found = {
+                k[len(prefix) :]: v for k, v in self._owned_pending.items() if k.startswith(prefix)
+            }
+            if not found:
+                continue
+            module.load_state_dict(found)
+            for k in found:
+                del self._owned_pending[prefix + k]
+
+    def attach_module(self, readout: str, module: nn.Module) -> None:
+        """Pass the output of the anatomy's read-out ``readout`` through ``module`` (usually
+        an owned adapter) until :meth:`teardown`; the model's parameters and ``state_dict``
+        do not change.
+
+        Raises:
+            KeyError: an unknown read-out (the message lists them).
+        """
+        handle = self.anatomy.attach(self.model, readout, module)
+        self.add_effect(f"{type(module).__name__} attached at {readout}", handle)
+
+    def capture_hidden(self, readouts: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """A dict that every forward of the model fills with the outputs of ``readouts`` (the
+        anatomy's read-outs; default all) until :meth:`teardown`; the last call wins.
+
+        Raises:
+            KeyError: an unknown read-out.
+        """
+        names = list(readouts) if readouts is not None else None
+        capture = self.anatomy.capture(self.model, names)
+        states = capture.__enter__()
+        self.add_effect(
+            f"capture of {names or 'all read-outs'}", lambda: capture.__exit__(None, None, None)
+        )
+        return states
+
+    def owned_parameters(self) -> list[torch.Tensor]:
+        """The tensors the owned optimiser trains: by default the parameters of
+        :attr:`owned` that require grad. Override to train bare tensors (mask scores)."""
+        return [p for p in self.owned.parameters() if p.requires_grad]
+
+    def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The optimiser of :meth:`owned_parameters` (override; default ``Adam(lr=1e-3)``)."""
+        return torch.optim.Adam(params, lr=1e-3)
+
+    def step_owned(self) -> None:
+        """Average the owned parameters' gradients over DDP ranks (a missing gradient counts
+        as zero), step the owned optimiser and clear the gradients. No-op without one."""
+        if self._owned_opt is None:
+            return
+        params = [p for group in self._owned_opt.param_groups for p in group["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.world_size > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = self._trainer.strategy.reduce(flat, reduce_op="mean")
+            start = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[start : start + g.numel()].view_as(g).clone()
+                start += g.numel()
+        else:
+            for p, g in zip(params, grads):
+                p.grad = g
+        self._owned_opt.step()
+        self._owned_opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ for subclasses
     def state(self) -> dict[str, Any]:

@@ -234,6 +234,7 @@ class MagnitudePruning(PruningCallback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Apply the fixed masks of ``masks_from`` (once; a resumed run has them already)."""
+        super().on_fit_start(trainer, pl_module)
         if self.masks_from is not None and not self.masks:
             source: Any = self.masks_from
             if source == "init":

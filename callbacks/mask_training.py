@@ -34,9 +34,11 @@ class MaskTraining(PruningCallback):
     matrix's ``tau`` is reset to its k-th smallest score, so every matrix holds exactly its
     target sparsity again (between resets the masks may drift).
 
-    The scores have their own Adam optimiser (``score_lr``), stepped by this callback right
-    before the model's optimiser; their gradients are averaged over DDP ranks by the callback,
-    so every rank holds the same scores and masks. Scores, thresholds and the score
+    The scores are the callback's owned parameters (``CompressionCallback.owned_parameters``):
+    the base trains them with their own Adam optimiser (``score_lr``), stepped right before
+    the model's optimiser, with gradients averaged over DDP ranks, so every rank holds the
+    same scores and masks. The forward masks are an effect of the base, removed at
+    ``teardown`` and put back by the next stage's ``setup``. Scores, thresholds and the score
     optimiser's state are in the checkpoint: a resumed run continues exactly.
 
     Args:
@@ -90,18 +92,21 @@ class MaskTraining(PruningCallback):
         self.scores: dict[str, torch.Tensor] = {}
         self.taus: dict[str, float] = {}
         self.resets: list[int] = []
-        self._opt: torch.optim.Optimizer | None = None
-        self._opt_state: dict[str, Any] | None = None
         self._forward: ForwardMasks | None = None
         self._train_taus: tuple[dict, dict] | None = None
         self._val_taus: tuple[dict, dict] | None = None
         self.ties: dict[str, torch.Tensor | None] = {}
         self.final: dict[str, Any] = {}
+        self.baked = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Find the weights and freeze what ``freeze`` says (before the optimiser is built)."""
+        """Find the weights, put the masks of a previous stage back on (evaluation after
+        ``fit`` without ``make_permanent``), and freeze what ``freeze`` says (before the
+        optimiser is built)."""
         super().setup(trainer, pl_module, stage)
+        if self.scores and self._forward is None and not self.baked:
+            self._attach_masks()
         if stage != "fit" or self.freeze == "none":
             return
         masked = {id(t.param) for t in self.targets}
@@ -160,40 +165,35 @@ class MaskTraining(PruningCallback):
         self.ties = {
             n: (m.to(params[n].device) if m is not None else None) for n, m in self.ties.items()
         }
-        self._opt = torch.optim.Adam(list(self.scores.values()), lr=self.score_lr)
-        if self._opt_state is not None:
-            self._opt.load_state_dict(self._opt_state)
-            self._opt_state = None
+        super().on_fit_start(trainer, pl_module)  # the score optimiser
         if self._forward is None:
-            self._forward = ForwardMasks(self.model, list(self.scores), effective=self._effective)
+            self._attach_masks()
         self._refresh_masks()
         self.log_report("at the start of mask training")
+
+    def _attach_masks(self) -> None:
+        """Compute the weights through the scores' masks until ``teardown``."""
+        self._forward = ForwardMasks(self.model, list(self.scores), effective=self._effective)
+        self.add_effect("forward masks", self._detach_masks)
+
+    def _detach_masks(self) -> None:
+        if self._forward is not None:
+            self._forward.remove()
+            self._forward = None
+
+    def owned_parameters(self) -> list[torch.Tensor]:
+        """The scores (trained by the base's owned optimiser)."""
+        return list(self.scores.values())
+
+    def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """Adam over the scores at ``score_lr``."""
+        return torch.optim.Adam(params, lr=self.score_lr)
 
     def _refresh_masks(self) -> None:
         self.masks = {n: self._mask(n) for n in self.scores}
         self.reached = {t.name: t.sparsity for t in self.targets}
 
     # ------------------------------------------------------------------ training
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        """Average the score gradients over ranks and step the scores."""
-        if self._opt is None:
-            return
-        grads = [
-            s.grad if s.grad is not None else torch.zeros_like(s) for s in self.scores.values()
-        ]
-        if self.world_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            flat = trainer.strategy.reduce(flat, reduce_op="mean")
-            start = 0
-            for s, g in zip(self.scores.values(), grads):
-                s.grad = flat[start : start + g.numel()].view_as(g).clone()
-                start += g.numel()
-        else:
-            for s, g in zip(self.scores.values(), grads):
-                s.grad = g
-        self._opt.step()
-        self._opt.zero_grad(set_to_none=True)
-
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -262,8 +262,8 @@ class MaskTraining(PruningCallback):
             return
         self._refresh_masks()
         self._forward.bake()
-        self._forward.remove()
-        self._forward = None
+        self._detach_masks()
+        self.baked = True
         if self.is_global_zero:
             log.info("%s: masks baked into the weights", self.state_key)
 
@@ -276,7 +276,8 @@ class MaskTraining(PruningCallback):
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        """Scores, thresholds, resets, the score optimiser, and the current masks."""
+        """Scores, thresholds, resets and the current masks (the base saves the score
+        optimiser)."""
         # the masks handed to a later stage (masks_from) hold exactly the targets
         exact = {
             t.name: exact_keep_mask(self.scores[t.name], keep_count(t.numel, t.sparsity))
@@ -289,7 +290,7 @@ class MaskTraining(PruningCallback):
         out["taus"] = dict(taus)  # the training thresholds, never the evaluation ones
         out["ties"] = {n: pack_mask(m) for n, m in ties.items() if m is not None}
         out["resets"] = list(self.resets)
-        out["optimizer"] = self._opt.state_dict() if self._opt is not None else self._opt_state
+        out["baked"] = self.baked
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -299,5 +300,6 @@ class MaskTraining(PruningCallback):
         self.taus = {n: float(v) for n, v in (state.get("taus") or {}).items()}
         self.ties = {n: unpack_mask(m) for n, m in (state.get("ties") or {}).items()}
         self.resets = [int(s) for s in state.get("resets") or []]
-        self._opt_state = state.get("optimizer")
-        self._opt = None
+        self.baked = bool(state.get("baked", False))
+        if state.get("optimizer") is not None:  # written before the base owned the optimiser
+            self._owned_opt_state = state["optimizer"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import is_dataclass
@@ -222,8 +223,6 @@ class SlimmableTraining(CompressionCallback):
         self.init_from_teacher = bool(init_from_teacher)
         self.slim: Slimmable | None = None
         self.teacher: nn.Module | None = None
-        self._hook: Any = None
-        self._wrapped: Any = None
         self._captured: tuple[tuple, dict, Any] | None = None
         self._capture = False
         self._sums: dict[str, list[float]] = {}
@@ -309,29 +308,21 @@ class SlimmableTraining(CompressionCallback):
             if self.init_from_teacher:
                 self.model.load_state_dict(self.teacher.state_dict())
                 log.info("student initialised from the teacher %s", self.teacher_path)
+        # the base's effects, undone by its teardown (the model is the full plain model again)
         self.slim = Slimmable(self.model, self.anatomy, pad_outputs=True)
-        self._hook = self.model.register_forward_hook(self._on_forward, with_kwargs=True)
-        original = pl_module.training_step
+        self.add_effect("slimmable layers", self._detach_slim)
+        hook = self.model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self.add_effect("forward hook recording the model's call", hook)
+        self.wrap_training_step(pl_module, functools.partial(self._sandwich, pl_module))
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._sandwich(pl_module, original, args, kwargs)
-
-        pl_module.training_step = training_step
-        self._wrapped = training_step
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Undo what :meth:`setup` did to the module (the wrapped training step, the forward
-        hook, the sliceable classes: the model is the full plain model again) and drop the
-        teacher; the tables and costs stay for :meth:`report`. The next stage sets up again."""
-        if pl_module.__dict__.get("training_step") is self._wrapped:
-            del pl_module.__dict__["training_step"]
-        self._wrapped = None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def _detach_slim(self) -> None:
         if self.slim is not None:
             self.slim.detach()
             self.slim = None
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Drop the teacher; the base undoes the slimming, the hook and the wrapped step. The
+        tables and costs stay for :meth:`report`; the next stage sets up again."""
         self.teacher = None
         super().teardown(trainer, pl_module, stage)
 
@@ -395,7 +386,7 @@ class SlimmableTraining(CompressionCallback):
             return self.logits_fn(pl_module, output)
         return _logits(output)
 
-    def _sandwich(self, pl_module: Any, original: Any, args: tuple, kwargs: dict) -> Any:
+    def _sandwich(self, pl_module: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
         """One step over the sampled submodels. The task's ``training_step`` runs once, for
         the first submodel (the largest; its own logging stays that of one model); the others
         call the model on the same inputs. A submodel's loss is the distillation loss plus
@@ -422,7 +413,8 @@ class SlimmableTraining(CompressionCallback):
                 task_loss = None
                 if needs_task:
                     self._capture, self._captured = True, None
-                    out = self._quiet(pl_module, original, args, kwargs, quiet=i > 0)
+                    with self.quiet_logging(pl_module, quiet=i > 0):
+                        out = original(*args, **kwargs)
                     self._capture = False
                     if out is None:
                         raise RuntimeError(
@@ -464,17 +456,6 @@ class SlimmableTraining(CompressionCallback):
         if isinstance(result, Mapping):
             return {**result, "loss": total}
         return total
-
-    @staticmethod
-    def _quiet(pl_module: Any, fn: Any, args: tuple, kwargs: dict, quiet: bool) -> Any:
-        """``fn(*args, **kwargs)``, with ``pl_module.log`` switched off when ``quiet``."""
-        if not quiet:
-            return fn(*args, **kwargs)
-        pl_module.__dict__["log"] = lambda *a, **k: None
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            pl_module.__dict__.pop("log", None)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_space(self) -> list[Submodel]:

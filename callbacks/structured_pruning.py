@@ -17,6 +17,8 @@ from vlcompress.registry import register
 
 __all__ = ["StructuredPruning"]
 
+_GATES = "head and FFN gates"
+
 log = logging.getLogger(__name__)
 
 IMPORTANCES = ("magnitude", "first_order")
@@ -168,9 +170,10 @@ class StructuredPruning(CompressionCallback):
                 without blocks).
         """
         super().setup(trainer, pl_module, stage)
-        if self._blocks or self.kept:
+        if self.kept:  # removed for good: nothing to put on the model
             return
-        self._blocks = self._select(self.anatomy)
+        if not self._blocks:
+            self._blocks = self._select(self.anatomy)
         if not self.gates:
             self.gates = {k: self._ones(k) for k in self._blocks}
         self._attach()
@@ -185,8 +188,9 @@ class StructuredPruning(CompressionCallback):
         return torch.ones(self._size(key))
 
     def _attach(self) -> None:
-        for h in self._handles:
-            h.remove()
+        """Put the gates on the model (again), on its device; an effect of the base, removed
+        at ``teardown`` and put back by the next stage's ``setup``."""
+        self._detach_gates()
         device = next(self.model.parameters()).device
         grad = self.importance == "first_order"
         for k in self.gates:
@@ -195,9 +199,17 @@ class StructuredPruning(CompressionCallback):
         ffns = {self._blocks[k][1]: g for k, g in self.gates.items() if k.startswith("ffn:")}
         self._handles = self.anatomy.mask_heads(self.model, heads)
         self._handles += self.anatomy.mask_ffn_units(self.model, ffns)
+        if _GATES not in self.effects.describe():
+            self.add_effect(_GATES, self._detach_gates)
+
+    def _detach_gates(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Move the gates to the model's device (after Lightning moved the model)."""
+        super().on_fit_start(trainer, pl_module)
         if self.gates and not self.kept:
             self._attach()
 
@@ -220,6 +232,7 @@ class StructuredPruning(CompressionCallback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Accumulate ``|dL/dgate|`` (first-order importance)."""
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
         if self.importance != "first_order" or self.kept:
             return
         for k, g in self.gates.items():
@@ -315,9 +328,7 @@ class StructuredPruning(CompressionCallback):
         """
         from vlcompress.compress.structured import remove_ffn_units, remove_heads
 
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._detach_gates()
         heads = {
             self._blocks[k][1]: g.detach().cpu() > 0
             for k, g in self.gates.items()

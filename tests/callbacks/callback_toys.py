@@ -223,3 +223,75 @@ class MaskRecorder(lp.Callback):
         record["weights"] = weights
         path = Path(self.record_dir) / f"masks{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
+
+
+class Adapter(nn.Module):
+    """``x + up(relu(down(x)))``: the shape of the adapters architecture skipping trains."""
+
+    def __init__(self, dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(torch.relu(self.down(x)))
+
+
+class AdapterDistiller(CompressionCallback):
+    """Every way a callback changes training, as the next two methods will: an owned adapter
+    attached after the first layer (read-out ``readout_in``), an owned projection head reading
+    the hidden state of ``readout_out``, and an extra loss term added to the training step
+    (``weight`` x the squared distance of the projected [CLS] state to a fixed target).
+
+    Owned weights start from the callback's generator (the same in every run), so two runs
+    differ only if training or resuming differs.
+    """
+
+    def __init__(
+        self,
+        dim: int = 16,
+        weight: float = 0.5,
+        readout_in: str = "encoder.layer.0",
+        readout_out: str = "encoder.layer.1",
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__(seed=seed)
+        self.dim, self.weight = dim, weight
+        self.readout_in, self.readout_out = readout_in, readout_out
+        self.hidden: dict[str, torch.Tensor] = {}
+        self.extra_losses: list[float] = []
+
+    def _fresh(self, module: nn.Module, salt: str) -> nn.Module:
+        g = self.generator(0, salt=salt)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return module
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        adapter = self.own_module("adapter", self._fresh(Adapter(self.dim, 4), "adapter"))
+        self.own_module("projection", self._fresh(nn.Linear(self.dim, 8), "projection"))
+        self.attach_module(self.readout_in, adapter)
+        self.hidden = self.capture_hidden([self.readout_out])
+        self.wrap_training_step(pl_module, self._with_extra_loss)
+
+    def _with_extra_loss(self, step: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = step(*args, **kwargs)
+        target = torch.randn(8, generator=self.generator(0, salt="target"))
+        projected = self.owned["projection"](self.hidden[self.readout_out][:, 0])
+        extra = (projected - target.to(projected.device)).pow(2).mean()
+        mean = extra.detach()  # the state is rank 0's in the checkpoint: keep it rank-identical
+        if self.world_size > 1:
+            mean = self._trainer.strategy.reduce(mean, reduce_op="mean")
+        self.extra_losses.append(float(mean))
+        return loss + self.weight * extra
+
+    def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=0.01)
+
+    def state(self) -> dict[str, Any]:
+        return {"extra_losses": list(self.extra_losses)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.extra_losses = [float(x) for x in state.get("extra_losses", [])]

@@ -53,11 +53,23 @@ def test_first_order_importance_and_exact_resume(tmp_path):
 
 
 def test_make_permanent_shrinks_the_model_and_keeps_its_outputs(tmp_path):
-    model, cb = _fit(tmp_path, StructuredPruning(heads=0.5, neurons=0.5, seed=0), 1)
     x = torch.randint(0, 50, (3, 8))
+    seen = {}
+
+    class Probe(lp.Callback):  # the masked model, while the gates are on it
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                seen["masked"] = pl_module.model(input_ids=x).last_hidden_state
+
+    model = LightningToy()
+    cb = StructuredPruning(heads=0.5, neurons=0.5, seed=0)
+    trainer = lp.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[cb, Probe()])
+    trainer.fit(model)
     model.eval()
-    with torch.no_grad():
-        masked = model.model(input_ids=x).last_hidden_state
+    with torch.no_grad():  # after fit the gates are off: the user's plain model again
+        plain = model.model(input_ids=x).last_hidden_state
+    masked = seen["masked"]
+    assert not torch.allclose(masked, plain, atol=1e-3)
     before = sum(p.numel() for p in model.model.parameters())
     kept = cb.make_permanent()
     after = sum(p.numel() for p in model.model.parameters())

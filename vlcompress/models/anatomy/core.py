@@ -93,6 +93,17 @@ def _pick(output: Any, index: int | None) -> Any:
     return output
 
 
+def _put(output: Any, index: int | None, value: Any) -> Any:
+    """``output`` with the item :func:`_pick` reads replaced by ``value``."""
+    if isinstance(output, (tuple, list)):
+        items = list(output)
+        items[index or 0] = value
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    if index:
+        raise IndexError(f"read-out asks for item {index} of an output that is not a tuple")
+    return value
+
+
 @dataclass
 class Anatomy:
     """A model's declared structure: layers, attention and FFN blocks, modalities, read-outs.
@@ -664,6 +675,48 @@ class Anatomy:
         ]
         log.debug("learned the output structure of %d layers", len(learned))
         return learned
+
+    # ------------------------------------------------------------ attached modules
+    def attach(
+        self, model: nn.Module, readout: str, module: nn.Module | Any
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Pass the output of read-out ``readout`` through ``module`` (an adapter) from now on.
+
+        The module is *not* added to ``model``: its parameters stay out of
+        ``model.parameters()`` and ``state_dict`` (whoever attaches it owns it: a callback's
+        ``own_module``). It follows the hidden state's device on every call.
+
+        Args:
+            model: the model.
+            readout: a declared read-out (see :attr:`readouts`).
+            module: ``hidden -> hidden`` of the same shape (e.g. ``x + up(act(down(x)))``).
+
+        Returns:
+            The hook's handle: ``handle.remove()`` detaches the module.
+
+        Raises:
+            KeyError: for an unknown read-out.
+
+        Example::
+
+            handle = anatomy.attach(model, "encoder.layer.3", adapter)
+            ...
+            handle.remove()
+        """
+        if readout not in self.readouts:
+            raise KeyError(f"no read-out {readout!r}; known: {sorted(self.readouts)}")
+        path, _, item = self.readouts[readout].partition("#")
+        index = int(item) if item else None
+
+        def hook(_m: nn.Module, _a: Any, output: Any) -> Any:
+            hidden = _pick(output, index)
+            if isinstance(module, nn.Module):
+                first = next(module.parameters(), None)
+                if first is not None and first.device != hidden.device:
+                    module.to(hidden.device)
+            return _put(output, index, module(hidden))
+
+        return model.get_submodule(path).register_forward_hook(hook)
 
     # ------------------------------------------------------------ distillation
     @contextlib.contextmanager
