@@ -13,6 +13,8 @@ from vlcompress import registry
 from vlcompress.data import VLBatch, check_data_contract
 from vlcompress.losses import LossContext, VQALoss
 from vlcompress.models import anatomy_of
+from vlcompress.models.contract import EXTRAS, READOUTS, SlimmableVQAModel, VQAModel
+from vlcompress.options import ModelOptions
 
 
 def test_every_kind_has_components():
@@ -40,6 +42,67 @@ def test_model_builds_and_declares_its_anatomy(name):
     an = anatomy_of(model)
     an.validate(model)
     assert an.layers and an.attentions and an.ffns
+
+
+def _meta_model(name: str, **options):
+    vocab = 30522 if name.endswith("_mini") else 50  # MiniLM's WordPiece vocabulary, fixed
+    with torch.device("meta"):  # sizes only: published variants are large
+        return registry.build("model", name, options, vocab_size=vocab, num_answers=7)
+
+
+@pytest.mark.parametrize("name", registry.names("model"))
+def test_model_meets_the_contract(name):
+    """Every registered model is a ``VQAModel``: options that rebuild it, sizes, extras,
+    anatomy with the read-outs; one with ``slimmed_options`` is a ``SlimmableVQAModel``."""
+    model = _meta_model(name)
+    assert isinstance(model, VQAModel), f"model {name!r} lacks a member of VQAModel"
+    assert isinstance(model.options, ModelOptions)
+    assert model.options == registry.get("model", name).make_options({})
+    assert model.num_answers == 7 and model.returns_extras is True
+    assert isinstance(model.pooled_dim, int) and isinstance(model.question_dim, int)
+    missing = set(READOUTS) - set(model.anatomy().readouts)
+    assert not missing, f"model {name!r}: the anatomy names no read-out {sorted(missing)}"
+    assert model.anatomy().head_modules, f"model {name!r}: the anatomy names no task head"
+    again = _meta_model(name, **dataclasses.asdict(model.options))  # what an export records
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in again.state_dict().items()} == shapes
+    if hasattr(model, "slimmed_options"):
+        assert isinstance(model, SlimmableVQAModel)
+
+
+def test_each_model_variant_has_its_own_summary():
+    summaries = {n: registry.get("model", n).summary for n in registry.names("model")}
+    shared = {s for s in summaries.values() if list(summaries.values()).count(s) > 1}
+    assert not shared, f"variants sharing a summary: {shared}"
+
+
+PIXEL_INPUT = {  # options under which a tiny model reads 64x64 pixels
+    "mcan_tiny": {"visual_input": "grid"},
+    "lxmert_tiny": {"visual_input": "pixels"},
+    "uniter_tiny": {"visual_input": "pixels"},
+    "clip_vil_tiny": {},
+}
+
+
+@pytest.mark.parametrize("name", registry.names("model", "*_tiny"))
+def test_tiny_model_forward_meets_the_contract(name):
+    """``forward(batch)`` gives ``(B, num_answers)`` logits; with ``return_extras``, the
+    extras have the declared sizes; through ``nn.Module.__call__``."""
+    assert name in PIXEL_INPUT, f"add the options under which {name!r} reads pixels to this test"
+    torch.manual_seed(0)
+    model = registry.build("model", name, PIXEL_INPUT[name], vocab_size=50, num_answers=7).eval()
+    b = 3
+    ids = torch.randint(1, 50, (b, 6))
+    ids[0, 4:] = 0
+    batch = VLBatch(text_ids=ids, text_mask=ids != 0, visual=torch.rand(b, 3, 64, 64))
+    with torch.no_grad():
+        logits = model(batch)
+        again, extras = model(batch, return_extras=True)
+    assert logits.shape == (b, model.num_answers)
+    torch.testing.assert_close(again, logits)
+    assert set(EXTRAS) <= set(extras)
+    assert extras["pooled"].shape == (b, model.pooled_dim)
+    assert extras["question"].shape == (b, model.question_dim)
 
 
 @pytest.mark.parametrize("name", registry.names("loss"))

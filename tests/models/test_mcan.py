@@ -1,5 +1,7 @@
 """MCAN: published sizes, forward on both visual inputs, masking, clear errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -153,3 +155,39 @@ def test_grid_cells_mismatch_is_explained(easy_vqa_batch):
 def test_strided_grid_stem(easy_vqa_batch):
     m = build_model("mcan_tiny", 50, 13, visual_input="grid", grid_pool=False)
     assert m(easy_vqa_batch).shape == (16, 13)
+
+
+def test_an_export_written_before_the_options_rename_loads(tmp_path):
+    """An export records the options as plain values under their field names (no class name),
+    so a folder written while the options were ``MCANConfig`` / ``model.config`` loads."""
+    import yaml
+
+    from vlcompress.compress.submodels import load_export
+
+    torch.manual_seed(0)
+    model = build_model("mcan_tiny", 30, 7, hidden_size=16, num_layers=1).eval()
+    old_options = {**dataclasses.asdict(model.options), "grid_channels": [8, 16]}
+    old_options.pop("packing")  # older still: packed_attention, before packing existed
+    old_options["packed_attention"] = False
+    spec = {"model": {"name": "mcan_tiny", "options": old_options},
+            "context": {"vocab_size": 30, "num_answers": 7}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(spec))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    again = load_export(tmp_path)
+    assert dataclasses.replace(again.options, packed_attention=None) == model.options
+    batch = region_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), model(batch))
+
+
+def test_options_pickled_as_mcan_config_load():
+    """A pickle naming ``vlcompress.models.mcan.MCANConfig`` (written before the rename)."""
+    import pickle
+
+    from vlcompress.models.mcan import MCANOptions
+
+    text = pickle.dumps(MCANOptions(hidden_size=16, num_heads=4), protocol=0)
+    old = text.replace(b"\nMCANOptions\n", b"\nMCANConfig\n")
+    assert old != text
+    with pytest.deprecated_call():
+        assert pickle.loads(old) == MCANOptions(hidden_size=16, num_heads=4)

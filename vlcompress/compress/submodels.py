@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlcompress.compress.slimmable import Slimmable, Submodel, config_attribute, logits_in
+from vlcompress.compress.slimmable import Slimmable, Submodel, logits_in
+from vlcompress.models.contract import options_of
 
 __all__ = [
     "BUDGET_KEYS",
@@ -272,8 +273,8 @@ def save_export(
     """Write an exported submodel as its own folder (atomically per file).
 
     Args:
-        model: the exported (physically smaller) model; its ``config`` (a dataclass) holds the
-            options that rebuild it.
+        model: the exported (physically smaller) model; its ``options`` (a dataclass,
+            :func:`vlcompress.models.contract.options_of`) rebuild it.
         folder: where to write.
         model_name: its registry name (e.g. ``mcan_small``).
         context: the builder's context arguments (``vocab_size``, ``num_answers``).
@@ -292,24 +293,23 @@ def save_export(
         The folder.
 
     Raises:
-        TypeError: for a model without a dataclass ``config``.
+        TypeError: for a model without dataclass ``options``.
         ValueError: for ``inputs`` without the answers or the question encoding.
     """
     from omegaconf import OmegaConf
 
     from vlcompress.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-    attr = config_attribute(model)
-    if attr is None:
+    model_options = options_of(model)
+    if model_options is None:
         raise TypeError(
-            f"save_export needs a model with dataclass options (ours: .config / .options); "
-            f"{type(model).__name__} has none: save its state_dict and rebuild it with its own "
-            "library instead."
+            f"save_export needs a model with dataclass options (a registered model's "
+            f".options); {type(model).__name__} has none: save its state_dict and rebuild it "
+            "with its own library instead."
         )
-    config = getattr(model, attr)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    options = _plain(asdict(config))
+    options = _plain(asdict(model_options))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     data = buffer.getvalue()

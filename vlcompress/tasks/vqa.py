@@ -19,6 +19,7 @@ from vlcompress.config.validate import lr_scale_problems
 from vlcompress.data.batch import VLBatch
 from vlcompress.losses.base import LossContext, VQALoss
 from vlcompress.metrics import ANSWER_TYPES, VQAAccuracy
+from vlcompress.models import contract
 
 
 def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
@@ -58,7 +59,9 @@ class VQATask(L.LightningModule):
     """Train and evaluate a VQA model: soft-score targets, a loss, the official accuracy.
 
     Args:
-        model: any module mapping a :class:`VLBatch` to answer logits ``(B, len(answers))``.
+        model: a :class:`~vlcompress.models.contract.VQAModel` (every registered model), or any
+            module mapping a :class:`VLBatch` to answer logits ``(B, len(answers))``; what such
+            a module does not declare takes the defaults of :mod:`vlcompress.models.contract`.
         answers: answer strings in the model's output order.
         loss: a registered loss name (``bce``, ``ce``, ...) or a :class:`VQALoss`; it is set up
             with the answer count, the question-type prior and the model's ``pooled_dim`` and
@@ -72,9 +75,10 @@ class VQATask(L.LightningModule):
             data module (debiasing losses need it).
 
     The model maps a batch to logits; a model with ``returns_extras = True`` also accepts
-    ``model(batch, return_extras=True) -> (logits, extras)``, and the extras (e.g. ``pooled``)
-    reach the loss. Either way the model is called through ``nn.Module.__call__`` (its hooks
-    fire, a compiled model stays compiled).
+    ``model(batch, return_extras=True) -> (logits, extras)``, and the extras (``pooled``,
+    ``question``: :data:`~vlcompress.models.contract.EXTRAS`) reach the loss. Either way the
+    model is called through ``nn.Module.__call__`` (its hooks fire, a compiled model stays
+    compiled).
 
     Attributes:
         init_checkpoint: the previous stage's checkpoint when the run started from one
@@ -113,8 +117,8 @@ class VQATask(L.LightningModule):
                 num_answers=len(self.answers),
                 question_types=list(question_types or []),
                 question_type_prior=question_type_prior,
-                pooled_dim=getattr(model, "pooled_dim", None),
-                question_dim=getattr(model, "question_dim", None),
+                pooled_dim=contract.pooled_dim(model),
+                question_dim=contract.question_dim(model),
             )
         )
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-4, **(optimizer or {})}
@@ -129,10 +133,9 @@ class VQATask(L.LightningModule):
         return self.model(batch)
 
     def forward_extras(self, batch: VLBatch) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Answer logits and the model's extra outputs (empty if it has none)."""
-        if getattr(self.model, "returns_extras", False):
-            return self.model(batch, return_extras=True)
-        return self.model(batch), {}
+        """Answer logits and the model's extra outputs (empty if it has none;
+        :func:`vlcompress.models.contract.forward_extras`)."""
+        return contract.forward_extras(self.model, batch)
 
     def decode(self, logits: torch.Tensor) -> list[str]:
         """Predicted answer strings."""
