@@ -33,6 +33,15 @@ def test_own_project_example_runs(tmp_path):
     assert "100.0%" in out or "100%" in out  # the coverage report
 
 
+def test_own_project_adapter_example_runs(tmp_path):
+    (tmp_path / "ex.py").write_text(_example("own-project") + _example("own-project-adapter"))
+    proc = subprocess.run(
+        [sys.executable, "ex.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "True ['adapter.0.bias', 'adapter.0.weight']" in proc.stdout
+
+
 def test_own_project_slimmable_example_runs(tmp_path):
     out = _run_example("own-project-slimmable", tmp_path)
     rows = re.findall(r"^(w\S+): accuracy ([\d.]+), ([\d,]+) parameters$", out, re.M)
