@@ -49,6 +49,7 @@ from torch import nn
 
 from vlcompress.models.anatomy import Anatomy, SlimSpec, anatomy_of
 from vlcompress.models.anatomy.specs import scaled
+from vlcompress.models.contract import options_of
 
 __all__ = [
     "TRIANGLE",
@@ -586,10 +587,10 @@ class Slimmable:
         _update_hf_config(copied, self.anatomy, submodel, kept)
         counts = {len(v) for v in kept.values()}
         options = getattr(copied, "slimmed_options", None)
-        attr = config_attribute(copied)
-        if options is not None and len(counts) == 1 and attr is not None:
+        current = options_of(copied)
+        if options is not None and len(counts) == 1 and current is not None:
             new = options(submodel.width, next(iter(counts)))
-            setattr(copied, attr, dataclasses.replace(getattr(copied, attr), **new))
+            copied.options = dataclasses.replace(current, **new)
 
 
 _HOOKS = (
@@ -621,15 +622,6 @@ def _copy_without_hooks(model: nn.Module) -> nn.Module:
     finally:
         for m, hooks in saved:
             m.__dict__.update(hooks)
-
-
-def config_attribute(model: nn.Module) -> str | None:
-    """The attribute holding a model's dataclass options (``config`` or ``options``), if any:
-    what rebuilds it through the registry."""
-    for attr in ("config", "options"):
-        if dataclasses.is_dataclass(model.__dict__.get(attr)):
-            return attr
-    return None
 
 
 def _default_spec(anatomy: Anatomy) -> SlimSpec:
