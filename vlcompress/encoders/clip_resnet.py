@@ -216,7 +216,8 @@ def load_openai_clip_visual(visual: nn.Module, path: str | Path, encoder: str = 
     if any(k.startswith("visual.transformer.") for k in raw):
         raise ValueError(
             f"{where} holds a CLIP ViT image encoder; this loader reads the ResNet ones "
-            f"({', '.join(_OPENAI_FILES.values())})."
+            f"({', '.join(_OPENAI_FILES.values())}); load it with "
+            "vlcompress.encoders.load_openai_clip_vit (or build_encoder('clip_vit', path))."
         )
     shape = _openai_resnet_shape(raw)
     ours = visual.state_dict()
