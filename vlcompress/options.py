@@ -196,7 +196,7 @@ def check_fields(obj: Any) -> None:
 
     Example::
 
-        check_fields(MCANOptions(packing="stak"))
+        MCANOptions(packing="stak")  # its __post_init__ calls check_fields(self):
         # ValueError: MCANOptions: packing: 'stak' is not one of ['padded', 'attention',
         # 'stack']; did you mean 'stack'?
     """

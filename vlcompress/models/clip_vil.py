@@ -87,6 +87,7 @@ __all__ = [
     "CLIP_STD",
     "CLIPViL",
     "CLIP_VIL_VARIANTS",
+    "ClipEncoderName",
     "ClipGridEmbeddings",
     "ClipVilModel",
     "ClipVilOptions",

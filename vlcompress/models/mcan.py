@@ -35,7 +35,18 @@ from vlcompress.models.anatomy import (
 from vlcompress.models.anatomy.specs import scaled
 from vlcompress.options import ModelOptions, in_range, positive, probability
 
-__all__ = ["MCAN", "MCAN_VARIANTS", "MCANOptions"]
+__all__ = [
+    "MCAN",
+    "MCAN_VARIANTS",
+    "AttFlat",
+    "FeedForward",
+    "GridStem",
+    "MCANOptions",
+    "MultiHeadAttention",
+    "RegionInput",
+    "SALayer",
+    "SGALayer",
+]
 
 
 @dataclass(frozen=True)
