@@ -29,6 +29,7 @@ from torch import nn
 
 from vlcompress.data.batch import VLBatch
 from vlcompress.models.anatomy import Anatomy
+from vlcompress.options import ModelOptions
 
 __all__ = [
     "EXTRAS",
@@ -60,9 +61,9 @@ class VQAModel(Protocol):
     """What every registered base VQA model offers (``isinstance(model, VQAModel)`` checks
     that each member is present; the registry tests also check shapes and types).
 
-    It is an ``nn.Module``: called as ``model(batch)`` (through ``nn.Module.__call__``, so hooks
-    fire and a compiled model stays compiled), with a ``state_dict`` whose keys do not depend
-    on the options beyond the sizes.
+    It is an ``nn.Module``, called as ``model(batch)`` (through ``nn.Module.__call__``, so hooks
+    fire and a compiled model stays compiled); its weights are its ``state_dict``, nothing
+    else (the options are not stored in it: they are rebuilt from ``options``).
 
     Attributes:
         options: the frozen options dataclass it was built from (a
@@ -83,7 +84,7 @@ class VQAModel(Protocol):
             return f"{type(model).__name__}: {model.num_answers} answers, {model.options}"
     """
 
-    options: Any
+    options: ModelOptions
     vocab_size: int
     num_answers: int
     returns_extras: bool
