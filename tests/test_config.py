@@ -60,9 +60,25 @@ def test_component_options_and_cross_field_checks_reported_together():
         "callbacks[0].options: callback 'finite_loss_guard' takes no options; got ['bogus']" in text
     )
     assert "loss.options: loss 'bce' takes no options; got ['gamma']" in text
-    # The model's own cross-field check (__post_init__) runs at validation time.
+    # The model's own cross-field check (ModelOptions.check) runs at validation time.
     assert "model.options: MCAN hidden_size (100) must be divisible by num_heads (8)" in text
     assert "task.options: task 'vqa' takes no options; got ['x']" in text
+
+
+def test_a_mistyped_model_choice_names_the_field_and_the_allowed_values():
+    """Model options declare their choices with ``Literal`` (one way); the message names the
+    field and every allowed value."""
+    with pytest.raises(ConfigError) as e:
+        load_experiment(
+            "uniter_mini_easy_vqa",
+            ["model.options.language_init=minlm", "model.options.missing_boxes=zero"],
+        )
+    text = "\n".join(e.value.errors)
+    assert len(e.value.errors) == 2, text
+    assert (
+        "model.options.language_init: expected one of 'random', 'minilm', got str 'minlm'" in text
+    )
+    assert "model.options.missing_boxes: expected one of 'error', 'zeros', got str 'zero'" in text
 
 
 @pytest.mark.parametrize(
