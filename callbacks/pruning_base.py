@@ -26,6 +26,7 @@ from vlcompress.compress.pruning import (
     parse_sparsity,
     sparsity_report,
 )
+from vlcompress.models.contract import overall_rate_weights
 
 __all__ = ["PruningCallback", "pack_mask", "unpack_mask"]
 
@@ -130,7 +131,7 @@ class PruningCallback(CompressionCallback):
             self.targets = collect_targets(
                 self.model, self.anatomy, self.sparsity, self.include, self.exclude
             )
-            self._overall_rate(getattr(self.model, "overall_rate_weights", ()))
+            self._overall_rate(overall_rate_weights(self.model))
             n = sum(t.numel for t in self.targets)
             if self.is_global_zero:
                 log.info(

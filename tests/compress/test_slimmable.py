@@ -130,12 +130,12 @@ def test_export_rebuilds_from_its_config():
     slim = Slimmable(m)
     sub = Submodel(0.5, 1 / 3)
     small = slim.export(sub, b)
-    fresh = build_model("mcan_tiny", 30, 7, **dataclasses.asdict(small.config)).eval()
+    fresh = build_model("mcan_tiny", 30, 7, **dataclasses.asdict(small.options)).eval()
     fresh.load_state_dict(small.state_dict())
     with slim.submodel(sub):
         torch.testing.assert_close(fresh(b), m(b), rtol=0, atol=0)
-    assert fresh.config.hidden_size == 16 and fresh.config.num_layers == 2
-    assert fresh.config.lstm_size == 32
+    assert fresh.options.hidden_size == 16 and fresh.options.num_layers == 2
+    assert fresh.options.lstm_size == 32
 
 
 def test_mcan_without_adapters_slims_depth_only():

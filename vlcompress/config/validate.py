@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlcompress import registry
 from vlcompress.config.schema import COMPONENT_SECTIONS, ComponentConfig, ExperimentConfig
-from vlcompress.options import field_problem
+from vlcompress.options import closest, field_problem, literal_choices
 
 __all__ = ["ConfigError", "validate", "validate_component"]
 
@@ -135,8 +135,10 @@ def _validate(cls: type, data: Any, path: str, errors: list[str]) -> None:
             _validate(tp, value, f"{where}.", errors)
             continue
         if not _check_type(value, tp):
+            allowed = literal_choices(tp)
+            hint = closest(value, allowed) if allowed is not None else ""
             errors.append(
-                f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+                f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}"
             )
             continue
         problem = field_problem(f.metadata, value)

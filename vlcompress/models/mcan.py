@@ -52,8 +52,9 @@ __all__ = [
 @dataclass(frozen=True)
 class MCANOptions(ModelOptions):
     """Sizes and inputs of an MCAN model (see :data:`MCAN_VARIANTS`); the model keeps it as
-    ``model.options`` (it was ``MCANConfig`` / ``model.config`` before; both names still work,
-    deprecated).
+    ``model.options`` (it was ``MCANConfig`` / ``model.config`` before: ``MCANConfig`` still
+    imports, deprecated, and a model pickled with ``config`` still loads; ``model.config`` is
+    gone, since generic code reads it as a Hugging Face configuration).
 
     Attributes:
         hidden_size: width of every layer (divisible by ``num_heads``).
@@ -402,15 +403,6 @@ class MCAN(nn.Module):
         self.classifier = nn.Linear(c.flat_out_size, num_answers)
         self.pooled_dim = c.flat_out_size
         self.question_dim = c.flat_out_size
-
-    @property
-    def config(self) -> MCANOptions:
-        """Deprecated: the options are ``model.options`` (``config`` is Hugging Face's name for
-        its own configuration object, which generic code reads)."""
-        warnings.warn(
-            "MCAN.config is deprecated; use MCAN.options", DeprecationWarning, stacklevel=2
-        )
-        return self.options
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle, also an MCAN pickled before its options moved from ``config`` to

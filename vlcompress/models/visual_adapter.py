@@ -20,13 +20,14 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from vlcompress.data.batch import VLBatch
 from vlcompress.models.mcan import GridStem
-from vlcompress.options import choices, in_range
+from vlcompress.options import in_range, positive
 
 __all__ = ["GridRegionAdapter", "PixelInputOptions", "grid_boxes", "grid_side", "region_inputs"]
 
@@ -144,10 +145,10 @@ class PixelInputOptions:
             (each channel entry is a conv stage halving the image side).
     """
 
-    visual_input: str = field(default="regions", metadata=choices("regions", "pixels"))
+    visual_input: Literal["regions", "pixels"] = "regions"
     adapter_channels: tuple[int, ...] = (32, 64, 128, 256)
     adapter_context_layers: int = field(default=2, metadata=in_range(0))
-    image_size: int = field(default=64, metadata=in_range(1))
+    image_size: int = positive(64)
 
     def check_adapter(self, model: str) -> None:
         """Check the adapter's options.
