@@ -6,6 +6,7 @@ with 1 and 2 processes."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,22 @@ from callback_toys import AdapterDistiller, LightningToy, trainer_kwargs
 RUN = Path(__file__).with_name("owned_resume_run.py")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _start(package: str, devices: int, out: Path, phase: str) -> subprocess.Popen:
+    """One phase in its own process, on its own port (two DDP phases run side by side)."""
     out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONHASHSEED": "0", "MASTER_PORT": str(_free_port())}
     return subprocess.Popen(
         [sys.executable, str(RUN), package, str(devices), str(out), phase],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env=env,
     )
 
 
@@ -57,10 +66,11 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, package, devices):
     killed = _start(package, devices, tmp_path / "kr", "killed")
     code, err = _wait(full)
     assert code == 0, err[-3000:]
-    code, _ = _wait(killed)
+    code, err = _wait(killed)
     assert code != 0  # SIGKILL at step 4: nothing after it ran
     steps_per_epoch = 3 // devices + (3 % devices > 0)  # 12 examples, batch 4, per rank
-    assert (tmp_path / "kr" / "ckpt" / f"epoch=0-step={steps_per_epoch}.ckpt").is_file()
+    saved = tmp_path / "kr" / "ckpt" / f"epoch=0-step={steps_per_epoch}.ckpt"
+    assert saved.is_file(), err[-3000:]
     assert not list((tmp_path / "kr").glob("killed_rank*.pt"))
     code, err = _wait(_start(package, devices, tmp_path / "kr", "resume"))
     assert code == 0, err[-3000:]
