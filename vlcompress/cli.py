@@ -26,7 +26,9 @@ CLIP_GRID = "clip-grid"
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    """A rich table of a run's results."""
+    """A rich table of a run's results (with the blind-model check: does it read the image?)."""
+    from vlcompress.metrics.blind import blind_text
+
     table = Table(title=f"results: {results.get('experiment')} ({results.get('model')})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -51,6 +53,11 @@ def results_table(results: dict[str, Any]) -> Table:
             "blind baselines (whole test split): prior / anti-prior",
             f"{data['prior_baseline']:.4f} / {data['anti_prior_baseline']:.4f}",
         )
+    blind = results.get("blind")
+    if blind:
+        text = blind_text(blind)
+        style = "red" if blind["answers_without_image"] else "green"
+        table.add_row(f"[{style}]reads the image?[/{style}]", f"[{style}]{text}[/{style}]")
     for metric, value in results.get("callback_rows", []):
         table.add_row(metric, value)
     p = results.get("parameters", {})

@@ -42,6 +42,7 @@ from vlcompress.cluster.environment import (
 )
 from vlcompress.config import ComponentConfig, ConfigError, ExperimentConfig
 from vlcompress.data.contract import check_data_contract
+from vlcompress.metrics.blind import BLIND_MARGIN, blind_check
 from vlcompress.preflight import preflight
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
 from vlcompress.utils.csv_history import HistoryCSVLogger
@@ -532,18 +533,29 @@ def collect_results(
     baselines, callback sections, costs, wall time, how training ended, environment."""
     sample = next(iter(dm.val_dataloader()))
     best_score = trainer.checkpoint_callback.best_model_score
+    data = {
+        "name": cfg.data.name,
+        "split": dm.split_report.get("split"),
+        **dm.split_report.get("sizes", {}),
+        "mean_tv_distance": dm.split_report.get("mean_tv_distance"),
+        "prior_baseline": dm.split_report.get("prior_baseline"),
+        "anti_prior_baseline": dm.split_report.get("anti_prior_baseline"),
+        "blind_balanced_baseline": dm.split_report.get("blind_balanced_baseline"),
+    }
+    blind = blind_check(task.test_report or {}, data)
+    if blind and blind["answers_without_image"]:
+        log.warning(
+            "%s: this run answers without the image: its balanced accuracy %.3f is within %.2f "
+            "of what a constant answer per question type reaches (%.3f); its accuracy comes "
+            "from the question alone",
+            cfg.name, blind["balanced_accuracy"], BLIND_MARGIN, blind["blind_balanced_baseline"],
+        )  # fmt: skip
     return {
         "experiment": cfg.name,
         "model": cfg.model.name,
-        "data": {
-            "name": cfg.data.name,
-            "split": dm.split_report.get("split"),
-            **dm.split_report.get("sizes", {}),
-            "mean_tv_distance": dm.split_report.get("mean_tv_distance"),
-            "prior_baseline": dm.split_report.get("prior_baseline"),
-            "anti_prior_baseline": dm.split_report.get("anti_prior_baseline"),
-        },
+        "data": data,
         "test": task.test_report,
+        "blind": blind,
         "callbacks": collect_reports(trainer.callbacks),
         "callback_rows": [list(r) for r in collect_report_rows(trainer.callbacks)],
         "best_val_accuracy": float(best_score) if best_score is not None else None,

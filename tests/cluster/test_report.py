@@ -48,6 +48,8 @@ def _fake_sweep(folder, manifest=True):
                 (d / "config.yaml").write_text(yaml.safe_dump(cfg))
                 if (lr, opt, seed) in ACC:
                     res = {"test": {"accuracy": ACC[lr, opt, seed]}, "best_val_accuracy": 0.9}
+                    if opt == "sgd":  # the sgd runs answer from the question alone
+                        res["blind"] = {"answers_without_image": True}
                     atomic_write_json(d / "results.json", res)
     if manifest:
         atomic_write_json(
@@ -96,13 +98,19 @@ def test_files_table_and_plots(tmp_path, capsys):
     with (tmp_path / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows[0].keys() == {"optim.lr", "optim.name", "n", "mean", "std", "min", "max",
-                              "per_seed", "missing"}  # fmt: skip
+                              "per_seed", "missing", "answers_blind"}  # fmt: skip
     adam = next(r for r in rows if r["optim.lr"] == "0.001" and r["optim.name"] == "adam")
     assert float(adam["mean"]) == pytest.approx(0.6) and float(adam["std"]) == pytest.approx(0.1)
     assert json.loads(adam["per_seed"]) == {"0": 0.5, "1": 0.6, "2": 0.7}
     md = (tmp_path / "report.md").read_text()
     assert "| optim.lr | optim.name | n | mean | std |" in md
     assert "## Points without a result (4)" in md
+    # runs that answer without the image are flagged, per group, with the legend
+    assert "| 0.001 | sgd | 2 | 0.2500 |" in md and "| BLIND 2/3 |" in md
+    assert md.count("BLIND ") == 3 and "BLIND k/n: k of the group's n runs answer" in md
+    assert {r["optim.name"]: r["answers_blind"] for r in rows if r["optim.lr"] == "0.001"} == {
+        "adam": "0", "sgd": "2"
+    }  # fmt: skip
     for key in ("optim.lr", "optim.name"):
         png = tmp_path / f"report_test.accuracy_vs_{key}.png"
         assert png.read_bytes()[:4] == b"\x89PNG", key

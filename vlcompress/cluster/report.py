@@ -188,14 +188,16 @@ def build_report(sweep_dir: str | Path, metric: str | None = None) -> Report:
         else:
             problem = None
         p["metric"] = float(value) if value is not None else None
+        blind = (results or {}).get("blind") or {}
         report.points.append(p)
         if problem:
             report.problems.append(f"{p['name']}: {problem.splitlines()[0]}")
         gvals = {k: (p.get("group") or p["values"]).get(k) for k in keys}
         g = groups.setdefault(
             json.dumps(gvals, sort_keys=True, default=str),
-            {"values": gvals, "per_seed": {}, "missing": 0, "_vals": []},
+            {"values": gvals, "per_seed": {}, "missing": 0, "_vals": [], "blind": 0},
         )
+        g["blind"] += bool(blind.get("answers_without_image"))
         if p["metric"] is None:
             g["missing"] += 1
         else:
@@ -214,7 +216,13 @@ def build_report(sweep_dir: str | Path, metric: str | None = None) -> Report:
 
 
 def _header(report: Report) -> list[str]:
-    return [*report.keys, "n", "mean", "std", "min", "max", "per seed", "missing"]
+    return [*report.keys, "n", "mean", "std", "min", "max", "per seed", "missing", "image"]
+
+
+def _image_cell(row: dict[str, Any]) -> str:
+    """``"BLIND k/n"`` when k of the group's runs answer without the image (their balanced
+    accuracy within ``BLIND_MARGIN`` of a constant answer per type), else empty."""
+    return f"BLIND {row['blind']}/{row['n'] + row['missing']}" if row.get("blind") else ""
 
 
 def _cells(report: Report, row: dict[str, Any]) -> list[str]:
@@ -228,6 +236,7 @@ def _cells(report: Report, row: dict[str, Any]) -> list[str]:
         _num(row["max"]),
         per_seed,
         str(row["missing"]),
+        _image_cell(row),
     ]
 
 
@@ -246,10 +255,22 @@ def report_table(report: Report) -> Any:
         title=f"sweep {report.sweep_dir}: {report.metric}"
         + (f" (mean ± std over {report.seed_key}s)" if report.seed_key else "")
     )
-    for h in _header(report):
+    blind = [row for row in report.rows if row.get("blind")]
+    for h in _header(report)[:-1]:  # runs without the image: marked on the mean (width)
         table.add_column(h, justify="left" if h in report.keys or h == "per seed" else "right")
     for row in report.rows:
-        table.add_row(*_cells(report, row))
+        cells = _cells(report, row)[:-1]
+        if row.get("blind"):
+            mean = len(report.keys) + 1
+            cells[mean] = f"[red]{cells[mean]} ({_image_cell(row)})[/red]"
+        table.add_row(*cells)
+    if blind:
+        from vlcompress.metrics.blind import BLIND_MARGIN
+
+        table.caption = (
+            f"BLIND k/n: k of the group's n runs answer without the image (balanced accuracy "
+            f"within {BLIND_MARGIN} of a constant answer per question type)"
+        )
     return table
 
 
@@ -268,6 +289,15 @@ def _markdown(report: Report, title: str = "# Sweep report") -> str:
     ]
     for row in report.rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(report, row)) + " |")
+    if any(row.get("blind") for row in report.rows):
+        from vlcompress.metrics.blind import BLIND_MARGIN
+
+        lines += [
+            "",
+            "BLIND k/n: k of the group's n runs answer without the image (balanced accuracy "
+            f"within {BLIND_MARGIN} of a constant answer per question type); their numbers "
+            "come from the question alone.",
+        ]
     if report.problems:
         sub = "#" * (len(title) - len(title.lstrip("#")) + 1)
         lines += ["", f"{sub} Points without a result ({len(report.problems)})", ""]
@@ -278,7 +308,9 @@ def _markdown(report: Report, title: str = "# Sweep report") -> str:
 def _csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow([*report.keys, "n", "mean", "std", "min", "max", "per_seed", "missing"])
+    w.writerow(
+        [*report.keys, "n", "mean", "std", "min", "max", "per_seed", "missing", "answers_blind"]
+    )
     for row in report.rows:
         w.writerow(
             [
@@ -290,6 +322,7 @@ def _csv(report: Report) -> str:
                 "" if row["max"] is None else repr(row["max"]),
                 json.dumps(row["per_seed"]),
                 row["missing"],
+                row.get("blind", 0),
             ]
         )
     return buf.getvalue()

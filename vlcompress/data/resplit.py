@@ -114,6 +114,11 @@ def answer_distribution_report(
     test questions whose majority answer they match (the soft VQA score differs only for
     questions with disagreeing annotators).
 
+    A third baseline is balanced: any constant answer per type scores ``1 / k`` of the balanced
+    accuracy on a type with ``k`` test answers (``constant_balanced_baseline`` per type; their
+    mean over types is ``blind_balanced_baseline``, what :func:`vlcompress.metrics.blind_check`
+    compares a run's balanced accuracy with).
+
     Args:
         question_types, answers: per question.
         index: question indices per part (``train``, ``val``, ``test``).
@@ -138,14 +143,22 @@ def answer_distribution_report(
                 entry[f"{name}_answer"] = ans
                 entry[f"{name}_baseline"] = dist["test"].get(ans, 0.0)
                 hits[name] += counts["test"].get(ans, 0)
+        if counts["test"]:
+            entry["constant_balanced_baseline"] = 1.0 / len(counts["test"])
         n_test += sum(counts["test"].values())
         per_type[qt] = entry
     tvs = [v["tv_distance"] for v in per_type.values()]
+    constant = [
+        v["constant_balanced_baseline"]
+        for v in per_type.values()
+        if "constant_balanced_baseline" in v
+    ]
     return {
         "split": split,
         "sizes": {k: int(len(v)) for k, v in index.items()},
         "mean_tv_distance": float(np.mean(tvs)) if tvs else 0.0,
         "prior_baseline": hits["prior"] / n_test if n_test else 0.0,
         "anti_prior_baseline": hits["anti_prior"] / n_test if n_test else 0.0,
+        "blind_balanced_baseline": float(np.mean(constant)) if constant else None,
         "per_question_type": per_type,
     }
