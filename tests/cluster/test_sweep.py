@@ -287,7 +287,7 @@ def test_local_sweep_failure_resubmission_resume_and_report(tmp_path, monkeypatc
         assert f"{(a + b) / 2:.4f}" in printed
     written = write_report(report)
     csv_text = (out / "report.csv").read_text()
-    assert csv_text.splitlines()[0] == "optim.lr,n,mean,std,min,max,per_seed,missing"
+    assert csv_text.splitlines()[0] == "optim.lr,n,mean,std,min,max,per_seed,missing,answers_blind"
     assert "| optim.lr | n | mean | std |" in (out / "report.md").read_text()
     assert [p.name for p in written["png"]] == ["report_test.accuracy_vs_optim.lr.png"]
     assert written["png"][0].read_bytes()[:4] == b"\x89PNG"
