@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlcompress.encoders._checkpoint import tensor_state
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_RESNETS",
@@ -148,14 +150,10 @@ def _read_openai_checkpoint(file: Path) -> dict[str, torch.Tensor]:
             raw: Any = torch.jit.load(str(file), map_location="cpu").state_dict()
     else:
         raw = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping):
-        raise ValueError(
-            f"{str(file)!r} is not a CLIP checkpoint: expected a TorchScript archive or a dict "
-            f"of tensors with keys visual.*, found a {type(raw).__name__}."
-        )
-    return {str(k).removeprefix("module."): v for k, v in raw.items() if torch.is_tensor(v)}
+    return tensor_state(
+        raw, file, "a CLIP checkpoint",
+        "a TorchScript archive or a dict of tensors with keys visual.*",
+    )  # fmt: skip
 
 
 def _openai_resnet_shape(state: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], int]:

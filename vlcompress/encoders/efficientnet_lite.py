@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlcompress.encoders._checkpoint import tensor_state
+
 __all__ = [
     "EFFICIENTNET_LITE0_FEATURES",
     "EFFICIENTNET_LITE0_IMAGE_SIZE",
@@ -209,14 +211,7 @@ def _read_checkpoint(file: Path) -> dict[str, torch.Tensor]:
             f"{str(file)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
             f"expected the state dict of EfficientNet-Lite0 (`{_INSTALL}` ships one)."
         ) from e
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping):
-        raise ValueError(
-            f"{str(file)!r} is not an EfficientNet-Lite0 checkpoint: expected a dict of "
-            f"tensors, found a {type(raw).__name__}."
-        )
-    return {str(k).removeprefix("module."): v for k, v in raw.items() if torch.is_tensor(v)}
+    return tensor_state(raw, file, "an EfficientNet-Lite0 checkpoint", "a dict of tensors")
 
 
 def load_efficientnet_lite0(
