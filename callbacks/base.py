@@ -716,9 +716,8 @@ class CompressionCallback(*CALLBACK_BASES):
 
         Args:
             what: a short description (``"head masks"``).
-            undo: a handle with ``remove()`` (hook and mask handles), an object with
-                ``detach()`` (a ``Slimmable``), or a function; a list of handles is recorded
-                one by one.
+            undo: a handle with ``remove()`` (hook and mask handles) or a function (e.g.
+                ``slimmable.detach``); a list of handles is recorded one by one.
         """
         if isinstance(undo, list):
             return self.effects.add_all(what, undo)

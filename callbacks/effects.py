@@ -60,22 +60,20 @@ class Effects:
 
         Args:
             what: a short description (shown by :meth:`describe` and in debug logs).
-            undo: a handle with ``remove()`` (hook handles, mask handles), an object with
-                ``detach()`` (a ``Slimmable``), or a function that undoes the effect.
+            undo: a handle with ``remove()`` (hook handles, mask handles) or a function that
+                undoes the effect (e.g. ``slimmable.detach``).
 
         Raises:
-            TypeError: ``undo`` is none of these.
+            TypeError: ``undo`` is neither.
         """
         if callable(getattr(undo, "remove", None)):
             fn = undo.remove
-        elif callable(getattr(undo, "detach", None)) and not callable(undo):
-            fn = undo.detach
         elif callable(undo):
             fn = undo
         else:
             raise TypeError(
-                f"{self.owner}: an effect needs a handle with remove(), an object with "
-                f"detach() or an undo function; got {type(undo).__name__} for {what!r}"
+                f"{self.owner}: an effect needs a handle with remove() or an undo function; "
+                f"got {type(undo).__name__} for {what!r}"
             )
         self._undo.append((what, fn))
         return undo
