@@ -25,6 +25,7 @@ from vlcompress.callbacks.magnitude_pruning import MagnitudePruning, masks_in_ch
 from vlcompress.callbacks.mask_training import MaskTraining
 from vlcompress.callbacks.pruning_base import PruningCallback
 from vlcompress.callbacks.slimmable_training import SlimmableTraining, distillation_loss
+from vlcompress.callbacks.staged_freeze import StagedFreeze, modality_parameters
 from vlcompress.callbacks.structured_pruning import StructuredPruning
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "NonFiniteLossError",
     "PruningCallback",
     "SlimmableTraining",
+    "StagedFreeze",
     "StructuredPruning",
     "collect_report_rows",
     "collect_reports",
     "distillation_loss",
     "masks_in_checkpoint",
+    "modality_parameters",
 ]
