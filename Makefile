@@ -19,7 +19,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: help venv train validate list test test-cluster lint format clean bench sweep report prepare
+.PHONY: help venv train validate list test test-cluster lint format clean bench sweep report prepare backbones
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ venv: $(STAMP) ## create or refresh the virtual environment (.venv)
 
 train: $(STAMP) ## run an experiment: make train EXP=<name> ARGS="key=value ..." (default: MCAN on easy-VQA)
 	$(PY) -m vlcompress train $(EXP) $(ARGS)
+
+backbones: $(STAMP) ## train the pretrained backbones (experiments/backbones/) not finished yet; ARGS="--list" shows them
+	$(PY) -m vlcompress backbones $(ARGS)
 
 validate: $(STAMP) ## validate an experiment's configuration without running it
 	$(PY) -m vlcompress validate $(EXP) $(ARGS)

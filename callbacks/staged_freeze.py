@@ -8,7 +8,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from vlcompress.callbacks.base import CompressionCallback
@@ -186,4 +185,3 @@ class StagedFreeze(CompressionCallback):
         what = "+".join(m.value for m in self.modalities)
         at = "never" if self.unfrozen_at is None else f"step {self.unfrozen_at}"
         return [(f"frozen {what}", f"until {at}")]
-

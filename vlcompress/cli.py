@@ -197,6 +197,48 @@ def _convert(what: str, run: Any) -> int:
     return 0
 
 
+def backbones_table() -> Table:
+    """Every backbone recipe: its state, accuracy and balanced accuracy next to both blind
+    baselines (a constant answer per question type: its accuracy, its balanced accuracy)."""
+    from vlcompress.backbones import backbone_names, backbone_status
+
+    table = Table(title="pretrained backbones (experiments/backbones/)")
+    for col in ("backbone", "state", "accuracy", "balanced", "blind acc / bal", "sees", "min"):
+        table.add_column(col)
+    fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for name in backbone_names():
+        st = backbone_status(name)
+        r = st.row()
+        sees = {None: "-", True: "BLIND", False: "yes"}[r["answers_without_image"]]
+        state = st.state + (" (resumable)" if st.state == "unfinished" and st.resumable else "")
+        blind = f"{fmt(r['prior_baseline'])} / {fmt(r['blind_balanced_baseline'])}"
+        table.add_row(
+            name, state, fmt(r["accuracy"]), fmt(r["balanced_accuracy"]), blind, sees,
+            fmt(r["train_minutes"], 0),
+        )  # fmt: skip
+    return table
+
+
+def _backbones_command(args: argparse.Namespace, console: Console) -> int:
+    from vlcompress.backbones import build_backbones
+
+    overrides = [n for n in args.names if "=" in n]
+    names = [n for n in args.names if "=" not in n]
+    if not args.list:
+        try:
+            done = build_backbones(names, overrides, dry_run=args.dry_run)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name, what in done:
+            console.print(f"{name}: {what}")
+        if any(what.startswith("failed") for _, what in done):
+            console.print(backbones_table())
+            return 1
+    console.print(backbones_table())
+    return 0
+
+
 def _export_command(args: argparse.Namespace, console: Console) -> int:
     """``export``: profile a slimmable run's submodels and / or export one (exit 1 for bad
     inputs, with one ``error:`` line)."""
@@ -331,6 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     grid.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     grid.add_argument("--workers", type=int, default=None, help="image reading threads")
+    bb = sub.add_parser(
+        "backbones",
+        help="train the pretrained backbones of experiments/backbones/ not finished yet "
+        "(init_from=backbone:<name> starts from one); --list shows them",
+    )
+    bb.add_argument(
+        "names",
+        nargs="*",
+        help="backbones to build (default: all), and key=value overrides for every run",
+    )
+    bb.add_argument("--list", action="store_true", help="only show each backbone's state")
+    bb.add_argument("--dry-run", action="store_true", help="only say what would run")
     exp = sub.add_parser(
         "export", help="submodels of a slimmable run: cost table (--table) and / or an export"
     )
@@ -373,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_command(args)
     if args.command == "export":
         return _export_command(args, console)
+    if args.command == "backbones":
+        return _backbones_command(args, console)
     if args.command == "list":
         if args.what == "experiments":
             for name in list_experiments():

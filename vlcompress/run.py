@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vlcompress import registry
+from vlcompress.backbones import backbone_output_dir
 from vlcompress.callbacks import FiniteLossGuard, collect_report_rows, collect_reports
 from vlcompress.cluster.environment import (
     RUN_DIR_ENV,
@@ -184,7 +185,8 @@ def stop_report(trainer: L.Trainer, trainer_cfg: Any) -> dict[str, Any]:
 
 
 def resolve_output_dir(cfg: ExperimentConfig) -> Path:
-    """The run folder, the same on every rank of one launch: ``output_dir``; else the folder
+    """The run folder, the same on every rank of one launch: ``output_dir``; else, for a
+    backbone recipe (``experiments/backbones/<name>``), ``<backbones dir>/<name>``; else the folder
     rank 0 chose (inherited by the processes Lightning starts); else ``runs/<name>/slurm-<job>``
     or ``torchrun-<run id>`` under a multi-process launcher; else ``runs/<name>/<timestamp>``.
 
@@ -194,6 +196,9 @@ def resolve_output_dir(cfg: ExperimentConfig) -> Path:
     """
     if cfg.output_dir:
         return Path(cfg.output_dir)
+    backbone = backbone_output_dir(cfg.name)
+    if backbone is not None:  # experiments/backbones/<name>: the backbone's own folder
+        return backbone
     if cfg.resume:
         raise ConfigError(["resume=true needs output_dir=<the run folder to resume>"])
     inherited = os.environ.get(RUN_DIR_ENV)

@@ -1,6 +1,7 @@
 """Pipeline stages: start a run from an earlier run's model weights (``init_from``).
 
-``init_from: <run folder or .ckpt file>`` makes a new run start from that checkpoint's *model*
+``init_from: <run folder or .ckpt file>`` (or ``backbone:<name>``, a pretrained backbone of
+``experiments/backbones/``, see :mod:`vlcompress.backbones`) makes a new run start from that checkpoint's *model*
 weights, with a fresh optimiser, scheduler and step counter (a new stage, not a resume):
 
 * A run folder resolves to the checkpoint whose test accuracy the folder reports: the one its
@@ -42,6 +43,9 @@ from torch import nn
 from vlcompress import registry
 from vlcompress.config import ConfigError
 
+BACKBONE_PREFIX = "backbone:"
+"""``init_from: backbone:<name>`` names a pretrained backbone (:mod:`vlcompress.backbones`)."""
+
 __all__ = ["InitRecord", "apply_init_checkpoint", "load_init_checkpoint", "resolve_init_path"]
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,8 @@ def resolve_init_path(
     """The checkpoint file that ``init_from`` names (see the module docstring).
 
     Args:
-        init_from: a run folder or a ``.ckpt`` file.
+        init_from: a run folder, a ``.ckpt`` file, or ``backbone:<name>`` (a finished
+            backbone's folder, see :mod:`vlcompress.backbones`).
         what: the option that gave the path, for messages (``"init_from"``; a callback's
             ``"teacher"`` or ``"masks_from"``).
         fix: what to do about a missing path, for messages (default: give the run folder of
@@ -84,6 +89,10 @@ def resolve_init_path(
     Raises:
         ConfigError: the path does not exist, or a run folder holds no checkpoint.
     """
+    if str(init_from).startswith(BACKBONE_PREFIX):
+        from vlcompress.backbones import resolve_backbone
+
+        init_from = resolve_backbone(str(init_from), what)
     path = Path(init_from)
     if path.is_file():
         return path

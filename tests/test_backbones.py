@@ -1,0 +1,100 @@
+"""Pretrained backbones: ``experiments/backbones/<name>`` runs into ``<backbones dir>/<name>``,
+``make backbones`` trains the unfinished ones and skips finished ones, ``init_from:
+backbone:<name>`` starts a later run from it, and a missing or unknown backbone fails naming
+the command that builds it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from quick_run import TINY_RUN
+
+from vlcompress.backbones import (
+    backbone_names,
+    backbone_status,
+    build_backbones,
+    resolve_backbone,
+)
+from vlcompress.cli import main
+from vlcompress.config import ConfigError, experiments_dir, load_experiment
+from vlcompress.run import resolve_output_dir, run_experiment
+
+TINY_BACKBONE = """\
+defaults: [default]
+description: a backbone of a few batches (test)
+model:
+  name: mcan_tiny
+  options: {visual_input: grid, grid_channels: [8, 8, 16, 16], grid_cells: 16}
+progress_bar: false
+data: {options: {batch_size: 32, eval_batch_size: 256}}
+scheduler: {name: none}
+trainer:
+  max_epochs: 1
+  max_time: null
+  limit_train_batches: 6
+  limit_val_batches: 2
+  limit_test_batches: 2
+  log_every_n_steps: 2
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A copy of the experiments with one tiny backbone recipe; backbones under tmp_path."""
+    exps = tmp_path / "experiments"
+    shutil.copytree(experiments_dir(), exps)
+    (exps / "backbones").mkdir(exist_ok=True)
+    (exps / "backbones" / "tiny.yaml").write_text(TINY_BACKBONE)
+    monkeypatch.setenv("VLCOMPRESS_EXPERIMENTS", str(exps))
+    monkeypatch.setenv("VLCOMPRESS_BACKBONES", str(tmp_path / "backbones"))
+    return tmp_path
+
+
+def test_build_skip_and_start_from_a_backbone(project, capsys):
+    assert "tiny" in backbone_names()
+    cfg, _ = load_experiment("backbones/tiny")
+    assert resolve_output_dir(cfg) == project / "backbones" / "tiny"
+    assert backbone_status("tiny").state == "missing"
+    with pytest.raises(ConfigError, match=r"backbone 'tiny' is not built yet .*make backbones"):
+        resolve_backbone("backbone:tiny")
+
+    assert build_backbones(["tiny"]) == [("tiny", "trained")]
+    st = backbone_status("tiny")
+    assert st.state == "finished" and st.folder == project / "backbones" / "tiny"
+    row = st.row()
+    assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["balanced_accuracy"] <= 1.0
+    assert row["prior_baseline"] == pytest.approx(0.6025, abs=1e-3)
+    assert row["blind_balanced_baseline"] == pytest.approx(0.3758, abs=1e-3)
+    assert isinstance(row["answers_without_image"], bool)
+    assert build_backbones(["tiny"]) == [("tiny", "finished before")]  # nothing runs again
+
+    # A later experiment names it; init_from resolves to the backbone's best checkpoint.
+    cfg, raw = load_experiment(
+        "default", [*TINY_RUN, "trainer.max_epochs=1", "init_from=backbone:tiny",
+                    f"output_dir={project / 'stage2'}"],
+    )  # fmt: skip
+    results = run_experiment(cfg, raw)
+    best = json.loads((st.folder / "results.json").read_text())["best_checkpoint"]
+    assert results["init_from"]["path"] == str(st.folder / "checkpoints" / best.split("/")[-1])
+    assert "model" in results["init_from"]["loaded"]
+
+    assert main(["backbones", "--list"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "tiny" in x)
+    assert "finished" in line and f"{row['accuracy']:.3f}" in line and "0.603 / 0.376" in line
+
+
+def test_interrupted_backbone_resumes_and_unknown_names_fail(project):
+    folder = project / "backbones" / "tiny" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"")
+    (folder.parent / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    assert backbone_status("tiny").state == "unfinished"
+    assert build_backbones(["tiny"], dry_run=True) == [("tiny", "would resume")]
+    with pytest.raises(ConfigError, match="no backbone recipe 'tyni'.*Did you mean tiny"):
+        resolve_backbone("backbone:tyni")
+    with pytest.raises(ConfigError, match="no backbone recipe 'nope'"):
+        build_backbones(["nope"])
+    assert main(["backbones", "nope"]) == 2

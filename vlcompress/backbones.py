@@ -1,0 +1,203 @@
+"""Pretrained backbones: recipe runs that later experiments start from.
+
+Every file in ``experiments/backbones/`` is a backbone recipe (``backbones/<name>``); its run
+folder, ``<backbones dir>/<name>`` (``$VLCOMPRESS_BACKBONES``, default ``runs/backbones``), is the
+backbone. A later experiment names it with ``init_from: backbone:<name>`` (which resolves to that
+folder's best checkpoint, after the usual ``init_from`` checks), and ``make backbones``
+(``python -m vlcompress backbones``) trains those not finished yet — resuming an interrupted one,
+skipping finished ones — and prints what each one scores next to its blind baselines.
+
+Example::
+
+    python -m vlcompress backbones --list            # what is built, and how well it sees
+    python -m vlcompress backbones lxmert_mini_easy_vqa
+    python -m vlcompress train seed000_prune_lxmert_mini_easy_vqa_cp \\
+        init_from=backbone:lxmert_mini_easy_vqa_cp
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlcompress.config.load import experiments_dir, list_experiments
+from vlcompress.config.validate import ConfigError
+from vlcompress.utils.init_from import BACKBONE_PREFIX
+
+__all__ = [
+    "BACKBONES_ENV",
+    "BACKBONE_PREFIX",
+    "BackboneStatus",
+    "backbone_names",
+    "backbone_status",
+    "backbones_dir",
+    "build_backbones",
+    "resolve_backbone",
+]
+
+log = logging.getLogger(__name__)
+
+BACKBONES_ENV = "VLCOMPRESS_BACKBONES"
+_FOLDER = "backbones"
+
+
+def backbones_dir() -> Path:
+    """Where backbone run folders live: ``$VLCOMPRESS_BACKBONES``, else ``runs/backbones``."""
+    return Path(os.environ.get(BACKBONES_ENV) or Path("runs") / _FOLDER)
+
+
+def backbone_names(root: Path | None = None) -> list[str]:
+    """The backbone recipes: the experiments under ``experiments/backbones/``."""
+    prefix = f"{_FOLDER}/"
+    return [e[len(prefix) :] for e in list_experiments(root) if e.startswith(prefix)]
+
+
+def backbone_output_dir(experiment: str) -> Path | None:
+    """The run folder of experiment ``backbones/<name>`` (``None`` for any other)."""
+    prefix = f"{_FOLDER}/"
+    if not experiment.startswith(prefix):
+        return None
+    return backbones_dir() / experiment[len(prefix) :]
+
+
+@dataclass
+class BackboneStatus:
+    """Where a backbone stands.
+
+    Attributes:
+        name: the recipe's name (``experiments/backbones/<name>.yaml``).
+        folder: its run folder.
+        state: ``finished`` (``run.json`` says so and ``results.json`` exists), ``unfinished``
+            (a run folder without a finished run: interrupted, failed or running) or
+            ``missing`` (no run folder).
+        results: the finished run's ``results.json`` (empty otherwise).
+        resumable: the folder holds ``checkpoints/last.ckpt``.
+    """
+
+    name: str
+    folder: Path
+    state: str
+    results: dict[str, Any] = field(default_factory=dict)
+    resumable: bool = False
+
+    def row(self) -> dict[str, Any]:
+        """Accuracy, balanced accuracy, both blind baselines and training minutes (a
+        finished backbone; ``None`` where unknown)."""
+        r = self.results
+        data, test, blind = r.get("data") or {}, r.get("test") or {}, r.get("blind") or {}
+        wall = r.get("train_wall_time_s")
+        return {
+            "accuracy": test.get("accuracy"),
+            "balanced_accuracy": test.get("balanced_accuracy"),
+            "prior_baseline": data.get("prior_baseline"),
+            "blind_balanced_baseline": data.get("blind_balanced_baseline"),
+            "answers_without_image": blind.get("answers_without_image"),
+            "train_minutes": None if wall is None else wall / 60,
+        }
+
+
+def backbone_status(name: str) -> BackboneStatus:
+    """The state of backbone ``name`` (see :class:`BackboneStatus`)."""
+    folder = backbones_dir() / name
+    if not folder.is_dir():
+        return BackboneStatus(name, folder, "missing")
+    resumable = (folder / "checkpoints" / "last.ckpt").is_file()
+    try:
+        status = json.loads((folder / "run.json").read_text()).get("status")
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return BackboneStatus(name, folder, "unfinished", resumable=resumable)
+    if status != "finished":
+        return BackboneStatus(name, folder, "unfinished", resumable=resumable)
+    return BackboneStatus(name, folder, "finished", results, resumable)
+
+
+def _build_hint(name: str) -> str:
+    return (
+        f"build it with `make backbones` (all of them) or `python -m vlcompress backbones "
+        f"{name}` (this one)"
+    )
+
+
+def resolve_backbone(ref: str, what: str = "init_from") -> Path:
+    """The run folder that ``backbone:<name>`` names, once that backbone is finished.
+
+    Raises:
+        ConfigError: no such recipe (the known ones are listed), or the backbone is not built
+            (the message gives the command that builds it).
+    """
+    name = ref[len(BACKBONE_PREFIX) :].strip() if ref.startswith(BACKBONE_PREFIX) else ref
+    known = backbone_names()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            [
+                f"{what}: no backbone recipe {name!r} (no file "
+                f"{experiments_dir() / _FOLDER / name}.yaml).{hint} Known backbones: "
+                f"{', '.join(known) or '(none)'}"
+            ]
+        )
+    st = backbone_status(name)
+    if st.state != "finished":
+        where = "does not exist" if st.state == "missing" else "holds no finished run"
+        raise ConfigError(
+            [f"{what}: backbone {name!r} is not built yet ({st.folder} {where}); "
+             f"{_build_hint(name)}"]
+        )  # fmt: skip
+    return st.folder
+
+
+def build_backbones(
+    names: list[str] | None = None,
+    overrides: list[str] | None = None,
+    dry_run: bool = False,
+) -> list[tuple[str, str]]:
+    """Train every backbone in ``names`` (default: all) that is not finished yet, one after
+    another, each as ``python -m vlcompress train backbones/<name>`` (``resume=true`` when its
+    folder holds a checkpoint to continue).
+
+    Args:
+        names: the backbones to build (default: every recipe).
+        overrides: ``key=value`` overrides passed to every run (``threads=2``, say).
+        dry_run: only say what would run.
+
+    Returns:
+        ``(name, what happened)`` per backbone: ``finished before``, ``trained``,
+        ``resumed``, ``would train`` / ``would resume``, or ``failed (exit N)``.
+
+    Raises:
+        ConfigError: an unknown backbone name.
+    """
+    known = backbone_names()
+    names = list(names or known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            [f"no backbone recipe {n!r}; known backbones: {', '.join(known) or '(none)'}"
+             for n in unknown]
+        )  # fmt: skip
+    done: list[tuple[str, str]] = []
+    for name in names:
+        st = backbone_status(name)
+        if st.state == "finished":
+            done.append((name, "finished before"))
+            continue
+        resume = st.state == "unfinished" and st.resumable
+        args = [f"{_FOLDER}/{name}", *(overrides or [])]
+        if resume:
+            args.append("resume=true")
+        if dry_run:
+            done.append((name, "would resume" if resume else "would train"))
+            continue
+        log.info("backbone %s: %s (%s)", name, "resuming" if resume else "training", st.folder)
+        code = subprocess.call([sys.executable, "-m", "vlcompress", "train", *args])
+        done.append((name, ("resumed" if resume else "trained") if code == 0 else f"failed (exit {code})"))  # fmt: skip
+    return done
