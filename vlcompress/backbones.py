@@ -88,8 +88,8 @@ class BackboneStatus:
     resumable: bool = False
 
     def row(self) -> dict[str, Any]:
-        """Accuracy, balanced accuracy, both blind baselines and training minutes (a
-        finished backbone; ``None`` where unknown)."""
+        """Accuracy, balanced accuracy, both blind baselines, the blind flag and the question
+        types answered blind, training minutes (a finished backbone; ``None`` where unknown)."""
         r = self.results
         data, test, blind = r.get("data") or {}, r.get("test") or {}, r.get("blind") or {}
         wall = r.get("train_wall_time_s")
@@ -99,6 +99,7 @@ class BackboneStatus:
             "prior_baseline": data.get("prior_baseline"),
             "blind_balanced_baseline": data.get("blind_balanced_baseline"),
             "answers_without_image": blind.get("answers_without_image"),
+            "blind_question_types": blind.get("blind_question_types") or [],
             "train_minutes": None if wall is None else wall / 60,
         }
 

@@ -210,6 +210,8 @@ def backbones_table() -> Table:
         st = backbone_status(name)
         r = st.row()
         sees = {None: "-", True: "BLIND", False: "yes"}[r["answers_without_image"]]
+        if sees == "yes" and r["blind_question_types"]:
+            sees = f"BLIND on {len(r['blind_question_types'])} types"
         state = st.state + (" (resumable)" if st.state == "unfinished" and st.resumable else "")
         blind = f"{fmt(r['prior_baseline'])} / {fmt(r['blind_balanced_baseline'])}"
         table.add_row(

@@ -547,7 +547,14 @@ def collect_results(
         "anti_prior_baseline": dm.split_report.get("anti_prior_baseline"),
         "blind_balanced_baseline": dm.split_report.get("blind_balanced_baseline"),
     }
-    blind = blind_check(task.test_report or {}, data)
+    blind = blind_check(task.test_report or {}, data, dm.split_report.get("per_question_type"))
+    if blind and blind["blind_question_types"] and not blind["answers_without_image"]:
+        log.warning(
+            "%s: this run answers %d question type(s) without the image (%s): their balanced "
+            "accuracy is within %.2f of a constant answer's",
+            cfg.name, len(blind["blind_question_types"]), ", ".join(blind["blind_question_types"]),
+            BLIND_MARGIN,
+        )  # fmt: skip
     if blind and blind["answers_without_image"]:
         log.warning(
             "%s: this run answers without the image: its balanced accuracy %.3f is within %.2f "

@@ -33,6 +33,28 @@ def test_flag_within_the_margin(balanced, blind):
     assert blind_text(check).startswith("ANSWERS WITHOUT THE IMAGE" if blind else "sees the image")
 
 
+def test_types_answered_blind_are_named_even_when_the_whole_run_sees():
+    # a deep MCAN of issue 20: colours and shapes read, every yes/no type at its prior
+    per_type = {
+        "what color is": {"constant_balanced_baseline": 1 / 7},
+        "is there a": {"constant_balanced_baseline": 0.5},
+        "is": {"constant_balanced_baseline": 0.5},
+        "only yes": {"constant_balanced_baseline": 1.0},  # one test answer: no verdict
+    }
+    test = {
+        "balanced_accuracy": 0.757,
+        "balanced_question_type": {
+            "what color is": 0.993, "is there a": 0.5, "is": 0.5 + BLIND_MARGIN + 1e-3,
+            "only yes": 1.0,
+        },
+    }  # fmt: skip
+    check = blind_check(test, {"blind_balanced_baseline": 0.376}, per_type)
+    assert check["answers_without_image"] is False
+    assert check["blind_question_types"] == ["is there a"]
+    assert blind_text(check).endswith("; BLIND ON 1 question type(s): is there a")
+    assert blind_check(test, {"blind_balanced_baseline": 0.376})["blind_question_types"] == []
+
+
 def test_no_check_without_both_numbers():
     assert blind_check({"accuracy": 0.9}, {"blind_balanced_baseline": 0.4}) is None
     assert blind_check({"balanced_accuracy": 0.9}, {}) is None
