@@ -191,3 +191,20 @@ def test_options_pickled_as_mcan_config_load():
     assert old != text
     with pytest.deprecated_call():
         assert pickle.loads(old) == MCANOptions(hidden_size=16, num_heads=4)
+
+
+def test_zero_init_residual_starts_every_layer_as_the_identity_and_trains():
+    torch.manual_seed(0)
+    m = build_model("mcan_tiny", 30, 7, zero_init_residual=True).eval()
+    x, y = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
+    enc, dec = m.encoder[0], m.decoder[0]
+    torch.testing.assert_close(enc(x, None), enc.norm2(enc.norm1(x)))
+    torch.testing.assert_close(dec(x, y, None, None), dec.norm3(dec.norm2(dec.norm1(x))))
+    # the zeroed projections learn: the answer loss reaches them
+    m.train()
+    m(region_batch()).logsumexp(-1).sum().backward()
+    assert dec.guided_attn.out.weight.grad.abs().sum() > 0
+    assert enc.ffn.down.weight.grad.abs().sum() > 0
+    # the default is PyTorch's initialisation, as published
+    plain = build_model("mcan_tiny", 30, 7)
+    assert plain.encoder[0].attn.out.weight.abs().sum() > 0

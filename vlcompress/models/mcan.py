@@ -83,6 +83,11 @@ class MCANOptions(ModelOptions):
             layer + LayerNorm after the LSTM (``lang_adapter``) and a LayerNorm after the
             visual input projection (``visual_norm``), so that both streams can enter the
             encoder / decoder at any width while the LSTM and region features stay full.
+        zero_init_residual: start every encoder and decoder layer as the identity: the last
+            projection of each residual branch (attention ``out``, FFN ``down``) starts at
+            zero, as torchvision's ResNet option of that name (Goyal et al., 2017) and Fixup /
+            SkipInit. A deep stack then trains like a shallow one at first and adds depth as it
+            learns; the published MCAN uses PyTorch's default initialisation (``false``).
     """
 
     hidden_size: int = positive(512)
@@ -106,6 +111,7 @@ class MCANOptions(ModelOptions):
     lstm_size: int | None = positive(None)
     packing: Literal["padded", "attention", "stack"] = "padded"
     packed_attention: bool | None = None
+    zero_init_residual: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -397,6 +403,13 @@ class MCAN(nn.Module):
             self.visual_norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
         self.encoder = nn.ModuleList(SALayer(c) for _ in range(c.num_layers))
         self.decoder = nn.ModuleList(SGALayer(c) for _ in range(c.num_layers))
+        if c.zero_init_residual:
+            for layer in (*self.encoder, *self.decoder):
+                for m in layer.modules():
+                    if isinstance(m, MultiHeadAttention):
+                        nn.init.zeros_(m.out.weight), nn.init.zeros_(m.out.bias)
+                    elif isinstance(m, FeedForward):
+                        nn.init.zeros_(m.down.weight), nn.init.zeros_(m.down.bias)
         self.flat_lang = AttFlat(c)
         self.flat_img = AttFlat(c)
         self.norm = nn.LayerNorm(c.flat_out_size)
