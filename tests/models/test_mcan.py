@@ -208,3 +208,35 @@ def test_zero_init_residual_starts_every_layer_as_the_identity_and_trains():
     # the default is PyTorch's initialisation, as published
     plain = build_model("mcan_tiny", 30, 7)
     assert plain.encoder[0].attn.out.weight.abs().sum() > 0
+
+
+def test_adapter_without_visual_norm_is_bst_gqa_adapter():
+    from vlcompress.models.anatomy import anatomy_of
+
+    vqa = build_model("mcan_tiny", 30, 7, width_adapters=True)
+    gqa = build_model("mcan_tiny", 30, 7, width_adapters=True, adapter_visual_norm=False)
+    assert hasattr(vqa, "visual_norm") and not hasattr(gqa, "visual_norm")
+    assert set(dict(vqa.named_parameters())) - set(dict(gqa.named_parameters())) == {
+        "visual_norm.weight",
+        "visual_norm.bias",
+    }
+    anatomy_of(gqa).validate(gqa)
+    gqa.eval()
+    b = region_batch()
+    projected = gqa.visual(b.visual, b.boxes)
+    torch.testing.assert_close(gqa.encode_visual(b)[0], projected)  # no LayerNorm after it
+    assert gqa(b).shape == (3, 7)
+
+
+def test_identity_adapter_init_passes_the_lstm_output_to_its_layernorm():
+    m = build_model("mcan_tiny", 30, 7, width_adapters=True, adapter_init="identity").eval()
+    h = torch.randn(2, 5, 32)
+    linear, norm = m.lang_adapter
+    torch.testing.assert_close(linear(h), h)
+    torch.testing.assert_close(m.lang_adapter(h), norm(h))
+    narrow = build_model(
+        "mcan_tiny", 30, 7, width_adapters=True, adapter_init="identity", lstm_size=16
+    )
+    assert torch.equal(narrow.lang_adapter[0].weight, torch.eye(32, 16))  # LSTM 16 -> hidden 32
+    default = build_model("mcan_tiny", 30, 7, width_adapters=True)
+    assert not torch.equal(default.lang_adapter[0].weight, torch.eye(32))
