@@ -52,7 +52,7 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_build_skip_and_start_from_a_backbone(project, capsys):
+def test_build_skip_and_start_from_a_backbone(project, capsys, monkeypatch):
     assert "tiny" in backbone_names()
     cfg, _ = load_experiment("backbones/tiny")
     assert resolve_output_dir(cfg) == project / "backbones" / "tiny"
@@ -80,6 +80,7 @@ def test_build_skip_and_start_from_a_backbone(project, capsys):
     assert results["init_from"]["path"] == str(st.folder / "checkpoints" / best.split("/")[-1])
     assert "model" in results["init_from"]["loaded"]
 
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: every cell whole
     assert main(["backbones", "--list"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "tiny" in x)

@@ -203,7 +203,7 @@ def backbones_table() -> Table:
     from vlcompress.backbones import backbone_names, backbone_status
 
     table = Table(title="pretrained backbones (experiments/backbones/)")
-    table.add_column("backbone", no_wrap=True)
+    table.add_column("backbone", overflow="fold")
     for col in ("state", "accuracy", "balanced", "blind acc / bal", "sees", "min"):
         table.add_column(col)
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
