@@ -10,9 +10,10 @@ skipping finished ones — and prints what each one scores next to its blind bas
 Example::
 
     python -m vlcompress backbones --list            # what is built, and how well it sees
-    python -m vlcompress backbones lxmert_mini_easy_vqa
-    python -m vlcompress train seed000_prune_lxmert_mini_easy_vqa_cp \\
-        init_from=backbone:lxmert_mini_easy_vqa_cp
+    python -m vlcompress backbones uniter_mini_easy_vqa
+    python -m vlcompress train uniter_mini_effnet_easy_vqa optim.lr=1e-4 \\
+        init_from=backbone:uniter_mini_easy_vqa      # a new stage from it
+    python -m vlcompress train seed001_bst_uniter_mini_easy_vqa  # its teacher: the backbone
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "BACKBONE_PREFIX",
     "BackboneStatus",
     "backbone_names",
+    "backbone_output_dir",
     "backbone_status",
     "backbones_dir",
     "build_backbones",
