@@ -214,13 +214,7 @@ def load_bert_layers(
 
     Args:
         module: the module holding ``embeddings`` and ``encoder.layer`` of BERT's layout.
-        path: a Hugging Face BERT folder (``config.json`` + weights).
-        sizes: ``{BertConfig field: our value}`` checked against the checkpoint's
-            ``config.json`` (``hidden_size``, ``num_attention_heads``, ``intermediate_size``,
-            ``num_hidden_layers``, ``vocab_size``, ...).
-        model: our model's name, for messages (``"LXMERT"``).
-        source: what the checkpoint is, for messages.
-        fix: how to obtain the checkpoint when files are missing.
+        path, sizes, model, source, fix: as :func:`read_bert_checkpoint`.
 
     Returns:
         ``{our parameter name: checkpoint key}`` of every tensor loaded.
