@@ -113,3 +113,42 @@ def test_missing_or_empty_paths_fail_before_a_run_folder_is_made(tmp_path, tiny_
         resolve_init_path(tmp_path / "empty")
     with pytest.raises(ConfigError, match="init_from: an empty path"):
         load_experiment("default", ["init_from=''"])
+
+
+def test_init_grow_fills_the_first_layers_and_keeps_the_deeper_ones_fresh(stage1, tiny_run):
+    cfg, _ = load_experiment("default", [*tiny_run, "data.options.split=cp"])
+    dm = build_datamodule(cfg.data, cfg.seed)
+    state = torch.load(stage1 / "checkpoints" / "best.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]  # fmt: skip
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.encoder."))
+
+    def _task(*extra):
+        cfg, raw = load_experiment("default", [*tiny_run, "data.options.split=cp", *extra])
+        return build_task(cfg, dm), OmegaConf.to_container(raw, resolve=True)
+
+    deeper = [f"model.options.num_layers={depth + 2}", "model.options.zero_init_residual=true"]
+    task, resolved = _task(*deeper)
+    with pytest.raises(ConfigError, match=rf"num_layers: the checkpoint's is {depth}"):
+        apply_init_checkpoint(task, resolved, stage1)  # growing is asked for, not assumed
+    fresh = {k: v.clone() for k, v in task.model.state_dict().items()}
+    record = apply_init_checkpoint(task, resolved, stage1, grow=True)
+    n = depth + 2
+    assert record.loaded[0] == "model"
+    assert f"grown encoder {depth}->{n}" in record.loaded
+    assert f"grown decoder {depth}->{n}" in record.loaded
+    for k, v in task.model.state_dict().items():
+        parts = k.split(".")
+        new_layer = parts[0] in ("encoder", "decoder") and int(parts[1]) >= depth
+        assert torch.equal(v, fresh[k] if new_layer else state[f"model.{k}"]), k
+    # the grown layers start as the identity on their residual branch (zero_init_residual)
+    assert not task.model.encoder[depth].ffn.down.weight.any()
+
+    task, resolved = _task("model.options.hidden_size=32", *deeper)
+    with pytest.raises(ConfigError, match="hidden_size: the checkpoint's is"):
+        apply_init_checkpoint(task, resolved, stage1, grow=True)  # only depths may grow
+    if depth > 1:
+        task, resolved = _task(f"model.options.num_layers={depth - 1}")
+        with pytest.raises(ConfigError, match="num_layers"):
+            apply_init_checkpoint(task, resolved, stage1, grow=True)  # never shrink
+    with pytest.raises(ConfigError, match="init_grow: true grows .* no init_from"):
+        load_experiment("default", ["init_grow=true"])

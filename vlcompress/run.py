@@ -626,7 +626,9 @@ def run_experiment(
         task = build_task(cfg, dm)
         init_record = None
         if plan.init_path is not None:
-            init_record = apply_init_checkpoint(task, plan.resolved, plan.init_path)
+            init_record = apply_init_checkpoint(
+                task, plan.resolved, plan.init_path, grow=bool(plan.resolved.get("init_grow"))
+            )
             if global_rank() == 0:
                 folder.set_status("running", init_from=init_record.to_dict())
         guard = RunGuard(str(out / "checkpoints"), plan.resolved)

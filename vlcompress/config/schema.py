@@ -156,7 +156,9 @@ class ExperimentConfig:
 
     ``init_from`` (a run folder or a ``.ckpt`` file) starts a new pipeline stage from that
     run's model weights with a fresh optimiser and step counter; ``resume`` wins over it (see
-    :mod:`vlcompress.utils.init_from`).
+    :mod:`vlcompress.utils.init_from`). ``init_grow: true`` lets that checkpoint be a shallower
+    model of the same kind: its layers fill the first layers of each stack and the deeper ones
+    keep their fresh initialisation (depth growth).
     """
 
     name: str = "experiment"
@@ -165,6 +167,7 @@ class ExperimentConfig:
     output_dir: str | None = None
     resume: bool = False
     init_from: str | None = None
+    init_grow: bool = False
     overwrite: bool = False
     threads: int = field(default=0, metadata=in_range(0))
     progress_bar: bool = True

@@ -284,6 +284,11 @@ def validate(cfg: DictConfig | dict, source: str = "configuration") -> Experimen
             "init_from: an empty path; give the previous stage's run folder or a .ckpt file, "
             "or null"
         )
+    if data.get("init_grow") and not data.get("init_from"):
+        errors.append(
+            "init_grow: true grows a shallower checkpoint's layers into this model, but no "
+            "init_from names one; give init_from=<run folder or .ckpt> or drop init_grow"
+        )
     if errors:
         raise ConfigError(errors, source)
     return _build(ExperimentConfig, data)

@@ -17,6 +17,13 @@ weights, with a fresh optimiser, scheduler and step counter (a new stage, not a 
 * Callback state stored in the checkpoint (``checkpoint["callbacks"]``, e.g. a pruning
   callback's masks) is not applied. The checkpoint (without optimiser states) is kept on the
   task as ``pl_module.init_checkpoint`` so a callback can take it up in ``setup``.
+* ``init_grow: true`` (depth growth) lets the checkpoint be a *shallower* model of the same
+  kind: model options whose names end in ``layers`` may be larger in this run (and
+  ``zero_init_residual`` may differ); every other option must match. Layer ``i`` of each
+  layer stack (an ``nn.ModuleList``) starts from the checkpoint's layer ``i``, the deeper
+  layers keep their fresh initialisation (with ``zero_init_residual`` they start close to
+  the identity), and every other tensor is loaded as usual. The loaded record says which stacks
+  grew.
 * A resumed run (``resume=true`` or a Slurm requeue) continues from its own ``last.ckpt``:
   resume wins over ``init_from``, whose weights the run already started from.
 
@@ -25,6 +32,9 @@ Example::
     # stage 1: fine-tune with LPF; stage 2: start from it with LMH
     python -m vlcompress train easy_vqa_cp loss.name=lpf output_dir=runs/stage1
     python -m vlcompress train easy_vqa_cp loss.name=lmh init_from=runs/stage1
+    # grow a trained 1-layer MCAN into 6 + 6 layers
+    python -m vlcompress train default model.options.num_layers=6 \
+        model.options.zero_init_residual=true init_from=runs/mcan1 init_grow=true
 """
 
 from __future__ import annotations
@@ -155,8 +165,28 @@ def _filled_options(kind: str, name: str, options: Any) -> dict[str, Any] | None
         return None  # not comparable here; the shape check still guards the weights
 
 
-def _component_problems(section: str, kind: str, stored: Any, new: dict[str, Any]) -> list[str]:
-    """How the checkpoint's ``section`` differs from this run's (empty: the same)."""
+_GROWABLE = ("zero_init_residual",)
+"""Model options besides the ``*layers`` depths that may differ under ``init_grow``."""
+
+
+def _growable(key: str, old: Any, new: Any) -> bool:
+    """Whether option ``key`` may go from ``old`` to ``new`` under ``init_grow``."""
+    if key in _GROWABLE:
+        return True
+    return (
+        key.endswith("layers")
+        and isinstance(old, int)
+        and isinstance(new, int)
+        and not isinstance(old, bool)
+        and new >= old
+    )
+
+
+def _component_problems(
+    section: str, kind: str, stored: Any, new: dict[str, Any], grow: bool = False
+) -> list[str]:
+    """How the checkpoint's ``section`` differs from this run's (empty: the same); with
+    ``grow``, deeper layer stacks (see :func:`_growable`) are not a difference."""
     if not isinstance(stored, dict):
         return []
     if stored.get("name") != new["name"]:
@@ -170,7 +200,7 @@ def _component_problems(section: str, kind: str, stored: Any, new: dict[str, Any
     return [
         f"{section}.options.{k}: the checkpoint's is {old.get(k)!r}, this run's {cur.get(k)!r}"
         for k in sorted(set(old) | set(cur))
-        if old.get(k) != cur.get(k)
+        if old.get(k) != cur.get(k) and not (grow and _growable(k, old.get(k), cur.get(k)))
     ]
 
 
@@ -178,8 +208,45 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _shape_problems(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+def _grown_layers(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """The layer stacks of ``module`` deeper than the checkpoint's: ``{path: (old, new)}``.
+
+    A stack is an ``nn.ModuleList``; its depth in the checkpoint is one more than the highest
+    ``<path>.<i>.`` index among the checkpoint's keys.
+    """
+    grown = {}
+    for path, sub in module.named_modules():
+        if not isinstance(sub, nn.ModuleList) or not path:
+            continue
+        prefix = path + "."
+        idx = {
+            int(k[len(prefix) :].split(".", 1)[0])
+            for k in state
+            if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0].isdigit()
+        }
+        old = max(idx) + 1 if idx else 0
+        if 0 < old < len(sub):
+            grown[path] = (old, len(sub))
+    return grown
+
+
+def _in_grown_layer(key: str, grown: dict[str, tuple[int, int]]) -> bool:
+    for path, (old, _) in grown.items():
+        head = key[len(path) + 1 :].split(".", 1)[0] if key.startswith(path + ".") else ""
+        if head.isdigit() and int(head) >= old:
+            return True
+    return False
+
+
+def _shape_problems(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    grown: dict[str, tuple[int, int]] | None = None,
+) -> list[str]:
     own = module.state_dict()
+    if grown:
+        own = {k: v for k, v in own.items() if not _in_grown_layer(k, grown)}
     problems = [
         f"{what}.{k}: the checkpoint's shape is {list(state[k].shape)}, this run's {list(v.shape)}"
         for k, v in own.items()
@@ -195,7 +262,9 @@ def _shape_problems(module: nn.Module, state: dict[str, torch.Tensor], what: str
     return problems
 
 
-def apply_init_checkpoint(task: Any, config: dict[str, Any], init_from: str | Path) -> InitRecord:
+def apply_init_checkpoint(
+    task: Any, config: dict[str, Any], init_from: str | Path, grow: bool = False
+) -> InitRecord:
     """Load the previous stage's weights into ``task`` (a :class:`~vlcompress.tasks.VQATask`
     with ``model`` and ``loss_fn``) and keep the checkpoint as ``task.init_checkpoint``.
 
@@ -203,6 +272,7 @@ def apply_init_checkpoint(task: Any, config: dict[str, Any], init_from: str | Pa
         task: the freshly built task of this run.
         config: this run's resolved configuration (plain types).
         init_from: a run folder or a ``.ckpt`` file (see :func:`resolve_init_path`).
+        grow: depth growth (``init_grow``): the checkpoint may hold fewer layers per stack.
 
     Returns:
         What was loaded from where (:class:`InitRecord`).
@@ -214,7 +284,9 @@ def apply_init_checkpoint(task: Any, config: dict[str, Any], init_from: str | Pa
     path = resolve_init_path(init_from)
     ckpt = load_init_checkpoint(path)
     stored = ckpt.get("vlcompress_config") or {}
-    problems = _component_problems("model", "model", stored.get("model"), config["model"])
+    problems = _component_problems(
+        "model", "model", stored.get("model"), config["model"], grow=grow
+    )
     answers = ckpt.get("vlcompress_answers")
     if answers is not None and list(answers) != list(task.answers):
         a, b = list(answers), list(task.answers)
@@ -227,18 +299,23 @@ def apply_init_checkpoint(task: Any, config: dict[str, Any], init_from: str | Pa
         problems.append(f"answers: the checkpoint predicts {detail}")
     state = ckpt["state_dict"]
     model_state = _sub_state(state, "model.")
+    grown = _grown_layers(task.model, model_state) if grow else {}
     if not problems:
-        problems = _shape_problems(task.model, model_state, "model")
+        problems = _shape_problems(task.model, model_state, "model", grown)
     if problems:
         raise ConfigError(
             [f"init_from {path}: {p}" for p in problems]
             + [
                 "a stage starts from a checkpoint of the same model on the same answers: use "
                 "the previous stage's model / data settings, or another init_from="
+                + (" (init_grow=true lets only the *layers depths grow)" if grow else "")
             ]
         )
-    task.model.load_state_dict(model_state)
+    task.model.load_state_dict(model_state, strict=not grown)
     loaded = ["model"]
+    if grow and not grown:
+        log.warning("init_grow: the checkpoint is as deep as this run's model; nothing grew")
+    loaded += [f"grown {stack} {old}->{new}" for stack, (old, new) in sorted(grown.items())]
     same_loss = not _component_problems("loss", "loss", stored.get("loss"), config["loss"])
     loss_state = _sub_state(state, "loss_fn.")
     if same_loss and stored.get("loss") and loss_state:
