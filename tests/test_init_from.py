@@ -132,16 +132,24 @@ def test_init_grow_fills_the_first_layers_and_keeps_the_deeper_ones_fresh(stage1
         apply_init_checkpoint(task, resolved, stage1)  # growing is asked for, not assumed
     fresh = {k: v.clone() for k, v in task.model.state_dict().items()}
     record = apply_init_checkpoint(task, resolved, stage1, grow=True)
-    n = depth + 2
-    assert record.loaded[0] == "model"
-    assert f"grown encoder {depth}->{n}" in record.loaded
-    assert f"grown decoder {depth}->{n}" in record.loaded
+    n, anatomy = depth + 2, task.model.anatomy()
+    # the checkpoint's layers go where the grown model's depth-`depth` submodel keeps them
+    targets = {s: sorted(anatomy.depth_priority(s)[:depth]) for s in ("encoder", "decoder")}
+    assert targets["decoder"][-1] == n - 1  # BST keeps the decoder's last layer first
+    assert record.loaded == ["model"] + [
+        f"grown {s} {depth}->{n} (into layers {targets[s]})" for s in ("decoder", "encoder")
+    ]
     for k, v in task.model.state_dict().items():
         parts = k.split(".")
-        new_layer = parts[0] in ("encoder", "decoder") and int(parts[1]) >= depth
-        assert torch.equal(v, fresh[k] if new_layer else state[f"model.{k}"]), k
+        if parts[0] in targets and int(parts[1]) not in targets[parts[0]]:
+            assert torch.equal(v, fresh[k]), k  # a new layer: fresh
+            continue
+        if parts[0] in targets:  # target layer t holds the checkpoint's j-th layer
+            parts[1] = str(targets[parts[0]].index(int(parts[1])))
+        assert torch.equal(v, state["model." + ".".join(parts)]), k
     # the grown layers start as the identity on their residual branch (zero_init_residual)
-    assert not task.model.encoder[depth].ffn.down.weight.any()
+    fresh_layer = next(i for i in range(n) if i not in targets["encoder"])
+    assert not task.model.encoder[fresh_layer].ffn.down.weight.any()
 
     task, resolved = _task("model.options.hidden_size=32", *deeper)
     with pytest.raises(ConfigError, match="hidden_size: the checkpoint's is"):

@@ -19,11 +19,14 @@ weights, with a fresh optimiser, scheduler and step counter (a new stage, not a 
   task as ``pl_module.init_checkpoint`` so a callback can take it up in ``setup``.
 * ``init_grow: true`` (depth growth) lets the checkpoint be a *shallower* model of the same
   kind: model options whose names end in ``layers`` may be larger in this run (and
-  ``zero_init_residual`` may differ); every other option must match. Layer ``i`` of each
-  layer stack (an ``nn.ModuleList``) starts from the checkpoint's layer ``i``, the deeper
-  layers keep their fresh initialisation (with ``zero_init_residual`` they start close to
-  the identity), and every other tensor is loaded as usual. The loaded record says which stacks
-  grew.
+  ``zero_init_residual`` may differ); every other option must match. The checkpoint's ``k``
+  layers of each layer stack (an ``nn.ModuleList``) go where a depth-``k`` submodel of this
+  model keeps its layers (the anatomy's depth priority, in index order: BST's MCAN keeps
+  encoder layer 0 and decoder layer 5 at depth 1; without a declared order, the first ``k``),
+  so the shallower model becomes the grown one's depth-``k`` submodel. The other layers keep
+  their fresh initialisation (with ``zero_init_residual`` they start close to the identity) and
+  every other tensor is loaded as usual. The loaded record says which stacks grew, and into
+  which layers.
 * A resumed run (``resume=true`` or a Slurm requeue) continues from its own ``last.ckpt``:
   resume wins over ``init_from``, whose weights the run already started from.
 
@@ -208,32 +211,64 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _grown_layers(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """The layer stacks of ``module`` deeper than the checkpoint's: ``{path: (old, new)}``.
+@dataclass
+class _Growth:
+    """One layer stack that grows: the checkpoint's ``old`` layers go to ``targets``."""
 
-    A stack is an ``nn.ModuleList``; its depth in the checkpoint is one more than the highest
-    ``<path>.<i>.`` index among the checkpoint's keys.
-    """
+    old: int
+    new: int
+    targets: tuple[int, ...]
+
+
+def _stack_targets(model: nn.Module, path: str, old: int) -> tuple[int, ...]:
+    """Where ``old`` layers of the stack at ``path`` go: the layers a depth-``old`` submodel
+    keeps (the anatomy's depth priority, in index order), else the first ``old``."""
+    anatomy = getattr(model, "anatomy", None)
+    try:
+        a = anatomy() if callable(anatomy) else None
+    except Exception:  # a model without a usable anatomy: the first layers
+        a = None
+    for stack, names in (a.stacks if a is not None else {}).items():
+        if names and all(n.rsplit(".", 1)[0] == path for n in names):
+            return tuple(sorted(a.depth_priority(stack)[:old]))
+    return tuple(range(old))
+
+
+def _grown_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, _Growth]:
+    """The layer stacks (``nn.ModuleList``) of ``model`` deeper than the checkpoint's; a
+    stack's depth in the checkpoint is one more than its highest ``<path>.<i>.`` index."""
     grown = {}
-    for path, sub in module.named_modules():
+    for path, sub in model.named_modules():
         if not isinstance(sub, nn.ModuleList) or not path:
             continue
         prefix = path + "."
-        idx = {
-            int(k[len(prefix) :].split(".", 1)[0])
-            for k in state
-            if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0].isdigit()
-        }
+        heads = {k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)}
+        idx = [int(h) for h in heads if h.isdigit()]
         old = max(idx) + 1 if idx else 0
         if 0 < old < len(sub):
-            grown[path] = (old, len(sub))
+            grown[path] = _Growth(old, len(sub), _stack_targets(model, path, old))
     return grown
 
 
-def _in_grown_layer(key: str, grown: dict[str, tuple[int, int]]) -> bool:
-    for path, (old, _) in grown.items():
+def _grow_state(
+    state: dict[str, torch.Tensor], grown: dict[str, _Growth]
+) -> dict[str, torch.Tensor]:
+    """``state`` with each grown stack's layer ``j`` renamed to its target layer."""
+    out = {}
+    for k, v in state.items():
+        for path, g in grown.items():
+            head, _, rest = k[len(path) + 1 :].partition(".")
+            if k.startswith(path + ".") and head.isdigit():
+                k = f"{path}.{g.targets[int(head)]}.{rest}"
+                break
+        out[k] = v
+    return out
+
+
+def _in_fresh_layer(key: str, grown: dict[str, _Growth]) -> bool:
+    for path, g in grown.items():
         head = key[len(path) + 1 :].split(".", 1)[0] if key.startswith(path + ".") else ""
-        if head.isdigit() and int(head) >= old:
+        if head.isdigit() and int(head) not in g.targets:
             return True
     return False
 
@@ -242,11 +277,11 @@ def _shape_problems(
     module: nn.Module,
     state: dict[str, torch.Tensor],
     what: str,
-    grown: dict[str, tuple[int, int]] | None = None,
+    grown: dict[str, _Growth] | None = None,
 ) -> list[str]:
     own = module.state_dict()
     if grown:
-        own = {k: v for k, v in own.items() if not _in_grown_layer(k, grown)}
+        own = {k: v for k, v in own.items() if not _in_fresh_layer(k, grown)}
     problems = [
         f"{what}.{k}: the checkpoint's shape is {list(state[k].shape)}, this run's {list(v.shape)}"
         for k, v in own.items()
@@ -300,6 +335,7 @@ def apply_init_checkpoint(
     state = ckpt["state_dict"]
     model_state = _sub_state(state, "model.")
     grown = _grown_layers(task.model, model_state) if grow else {}
+    model_state = _grow_state(model_state, grown)
     if not problems:
         problems = _shape_problems(task.model, model_state, "model", grown)
     if problems:
@@ -315,7 +351,10 @@ def apply_init_checkpoint(
     loaded = ["model"]
     if grow and not grown:
         log.warning("init_grow: the checkpoint is as deep as this run's model; nothing grew")
-    loaded += [f"grown {stack} {old}->{new}" for stack, (old, new) in sorted(grown.items())]
+    loaded += [
+        f"grown {stack} {g.old}->{g.new} (into layers {list(g.targets)})"
+        for stack, g in sorted(grown.items())
+    ]
     same_loss = not _component_problems("loss", "loss", stored.get("loss"), config["loss"])
     loss_state = _sub_state(state, "loss_fn.")
     if same_loss and stored.get("loss") and loss_state:
