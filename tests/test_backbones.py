@@ -99,3 +99,27 @@ def test_interrupted_backbone_resumes_and_unknown_names_fail(project):
     with pytest.raises(ConfigError, match="no backbone recipe 'nope'"):
         build_backbones(["nope"])
     assert main(["backbones", "nope"]) == 2
+
+
+def test_a_backbone_that_starts_from_another_is_built_after_it(project):
+    exps = project / "experiments" / "backbones"
+    on = "defaults: [backbones/tiny]\noutput_dir: null\ninit_from: backbone:{}\n"
+    (exps / "tiny_deeper.yaml").write_text(
+        on.format("tiny") + "init_grow: true\n"
+        "model: {options: {num_layers: 3, zero_init_residual: true}}\n"
+    )
+    assert build_backbones(["tiny_deeper"], dry_run=True) == [
+        ("tiny", "would train"), ("tiny_deeper", "would train"),
+    ]  # fmt: skip
+    assert build_backbones(["tiny_deeper"]) == [("tiny", "trained"), ("tiny_deeper", "trained")]
+    results = backbone_status("tiny_deeper").results
+    assert results["init_from"]["loaded"][1:] == [  # the default's one layer per stack
+        "grown decoder 1->3 (into layers [2])", "grown encoder 1->3 (into layers [0])",
+    ]  # fmt: skip
+    (exps / "loop_a.yaml").write_text(on.format("loop_b"))
+    (exps / "loop_b.yaml").write_text(on.format("loop_a"))
+    with pytest.raises(ConfigError, match="cycle: loop_a -> loop_b -> loop_a"):
+        build_backbones(["loop_a"], dry_run=True)
+    (exps / "orphan.yaml").write_text(on.format("gone"))
+    with pytest.raises(ConfigError, match="'orphan' starts from backbone 'gone', which has no"):
+        build_backbones(["orphan"], dry_run=True)

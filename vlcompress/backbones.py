@@ -40,7 +40,9 @@ __all__ = [
     "backbone_output_dir",
     "backbone_status",
     "backbones_dir",
+    "backbone_requirements",
     "build_backbones",
+    "build_order",
     "resolve_backbone",
 ]
 
@@ -158,6 +160,60 @@ def resolve_backbone(ref: str, what: str = "init_from") -> Path:
     return st.folder
 
 
+def _backbone_refs(value: Any) -> list[str]:
+    """Every ``backbone:<name>`` string inside a (nested) configuration value."""
+    if isinstance(value, str):
+        return [value[len(BACKBONE_PREFIX) :].strip()] if value.startswith(BACKBONE_PREFIX) else []
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _backbone_refs(v)]
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _backbone_refs(v)]
+    return []
+
+
+def backbone_requirements(name: str) -> list[str]:
+    """The backbones that recipe ``name`` starts from (``init_from: backbone:<x>``, a
+    callback's ``teacher: backbone:<x>``, any ``backbone:`` reference in its configuration)."""
+    from omegaconf import OmegaConf
+
+    from vlcompress.config import load_experiment
+
+    _, raw = load_experiment(f"{_FOLDER}/{name}")
+    refs = _backbone_refs(OmegaConf.to_container(raw, resolve=True))
+    return list(dict.fromkeys(r for r in refs if r != name))
+
+
+def build_order(names: list[str]) -> list[str]:
+    """``names`` with the backbones they start from first (those not named are added).
+
+    Raises:
+        ConfigError: a recipe names an unknown backbone, or recipes start from each other in a
+            cycle.
+    """
+    known, order, visiting = set(backbone_names()), [], []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(name) :], name])
+            raise ConfigError([f"backbones start from each other in a cycle: {cycle}"])
+        if name not in known:
+            raise ConfigError(
+                [f"backbone {visiting[-1]!r} starts from backbone {name!r}, which has no "
+                 f"recipe; known backbones: {', '.join(sorted(known)) or '(none)'}"]
+            )  # fmt: skip
+        visiting.append(name)
+        for dep in backbone_requirements(name):
+            visit(dep)
+        visiting.pop()
+        order.append(name)
+
+    for name in names:
+        visit(name)
+    return order
+
+
 def build_backbones(
     names: list[str] | None = None,
     overrides: list[str] | None = None,
@@ -165,7 +221,9 @@ def build_backbones(
 ) -> list[tuple[str, str]]:
     """Train every backbone in ``names`` (default: all) that is not finished yet, one after
     another, each as ``python -m vlcompress train backbones/<name>`` (``resume=true`` when its
-    folder holds a checkpoint to continue).
+    folder holds a checkpoint to continue). A backbone that starts from another one
+    (``init_from: backbone:<x>``) comes after it, and ``<x>`` is built too; when one fails,
+    those that start from it are not run.
 
     Args:
         names: the backbones to build (default: every recipe).
@@ -188,7 +246,13 @@ def build_backbones(
              for n in unknown]
         )  # fmt: skip
     done: list[tuple[str, str]] = []
-    for name in names:
+    failed: set[str] = set()
+    for name in build_order(names):
+        blocked = [d for d in backbone_requirements(name) if d in failed]
+        if blocked:
+            failed.add(name)
+            done.append((name, f"not run (needs {', '.join(blocked)})"))
+            continue
         st = backbone_status(name)
         if st.state == "finished":
             done.append((name, "finished before"))
@@ -202,5 +266,7 @@ def build_backbones(
             continue
         log.info("backbone %s: %s (%s)", name, "resuming" if resume else "training", st.folder)
         code = subprocess.call([sys.executable, "-m", "vlcompress", "train", *args])
+        if code != 0:
+            failed.add(name)
         done.append((name, ("resumed" if resume else "trained") if code == 0 else f"failed (exit {code})"))  # fmt: skip
     return done

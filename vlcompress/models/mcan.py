@@ -93,6 +93,10 @@ class MCANOptions(ModelOptions):
         adapter_visual_norm: with ``width_adapters``, the LayerNorm after the visual input
             projection (``visual_norm``; BST's VQA adapter). ``false``: none, as BST's GQA
             adapter (``frcn_linear`` alone).
+        adapter_lang_norm: with ``width_adapters``, the LayerNorm after the language adapter's
+            linear layer. ``false`` with ``adapter_init: identity`` and no
+            ``adapter_visual_norm``: the adapters start as the identity, so the model starts as
+            the same MCAN without adapters.
         zero_init_residual: start every encoder and decoder layer as the identity: the last
             projection of each residual branch (attention ``out``, FFN ``down``) starts at
             zero, as torchvision's ResNet option of that name (Goyal et al., 2017) and Fixup /
@@ -123,6 +127,7 @@ class MCANOptions(ModelOptions):
     packed_attention: bool | None = None
     adapter_init: Literal["default", "identity"] = "default"
     adapter_visual_norm: bool = True
+    adapter_lang_norm: bool = True
     zero_init_residual: bool = False
 
     @property
@@ -410,7 +415,8 @@ class MCAN(nn.Module):
         )
         if c.width_adapters:
             self.lang_adapter = nn.Sequential(
-                nn.Linear(lstm_size, c.hidden_size), nn.LayerNorm(c.hidden_size, eps=1e-6)
+                nn.Linear(lstm_size, c.hidden_size),
+                *([nn.LayerNorm(c.hidden_size, eps=1e-6)] if c.adapter_lang_norm else []),
             )
             if c.adapter_init == "identity":
                 with torch.no_grad():
