@@ -538,7 +538,10 @@ class SlimmableTraining(CompressionCallback):
         if stage == "test" and self.is_global_zero and self.run_dir is not None:
             from vlcompress.utils.plots import plot_submodels
 
-            plot_submodels(rows, self.run_dir / "slimmable.png")
+            report = getattr(getattr(trainer, "datamodule", None), "split_report", None) or {}
+            prior = report.get("prior_baseline") if isinstance(report, dict) else None
+            reference = {} if prior is None else {"blind: the commonest answer per type": prior}
+            plot_submodels(rows, self.run_dir / "slimmable.png", reference=reference)
 
     def _count_costs(self, args: tuple, kwargs: dict) -> None:
         """Parameters, MACs and FLOPs of every submodel's exported copy, counted on the CPU

@@ -251,3 +251,33 @@ def test_export_answers_real_questions_on_its_own(bst_run, tmp_path, capsys):
     (folder / "inputs.json").unlink()
     with pytest.raises(FileNotFoundError, match="export it again"):
         ExportedModel.load(folder)
+
+
+def test_separate_runs_are_matched_to_the_submodel_of_their_shape(bst_run, tmp_path, capsys):
+    from quick_run import TINY_RUN
+
+    from vlcompress import registry
+
+    cfg = yaml.safe_load((bst_run / "config.yaml").read_text())["model"]
+    model = registry.build("model", cfg["name"], cfg["options"], vocab_size=10, num_answers=5)
+    shape = model.slimmed_options(0.5, 2)  # the run's submodel w1/2-d2/3, trained on its own
+    own = tmp_path / "separate" / "w_half"
+    opts = ", ".join(f"{k}: {v}" for k, v in shape.items())
+    run_experiment(*load_experiment("default", [
+        *TINY_RUN, MODEL, f"output_dir={own}", "trainer.max_epochs=1",
+        *(f"model.options.{k}={v}" for k, v in shape.items()),
+    ]))  # fmt: skip
+    other = tmp_path / "separate" / "plain"  # no adapters: no submodel has its shape
+    run_experiment(*load_experiment("default", [*TINY_RUN, f"output_dir={other}",
+                                                "trainer.max_epochs=1"]))  # fmt: skip
+    assert main(["export", str(bst_run), "--separate", str(tmp_path / "separate")]) == 0, opts
+    out = capsys.readouterr().out
+    sub = json.loads((bst_run / "results.json").read_text())["callbacks"]["SlimmableTraining"]
+    test = {r["submodel"]: r["accuracy"] for r in sub["test_submodels"]}
+    own_acc = json.loads((own / "results.json").read_text())["test"]["accuracy"]
+    line = next(x for x in out.splitlines() if "w_half" in x)
+    assert "w1/2-d2/3" in line and f"{own_acc:.4f}" in line and f"{test['w1/2-d2/3']:.4f}" in line
+    assert "no submodel" in next(x for x in out.splitlines() if "plain" in x)
+    assert (bst_run / "slimmable_vs_separate.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["export", str(bst_run), "--separate", str(tmp_path / "nothing")]) == 1
+    assert "no finished run" in one_error_line(capsys)

@@ -15,3 +15,11 @@ def test_submodel_plot_draws_one_line_per_width_or_says_there_is_nothing(tmp_pat
     assert not plot_submodels([{k: v for k, v in r.items() if k != "macs"} for r in rows],
                               tmp_path / "none.png")  # fmt: skip
     assert not (tmp_path / "none.png").exists()
+
+
+def test_submodel_plot_takes_separate_runs_and_reference_lines(tmp_path):
+    rows = [{"submodel": "w1-d1", "width": 1.0, "accuracy": 0.87, "macs": 38.4e6}]
+    separate = [{"macs": 38.4e6, "accuracy": 0.70, "submodel": "w1-d1"}]
+    out = tmp_path / "vs.png"
+    assert plot_submodels(rows, out, separate=separate, reference={"blind": 0.6})
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -13,6 +13,7 @@ import re
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -242,6 +243,30 @@ def _backbones_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _separate_table(cmp: dict[str, Any], console: Console) -> None:
+    """Print each separately trained run beside the slimmable run's submodel of its shape."""
+    by_name = {r["submodel"]: r for r in cmp["submodels"]}
+    table = Table(
+        title="submodels vs. the same shapes trained on their own",
+        caption=f"plot: {cmp['plot']}; blind = question types answered without the image",
+    )
+    for col in ("run", "seed", "shape", "MACs (M)", "own: test acc", "balanced", "blind",
+                "submodel: test acc"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for s in cmp["separate"]:
+        sub = by_name.get(s["submodel"])
+
+        def fmt(v: Any) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        table.add_row(
+            Path(s["run"]).name, str(s["seed"]), s["submodel"] or "no submodel",
+            f"{s['macs'] / 1e6:.1f}", fmt(s["accuracy"]), fmt(s["balanced_accuracy"]),
+            str(len(s["blind_question_types"])), fmt(sub["accuracy"] if sub else None),
+        )  # fmt: skip
+    (console if console.is_terminal else Console(width=140)).print(table)
+
+
 def _export_command(args: argparse.Namespace, console: Console) -> int:
     """``export``: profile a slimmable run's submodels and / or export one (exit 1 for bad
     inputs, with one ``error:`` line)."""
@@ -264,8 +289,18 @@ def _export_command(args: argparse.Namespace, console: Console) -> int:
         if key in settings:
             return fail(f"{key}= is given twice; give it once")
         settings[key] = value
-    if not settings and not args.table:
-        return fail("nothing to do: give width= and depth=, budget=..., or --table")
+    if not settings and not args.table and not args.separate:
+        return fail("nothing to do: give width= and depth=, budget=..., --table or --separate")
+    if args.separate:
+        from vlcompress.export import compare_separate
+
+        try:
+            cmp = compare_separate(args.run, args.separate)
+        except (FileNotFoundError, ValueError) as e:
+            return fail(e)
+        _separate_table(cmp, console)
+        if not settings and not args.table:
+            return 0
     try:
         result = export_from_run(
             args.run, table=args.table, latency=not args.no_latency,
@@ -406,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=20, help="timed calls per latency (median, p10-p90)"
     )
     exp.add_argument("--out", default=None, help="export folder (default <run>/export/<key>)")
+    exp.add_argument(
+        "--separate",
+        nargs="+",
+        metavar="FOLDER",
+        help="compare with models of the same shapes trained on their own (run folders or a "
+        "sweep folder): a table and <run>/slimmable_vs_separate.png",
+    )
     args, extra = parser.parse_known_args(argv)
     settings = [e for e in extra if "=" in e and not e.startswith("-")]
     if settings and args.command == "export":  # key=value settings after an option

@@ -14,6 +14,11 @@ checkpoint gives the weights, and its callback's space lists the submodels:
   outputs, and stores the answer list and question encoding with it
   (:class:`~vlcompress.compress.submodels.ExportedModel` answers questions on its own).
 
+``--separate FOLDER ...`` compares the run's submodels with models of the same shapes trained on
+their own (run folders, or folders of them such as a sweep): each finished run is matched to the
+submodel with its parameter count and MACs, and ``slimmable_vs_separate.png`` plots both
+(:func:`compare_separate`).
+
 Costs for a budget come from the run's ``submodels.json`` when it was profiled from the same
 checkpoint and has the budgeted columns, else (parameters, MACs, FLOPs) from the callback's own
 per-submodel table, else from profiling.
@@ -44,7 +49,7 @@ from vlcompress.config import load_experiment
 from vlcompress.utils.flops import resize_batch
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["export_from_run"]
+__all__ = ["compare_separate", "export_from_run", "separate_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -427,3 +432,86 @@ def _export(
         )
     log.info("exported %s to %s", chosen.name, folder)
     return {"export": str(folder), "record": record}
+
+
+def _finished_runs(folder: Path) -> list[Path]:
+    """``folder`` when it holds a finished run (``results.json``), else its sub-folders that do
+    (a sweep folder), searched two levels deep."""
+    if (folder / "results.json").is_file():
+        return [folder]
+    return sorted(
+        p.parent for p in [*folder.glob("*/results.json"), *folder.glob("*/*/results.json")]
+    )
+
+
+def separate_runs(folders: list[str | Path]) -> list[dict[str, Any]]:
+    """The finished runs under ``folders`` as rows: ``run``, ``seed``, ``parameters``,
+    ``macs`` (half the run's FLOPs per example), ``accuracy`` and ``balanced_accuracy`` on test,
+    and the question types it answers blind (``blind_question_types``).
+
+    Raises:
+        FileNotFoundError: a folder does not exist or holds no finished run.
+    """
+    rows = []
+    for folder in map(Path, folders):
+        runs = _finished_runs(folder) if folder.is_dir() else []
+        if not runs:
+            raise FileNotFoundError(
+                f"--separate {folder}: no finished run (no results.json) there or one or two "
+                "levels below; give run folders or a sweep folder of separately trained models"
+            )
+        for run in runs:
+            r = json.loads((run / "results.json").read_text())
+            test, blind = r.get("test") or {}, r.get("blind") or {}
+            rows.append({
+                "run": str(run),
+                "seed": _seed_of(run),
+                "parameters": (r.get("parameters") or {}).get("total"),
+                "macs": (r.get("flops_per_sample") or 0) / 2,
+                "accuracy": test.get("accuracy"),
+                "balanced_accuracy": test.get("balanced_accuracy"),
+                "blind_question_types": blind.get("blind_question_types") or [],
+            })  # fmt: skip
+    return rows
+
+
+def _seed_of(run: Path) -> int | None:
+    try:
+        return int((OmegaConf.load(run / "config.yaml") or {}).get("seed"))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def compare_separate(run: str | Path, folders: list[str | Path]) -> dict[str, Any]:
+    """Match separately trained runs to the submodels of slimmable run ``run`` (same parameter
+    count and MACs) and plot both against MACs in ``<run>/slimmable_vs_separate.png``.
+
+    Returns:
+        ``{"submodels": the run's test rows, "separate": separate_runs(...) rows with the
+        ``submodel`` each matches (``None``: no submodel of that shape), "plot": path}``.
+
+    Raises:
+        FileNotFoundError: ``run`` has no finished slimmable results, or a folder holds no run.
+    """
+    run = Path(run)
+    try:
+        results = json.loads((run / "results.json").read_text())
+        rows = results["callbacks"]["SlimmableTraining"]["test_submodels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FileNotFoundError(
+            f"{run}: no finished slimmable_training run (results.json without the callback's "
+            "test_submodels); train it to the end first"
+        ) from e
+    shape = {(r.get("parameters"), round(r.get("macs", 0))): r["submodel"] for r in rows}
+    separate = separate_runs(folders)
+    for s in separate:
+        s["submodel"] = shape.get((s["parameters"], round(s["macs"])))
+    from vlcompress.utils.plots import plot_submodels
+
+    data = results.get("data") or {}
+    reference = {}
+    if data.get("prior_baseline") is not None:
+        reference["blind: the commonest answer per question type"] = data["prior_baseline"]
+    path = run / "slimmable_vs_separate.png"
+    plot_submodels(rows, path, separate=separate, reference=reference)
+    return {"submodels": rows, "separate": separate, "plot": str(path)}

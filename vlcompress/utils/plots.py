@@ -61,7 +61,12 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path, title: st
     return True
 
 
-def plot_submodels(rows: list[dict[str, Any]], out_png: str | Path) -> bool:
+def plot_submodels(
+    rows: list[dict[str, Any]],
+    out_png: str | Path,
+    separate: list[dict[str, Any]] | None = None,
+    reference: dict[str, float] | None = None,
+) -> bool:
     """Plot each submodel's test accuracy against its MACs per example (log scale), one line
     per width, each point labelled with its depth. Returns False when the rows have no costs.
 
@@ -69,6 +74,9 @@ def plot_submodels(rows: list[dict[str, Any]], out_png: str | Path) -> bool:
         rows: ``{"submodel": "w1/2-d1/3", "width", "accuracy", "macs", ...}`` per submodel
             (``SlimmableTraining``'s test table).
         out_png: where to write the PNG (atomically).
+        separate: models trained on their own (``{"macs", "accuracy"}``, optionally
+            ``"submodel"``), drawn as black crosses.
+        reference: ``{label: accuracy}`` drawn as dashed horizontal lines (blind baselines).
     """
     if not rows or "macs" not in rows[0]:
         return False
@@ -87,13 +95,20 @@ def plot_submodels(rows: list[dict[str, Any]], out_png: str | Path) -> bool:
         for x, y, name in pts:
             ax.annotate(name.split("-")[1], (x, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
+    if separate:
+        ax.plot([r["macs"] / 1e6 for r in separate], [r["accuracy"] for r in separate], "kx",
+                markersize=8, label="trained on its own")  # fmt: skip
+    for (label, value), style in zip((reference or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=label)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("MACs per example (millions, log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("submodels of one slimmable model")
+    ax.set_title(
+        "submodels of one slimmable model" + (" vs. trained on their own" if separate else "")
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, out_png)
