@@ -223,11 +223,7 @@ class _Growth:
 def _stack_targets(model: nn.Module, path: str, old: int) -> tuple[int, ...]:
     """Where ``old`` layers of the stack at ``path`` go: the layers a depth-``old`` submodel
     keeps (the anatomy's depth priority, in index order), else the first ``old``."""
-    anatomy = getattr(model, "anatomy", None)
-    try:
-        a = anatomy() if callable(anatomy) else None
-    except Exception:  # a model without a usable anatomy: the first layers
-        a = None
+    a = model.anatomy() if callable(getattr(model, "anatomy", None)) else None
     for stack, names in (a.stacks if a is not None else {}).items():
         if names and all(n.rsplit(".", 1)[0] == path for n in names):
             return tuple(sorted(a.depth_priority(stack)[:old]))
