@@ -40,8 +40,7 @@ def test_first_matching_pattern_wins_and_the_rest_keep_the_base_rate():
 @pytest.mark.parametrize(
     "scale, needle",
     [
-        ({r"decoder\.": 0.1}, "match no trainable parameter"),
-        ({r"frozen\.": 0.1}, "match no trainable parameter"),
+        ({r"decoder\.": 0.1}, "match no parameter"),
         ({"encoder(": 0.1}, "not a regular expression"),
         ({"encoder": 0.0}, "positive number"),
         ({"encoder": None}, "positive number"),
@@ -50,3 +49,12 @@ def test_first_matching_pattern_wins_and_the_rest_keep_the_base_rate():
 def test_bad_patterns_are_named(scale, needle):
     with pytest.raises(ValueError, match=needle):
         param_groups(_toy(), 1e-3, scale)
+
+
+def test_a_pattern_over_frozen_parameters_only_gets_no_group(caplog):
+    """Mask training freezes the weights a recipe's lr_scale names: that is not a typo."""
+    m = _toy()
+    with caplog.at_level("INFO", logger="vlcompress.tasks.vqa"):
+        groups = param_groups(m, 1e-3, {r"frozen\.": 0.1, r"encoder\.": 0.5})
+    assert [g["name"] for g in groups] == [r"encoder\.", "default"]
+    assert "match only frozen parameters" in caplog.text

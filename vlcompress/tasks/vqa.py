@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from vlcompress.losses.base import LossContext, VQALoss
 from vlcompress.metrics import ANSWER_TYPES, VQAAccuracy
 from vlcompress.models import contract
 
+log = logging.getLogger(__name__)
+
 
 def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
     """Trainable parameters in optimiser groups: one per ``lr_scale`` pattern (parameter-name
@@ -28,8 +31,9 @@ def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> li
 
     Raises:
         ValueError: a pattern that is not a regex, a multiplier that is not positive, or a
-            pattern that matches no trainable parameter (a typo would silently train
-            everything at the base rate).
+            pattern that matches no parameter at all (a typo would silently train
+            everything at the base rate). A pattern that matches only frozen parameters (a
+            callback such as mask training froze them) gets no group, with a log line.
     """
     import re
 
@@ -45,13 +49,21 @@ def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> li
         hit = next((p for p, rx, _ in compiled if rx.search(name)), None)
         (groups[hit] if hit is not None else rest).append(param)
     empty = [p for p, ps in groups.items() if not ps]
-    if empty:
+    frozen = [
+        p
+        for p, rx, _ in compiled
+        if p in empty and any(rx.search(n) for n, _ in module.named_parameters())
+    ]
+    typos = [p for p in empty if p not in frozen]
+    if typos:
         names = [n for n, q in module.named_parameters() if q.requires_grad][:5]
         raise ValueError(
-            f"optim.lr_scale: {empty} match no trainable parameter (names look like {names}); "
+            f"optim.lr_scale: {typos} match no parameter (names look like {names}); "
             "fix the patterns (Python regexes searched in the parameter names)."
         )
-    out = [{"params": groups[p], "lr": lr * s, "name": p} for p, _, s in compiled]
+    if frozen:  # e.g. mask training freezes the weights: nothing of theirs to scale
+        log.info("optim.lr_scale: %s match only frozen parameters; no group for them", frozen)
+    out = [{"params": groups[p], "lr": lr * s, "name": p} for p, _, s in compiled if groups[p]]
     return [*out, {"params": rest, "lr": lr, "name": "default"}] if rest else out
 
 
