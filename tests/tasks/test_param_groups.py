@@ -41,6 +41,7 @@ def test_first_matching_pattern_wins_and_the_rest_keep_the_base_rate():
     "scale, needle",
     [
         ({r"decoder\.": 0.1}, "match no parameter"),
+        ({r"encoder": 0.1, r"encoder\.0": 0.5}, "an earlier pattern already took"),
         ({"encoder(": 0.1}, "not a regular expression"),
         ({"encoder": 0.0}, "positive number"),
         ({"encoder": None}, "positive number"),

@@ -31,8 +31,8 @@ def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> li
 
     Raises:
         ValueError: a pattern that is not a regex, a multiplier that is not positive, or a
-            pattern that matches no parameter at all (a typo would silently train
-            everything at the base rate). A pattern that matches only frozen parameters (a
+            pattern that wins no parameter (matches none, or only ones an earlier pattern took:
+            a typo would silently train everything at the base rate). A pattern that matches only frozen parameters (a
             callback such as mask training froze them) gets no group, with a log line.
     """
     import re
@@ -42,25 +42,23 @@ def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> li
         raise ValueError("; ".join(problems))
     compiled = [(p, re.compile(p), float(s)) for p, s in lr_scale.items()]
     groups: dict[str, list[nn.Parameter]] = {p: [] for p, _, _ in compiled}
+    won: dict[str, int] = {p: 0 for p, _, _ in compiled}  # parameters won, frozen ones too
     rest: list[nn.Parameter] = []
     for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
         hit = next((p for p, rx, _ in compiled if rx.search(name)), None)
-        (groups[hit] if hit is not None else rest).append(param)
-    empty = [p for p, ps in groups.items() if not ps]
-    frozen = [
-        p
-        for p, rx, _ in compiled
-        if p in empty and any(rx.search(n) for n, _ in module.named_parameters())
-    ]
-    typos = [p for p in empty if p not in frozen]
+        if hit is not None:
+            won[hit] += 1
+        if param.requires_grad:
+            (groups[hit] if hit is not None else rest).append(param)
+    typos = [p for p, n in won.items() if n == 0]
     if typos:
-        names = [n for n, q in module.named_parameters() if q.requires_grad][:5]
+        names = [n for n, _ in module.named_parameters()][:5]
         raise ValueError(
-            f"optim.lr_scale: {typos} match no parameter (names look like {names}); "
-            "fix the patterns (Python regexes searched in the parameter names)."
+            f"optim.lr_scale: {typos} match no parameter, or only parameters an earlier pattern "
+            f"already took (names look like {names}); fix the patterns (Python regexes searched "
+            "in the parameter names; the first matching pattern wins)."
         )
+    frozen = [p for p in groups if not groups[p]]
     if frozen:  # e.g. mask training freezes the weights: nothing of theirs to scale
         log.info("optim.lr_scale: %s match only frozen parameters; no group for them", frozen)
     out = [{"params": groups[p], "lr": lr * s, "name": p} for p, _, s in compiled if groups[p]]
