@@ -115,48 +115,53 @@ def test_missing_or_empty_paths_fail_before_a_run_folder_is_made(tmp_path, tiny_
         load_experiment("default", ["init_from=''"])
 
 
-def test_init_grow_fills_the_first_layers_and_keeps_the_deeper_ones_fresh(stage1, tiny_run):
+def test_init_grow_puts_the_layers_where_the_depth_k_submodel_keeps_them(tmp_path, tiny_run):
+    two = tmp_path / "two_layers"  # a 2 + 2-layer stage to grow from
+    _run(tiny_run, two, "model.options.num_layers=2")
     cfg, _ = load_experiment("default", [*tiny_run, "data.options.split=cp"])
     dm = build_datamodule(cfg.data, cfg.seed)
-    state = torch.load(stage1 / "checkpoints" / "best.ckpt", map_location="cpu",
+    state = torch.load(two / "checkpoints" / "best.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]  # fmt: skip
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.encoder."))
 
     def _task(*extra):
         cfg, raw = load_experiment("default", [*tiny_run, "data.options.split=cp", *extra])
         return build_task(cfg, dm), OmegaConf.to_container(raw, resolve=True)
 
-    deeper = [f"model.options.num_layers={depth + 2}", "model.options.zero_init_residual=true"]
+    deeper = ["model.options.num_layers=6", "model.options.zero_init_residual=true"]
     task, resolved = _task(*deeper)
-    with pytest.raises(ConfigError, match=rf"num_layers: the checkpoint's is {depth}"):
-        apply_init_checkpoint(task, resolved, stage1)  # growing is asked for, not assumed
+    with pytest.raises(ConfigError, match=r"num_layers: the checkpoint's is 2, this run's 6"):
+        apply_init_checkpoint(task, resolved, two)  # growing is asked for, not assumed
     fresh = {k: v.clone() for k, v in task.model.state_dict().items()}
-    record = apply_init_checkpoint(task, resolved, stage1, grow=True)
-    n, anatomy = depth + 2, task.model.anatomy()
-    # the checkpoint's layers go where the grown model's depth-`depth` submodel keeps them
-    targets = {s: sorted(anatomy.depth_priority(s)[:depth]) for s in ("encoder", "decoder")}
-    assert targets["decoder"][-1] == n - 1  # BST keeps the decoder's last layer first
-    assert record.loaded == ["model"] + [
-        f"grown {s} {depth}->{n} (into layers {targets[s]})" for s in ("decoder", "encoder")
-    ]
+    record = apply_init_checkpoint(task, resolved, two, grow=True)
+    # BST's depth-1/3 submodel keeps encoder layers 0, 5 and decoder layers 5, 0: in index
+    # order, the checkpoint's layer 0 goes to layer 0 and its layer 1 to layer 5 in both stacks
+    assert record.loaded == [
+        "model", "grown decoder 2->6 (into layers [0, 5])", "grown encoder 2->6 (into layers [0, 5])",
+    ]  # fmt: skip
+    where = {"0": "0", "5": "1"}
     for k, v in task.model.state_dict().items():
         parts = k.split(".")
-        if parts[0] in targets and int(parts[1]) not in targets[parts[0]]:
+        if parts[0] in ("encoder", "decoder") and parts[1] not in where:
             assert torch.equal(v, fresh[k]), k  # a new layer: fresh
             continue
-        if parts[0] in targets:  # target layer t holds the checkpoint's j-th layer
-            parts[1] = str(targets[parts[0]].index(int(parts[1])))
+        if parts[0] in ("encoder", "decoder"):
+            parts[1] = where[parts[1]]
         assert torch.equal(v, state["model." + ".".join(parts)]), k
-    # the grown layers start as the identity on their residual branch (zero_init_residual)
-    fresh_layer = next(i for i in range(n) if i not in targets["encoder"])
-    assert not task.model.encoder[fresh_layer].ffn.down.weight.any()
+    assert not task.model.encoder[1].ffn.down.weight.any()  # new layers: zero residual branch
+    # a callback reading the stage's checkpoint (masks_from=init) sees the grown names
+    init_state = task.init_checkpoint["state_dict"]
+    assert torch.equal(init_state["model.decoder.5.ffn.up.weight"],
+                       state["model.decoder.1.ffn.up.weight"])  # fmt: skip
+    assert "model.decoder.1.ffn.up.weight" not in init_state
 
-    task, resolved = _task("model.options.hidden_size=32", *deeper)
+    task, resolved = _task("model.options.hidden_size=16", *deeper)
     with pytest.raises(ConfigError, match="hidden_size: the checkpoint's is"):
-        apply_init_checkpoint(task, resolved, stage1, grow=True)  # only depths may grow
-    if depth > 1:
-        task, resolved = _task(f"model.options.num_layers={depth - 1}")
-        with pytest.raises(ConfigError, match="num_layers"):
-            apply_init_checkpoint(task, resolved, stage1, grow=True)  # never shrink
+        apply_init_checkpoint(task, resolved, two, grow=True)  # only depths may grow
+    task, resolved = _task("model.options.num_layers=1")
+    with pytest.raises(ConfigError, match="num_layers: the checkpoint's is 2, this run's 1"):
+        apply_init_checkpoint(task, resolved, two, grow=True)  # never shrink
+    task, resolved = _task("model.options.grid_context_layers=3", *deeper)
+    with pytest.raises(ConfigError, match="grid_context_layers"):
+        apply_init_checkpoint(task, resolved, two, grow=True)  # not a layer stack
     with pytest.raises(ConfigError, match="init_grow: true grows .* no init_from"):
         load_experiment("default", ["init_grow=true"])

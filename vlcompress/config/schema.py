@@ -157,8 +157,8 @@ class ExperimentConfig:
     ``init_from`` (a run folder or a ``.ckpt`` file) starts a new pipeline stage from that
     run's model weights with a fresh optimiser and step counter; ``resume`` wins over it (see
     :mod:`vlcompress.utils.init_from`). ``init_grow: true`` lets that checkpoint be a shallower
-    model of the same kind: its layers fill the first layers of each stack and the deeper ones
-    keep their fresh initialisation (depth growth).
+    model of the same kind: its layers go where this model's submodel of that depth keeps them,
+    the other layers keep their fresh initialisation (depth growth).
     """
 
     name: str = "experiment"

@@ -94,9 +94,9 @@ class MCANOptions(ModelOptions):
             projection (``visual_norm``; BST's VQA adapter). ``false``: none, as BST's GQA
             adapter (``frcn_linear`` alone).
         adapter_lang_norm: with ``width_adapters``, the LayerNorm after the language adapter's
-            linear layer. ``false`` with ``adapter_init: identity`` and no
-            ``adapter_visual_norm``: the adapters start as the identity, so the model starts as
-            the same MCAN without adapters.
+            linear layer. ``false`` with ``adapter_init: identity``, no ``adapter_visual_norm``
+            and ``lstm_size`` equal to ``hidden_size``: the adapters start as the identity, so
+            the model computes what the same MCAN without adapters would.
         zero_init_residual: start every encoder and decoder layer as the identity: the last
             projection of each residual branch (attention ``out``, FFN ``down``) starts at
             zero, as torchvision's ResNet option of that name (Goyal et al., 2017) and Fixup /

@@ -18,11 +18,13 @@ weights, with a fresh optimiser, scheduler and step counter (a new stage, not a 
   callback's masks) is not applied. The checkpoint (without optimiser states) is kept on the
   task as ``pl_module.init_checkpoint`` so a callback can take it up in ``setup``.
 * ``init_grow: true`` (depth growth) lets the checkpoint be a *shallower* model of the same
-  kind: model options whose names end in ``layers`` may be larger in this run (and
-  ``zero_init_residual`` may differ); every other option must match. The checkpoint's ``k``
+  kind: the depth options (:data:`GROWABLE_DEPTHS`: ``num_layers``, ``language_layers``,
+  ``vision_layers``, ``cross_layers``) may be larger in this run (and ``zero_init_residual``
+  may differ); every other option must match. The checkpoint's ``k``
   layers of each layer stack (an ``nn.ModuleList``) go where a depth-``k`` submodel of this
   model keeps its layers (the anatomy's depth priority, in index order: BST's MCAN keeps
-  encoder layer 0 and decoder layer 5 at depth 1; without a declared order, the first ``k``),
+  encoder layer 0 and decoder layer 5 at depth 1, and any stack without a declared order keeps
+  layers 0 and L-1 at depth 2; a list the anatomy does not know: the first ``k``),
   so the shallower model becomes the grown one's depth-``k`` submodel. The other layers keep
   their fresh initialisation (with ``zero_init_residual`` they start close to the identity) and
   every other tensor is loaded as usual. The loaded record says which stacks grew, and into
@@ -59,7 +61,13 @@ from vlcompress.config import ConfigError
 BACKBONE_PREFIX = "backbone:"
 """``init_from: backbone:<name>`` names a pretrained backbone (:mod:`vlcompress.backbones`)."""
 
-__all__ = ["InitRecord", "apply_init_checkpoint", "load_init_checkpoint", "resolve_init_path"]
+__all__ = [
+    "GROWABLE_DEPTHS",
+    "InitRecord",
+    "apply_init_checkpoint",
+    "load_init_checkpoint",
+    "resolve_init_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -168,21 +176,19 @@ def _filled_options(kind: str, name: str, options: Any) -> dict[str, Any] | None
         return None  # not comparable here; the shape check still guards the weights
 
 
+GROWABLE_DEPTHS = ("num_layers", "language_layers", "vision_layers", "cross_layers")
+"""Model options that size a layer stack (an ``nn.ModuleList``): ``init_grow`` lets them grow."""
+
 _GROWABLE = ("zero_init_residual",)
-"""Model options besides the ``*layers`` depths that may differ under ``init_grow``."""
+"""Model options besides the depths that may differ under ``init_grow``."""
 
 
 def _growable(key: str, old: Any, new: Any) -> bool:
     """Whether option ``key`` may go from ``old`` to ``new`` under ``init_grow``."""
     if key in _GROWABLE:
         return True
-    return (
-        key.endswith("layers")
-        and isinstance(old, int)
-        and isinstance(new, int)
-        and not isinstance(old, bool)
-        and new >= old
-    )
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new))
+    return key in GROWABLE_DEPTHS and ints and new >= old
 
 
 def _component_problems(
@@ -225,14 +231,18 @@ def _stack_targets(model: nn.Module, path: str, old: int) -> tuple[int, ...]:
     keeps (the anatomy's depth priority, in index order), else the first ``old``."""
     a = model.anatomy() if callable(getattr(model, "anatomy", None)) else None
     for stack, names in (a.stacks if a is not None else {}).items():
-        if names and all(n.rsplit(".", 1)[0] == path for n in names):
+        if names and all(n == f"{path}.{i}" for i, n in enumerate(names)):
+            if len(names) != len(model.get_submodule(path)):
+                break  # the anatomy lists part of the list only: keep the plain order
             return tuple(sorted(a.depth_priority(stack)[:old]))
     return tuple(range(old))
 
 
 def _grown_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, _Growth]:
     """The layer stacks (``nn.ModuleList``) of ``model`` deeper than the checkpoint's; a
-    stack's depth in the checkpoint is one more than its highest ``<path>.<i>.`` index."""
+    stack's depth in the checkpoint is one more than its highest ``<path>.<i>.`` index. A list
+    whose extra entries hold no tensors (parameter-free modules) has not grown."""
+    own = model.state_dict()
     grown = {}
     for path, sub in model.named_modules():
         if not isinstance(sub, nn.ModuleList) or not path:
@@ -241,7 +251,8 @@ def _grown_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
         heads = {k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)}
         idx = [int(h) for h in heads if h.isdigit()]
         old = max(idx) + 1 if idx else 0
-        if 0 < old < len(sub):
+        deeper = any(k.startswith(f"{prefix}{i}.") for k in own for i in range(old, len(sub)))
+        if 0 < old < len(sub) and deeper:
             grown[path] = _Growth(old, len(sub), _stack_targets(model, path, old))
     return grown
 
@@ -343,7 +354,17 @@ def apply_init_checkpoint(
                 + (" (init_grow=true lets only the *layers depths grow)" if grow else "")
             ]
         )
-    task.model.load_state_dict(model_state, strict=not grown)
+    result = task.model.load_state_dict(model_state, strict=not grown)
+    if grown:  # exactly the fresh layers' tensors were left out
+        stray = [k for k in result.missing_keys if not _in_fresh_layer(k, grown)]
+        if stray or result.unexpected_keys:
+            raise ConfigError([f"init_from {path}: growing left {stray[:5]} unloaded and "
+                               f"{result.unexpected_keys[:5]} unused; a bug: please report it"])  # fmt: skip
+        state = {**state, **{f"model.{k}": v for k, v in model_state.items()}}
+        state = {
+            k: v for k, v in state.items() if not k.startswith("model.") or k[6:] in model_state
+        }
+        ckpt = {**ckpt, "state_dict": state}  # callbacks reading it see the grown names
     loaded = ["model"]
     if grow and not grown:
         log.warning("init_grow: the checkpoint is as deep as this run's model; nothing grew")
