@@ -116,6 +116,13 @@ def test_a_backbone_that_starts_from_another_is_built_after_it(project):
     assert results["init_from"]["loaded"][1:] == [  # the default's one layer per stack
         "grown decoder 1->3 (into layers [2])", "grown encoder 1->3 (into layers [0])",
     ]  # fmt: skip
+    (exps / "broken.yaml").write_text(  # fails when it runs: its init_from does not exist
+        "defaults: [backbones/tiny]\noutput_dir: null\ninit_from: /nonexistent/x.ckpt\n"
+    )
+    (exps / "after_broken.yaml").write_text(on.format("broken"))
+    assert build_backbones(["after_broken"]) == [
+        ("broken", "failed (exit 2)"), ("after_broken", "not run (needs broken)"),
+    ]  # fmt: skip
     (exps / "loop_a.yaml").write_text(on.format("loop_b"))
     (exps / "loop_b.yaml").write_text(on.format("loop_a"))
     with pytest.raises(ConfigError, match="cycle: loop_a -> loop_b -> loop_a"):

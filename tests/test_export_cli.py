@@ -279,5 +279,9 @@ def test_separate_runs_are_matched_to_the_submodel_of_their_shape(bst_run, tmp_p
     assert "w1/2-d2/3" in line and f"{own_acc:.4f}" in line and f"{test['w1/2-d2/3']:.4f}" in line
     assert "no submodel" in next(x for x in out.splitlines() if "plain" in x)
     assert (bst_run / "slimmable_vs_separate.png").read_bytes()[:4] == b"\x89PNG"
+    # a setting after --separate is a setting, not a folder (width=2 is out of the space)
+    assert main(["export", str(bst_run), "--separate", str(tmp_path / "separate"), "width=2",
+                 "depth=1"]) == 1  # fmt: skip
+    assert "width" in capsys.readouterr().err
     assert main(["export", str(bst_run), "--separate", str(tmp_path / "nothing")]) == 1
     assert "no finished run" in one_error_line(capsys)

@@ -21,5 +21,19 @@ def test_submodel_plot_takes_separate_runs_and_reference_lines(tmp_path):
     rows = [{"submodel": "w1-d1", "width": 1.0, "accuracy": 0.87, "macs": 38.4e6}]
     separate = [{"macs": 38.4e6, "accuracy": 0.70, "submodel": "w1-d1"}]
     out = tmp_path / "vs.png"
-    assert plot_submodels(rows, out, separate=separate, reference={"blind": 0.6})
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_save = plt.Figure.savefig
+
+    def spy(fig, *a, **k):  # the legend of the figure being written
+        seen["labels"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        return real_save(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        assert plot_submodels(rows, out, separate=separate, reference={"blind": 0.6})
+    finally:
+        plt.Figure.savefig = real_save
     assert out.read_bytes()[:4] == b"\x89PNG"
+    assert seen["labels"] == ["width 1", "trained on its own", "blind"]

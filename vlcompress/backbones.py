@@ -199,9 +199,10 @@ def build_order(names: list[str]) -> list[str]:
             cycle = " -> ".join([*visiting[visiting.index(name) :], name])
             raise ConfigError([f"backbones start from each other in a cycle: {cycle}"])
         if name not in known:
+            who = f"backbone {visiting[-1]!r} starts from backbone" if visiting else "no backbone"
             raise ConfigError(
-                [f"backbone {visiting[-1]!r} starts from backbone {name!r}, which has no "
-                 f"recipe; known backbones: {', '.join(sorted(known)) or '(none)'}"]
+                [f"{who} {name!r}, which has no recipe; known backbones: "
+                 f"{', '.join(sorted(known)) or '(none)'}"]
             )  # fmt: skip
         visiting.append(name)
         for dep in backbone_requirements(name):
@@ -248,14 +249,14 @@ def build_backbones(
     done: list[tuple[str, str]] = []
     failed: set[str] = set()
     for name in build_order(names):
+        st = backbone_status(name)
+        if st.state == "finished":
+            done.append((name, "finished before"))
+            continue
         blocked = [d for d in backbone_requirements(name) if d in failed]
         if blocked:
             failed.add(name)
             done.append((name, f"not run (needs {', '.join(blocked)})"))
-            continue
-        st = backbone_status(name)
-        if st.state == "finished":
-            done.append((name, "finished before"))
             continue
         resume = st.state == "unfinished" and st.resumable
         args = [f"{_FOLDER}/{name}", *(overrides or [])]

@@ -248,7 +248,8 @@ def _separate_table(cmp: dict[str, Any], console: Console) -> None:
     by_name = {r["submodel"]: r for r in cmp["submodels"]}
     table = Table(
         title="submodels vs. the same shapes trained on their own",
-        caption=f"plot: {cmp['plot']}; blind = question types answered without the image",
+        caption=f"plot: {cmp['plot'] or 'none (no MACs)'}; blind = question types answered "
+        "without the image",
     )
     for col in ("run", "seed", "shape", "MACs (M)", "own: test acc", "balanced", "blind",
                 "submodel: test acc"):  # fmt: skip
@@ -453,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings and args.command == "export":  # key=value settings after an option
         args.settings += settings
         extra = [e for e in extra if e not in settings]
+    if args.command == "export" and args.separate:  # --separate DIR width=1/2: not a folder
+        args.settings += [e for e in args.separate if "=" in e]
+        args.separate = [e for e in args.separate if "=" not in e]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -488,7 +488,8 @@ def compare_separate(run: str | Path, folders: list[str | Path]) -> dict[str, An
 
     Returns:
         ``{"submodels": the run's test rows, "separate": separate_runs(...) rows with the
-        ``submodel`` each matches (``None``: no submodel of that shape), "plot": path}``.
+        ``submodel`` each matches (``None``: no submodel of that shape; the run itself is left
+        out), "plot": the PNG's path, ``None`` when the rows have no costs to plot}``.
 
     Raises:
         FileNotFoundError: ``run`` has no finished slimmable results, or a folder holds no run.
@@ -502,10 +503,10 @@ def compare_separate(run: str | Path, folders: list[str | Path]) -> dict[str, An
             f"{run}: no finished slimmable_training run (results.json without the callback's "
             "test_submodels); train it to the end first"
         ) from e
-    shape = {(r.get("parameters"), round(r.get("macs", 0))): r["submodel"] for r in rows}
-    separate = separate_runs(folders)
+    shape = {(r.get("parameters"), round(r.get("macs") or 0)): r["submodel"] for r in rows}
+    separate = [s for s in separate_runs(folders) if Path(s["run"]).resolve() != run.resolve()]
     for s in separate:
-        s["submodel"] = shape.get((s["parameters"], round(s["macs"])))
+        s["submodel"] = shape.get((s["parameters"], round(s["macs"] or 0)))
     from vlcompress.utils.plots import plot_submodels
 
     data = results.get("data") or {}
@@ -513,5 +514,5 @@ def compare_separate(run: str | Path, folders: list[str | Path]) -> dict[str, An
     if data.get("prior_baseline") is not None:
         reference["blind: the commonest answer per question type"] = data["prior_baseline"]
     path = run / "slimmable_vs_separate.png"
-    plot_submodels(rows, path, separate=separate, reference=reference)
-    return {"submodels": rows, "separate": separate, "plot": str(path)}
+    drawn = plot_submodels(rows, path, separate=separate, reference=reference)
+    return {"submodels": rows, "separate": separate, "plot": str(path) if drawn else None}
