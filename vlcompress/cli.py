@@ -254,12 +254,12 @@ def _separate_table(cmp: dict[str, Any], console: Console) -> None:
     for col in ("run", "seed", "shape", "MACs (M)", "own: test acc", "balanced", "blind",
                 "submodel: test acc"):  # fmt: skip
         table.add_column(col, justify="left" if col == "run" else "right")
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     for s in cmp["separate"]:
         sub = by_name.get(s["submodel"])
-
-        def fmt(v: Any) -> str:
-            return "-" if v is None else f"{v:.4f}"
-
         table.add_row(
             Path(s["run"]).name, str(s["seed"]), s["submodel"] or "no submodel",
             f"{s['macs'] / 1e6:.1f}", fmt(s["accuracy"]), fmt(s["balanced_accuracy"]),

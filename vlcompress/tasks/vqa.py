@@ -32,8 +32,9 @@ def param_groups(module: nn.Module, lr: float, lr_scale: dict[str, float]) -> li
     Raises:
         ValueError: a pattern that is not a regex, a multiplier that is not positive, or a
             pattern that wins no parameter (matches none, or only ones an earlier pattern took:
-            a typo would silently train everything at the base rate). A pattern that matches only frozen parameters (a
-            callback such as mask training froze them) gets no group, with a log line.
+            a typo would silently train everything at the base rate). A pattern that matches
+            only frozen parameters (a callback such as mask training froze them) gets no group,
+            with a log line.
     """
     import re
 

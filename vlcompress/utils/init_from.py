@@ -226,15 +226,20 @@ class _Growth:
     targets: tuple[int, ...]
 
 
-def _stack_targets(model: nn.Module, path: str, old: int) -> tuple[int, ...]:
+def _layer_of(key: str, path: str) -> int | None:
+    """The index ``i`` when ``key`` is ``<path>.<i>.<rest>``, else ``None``."""
+    head = key[len(path) + 1 :].split(".", 1)[0] if key.startswith(path + ".") else ""
+    return int(head) if head.isdigit() else None
+
+
+def _stack_targets(model: nn.Module, anatomy: Any, path: str, old: int) -> tuple[int, ...]:
     """Where ``old`` layers of the stack at ``path`` go: the layers a depth-``old`` submodel
     keeps (the anatomy's depth priority, in index order), else the first ``old``."""
-    a = model.anatomy() if callable(getattr(model, "anatomy", None)) else None
-    for stack, names in (a.stacks if a is not None else {}).items():
+    for stack, names in (anatomy.stacks if anatomy is not None else {}).items():
         if names and all(n == f"{path}.{i}" for i, n in enumerate(names)):
             if len(names) != len(model.get_submodule(path)):
                 break  # the anatomy lists part of the list only: keep the plain order
-            return tuple(sorted(a.depth_priority(stack)[:old]))
+            return tuple(sorted(anatomy.depth_priority(stack)[:old]))
     return tuple(range(old))
 
 
@@ -242,18 +247,17 @@ def _grown_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     """The layer stacks (``nn.ModuleList``) of ``model`` deeper than the checkpoint's; a
     stack's depth in the checkpoint is one more than its highest ``<path>.<i>.`` index. A list
     whose extra entries hold no tensors (parameter-free modules) has not grown."""
-    own = model.state_dict()
+    own = list(model.state_dict())
+    anatomy = model.anatomy() if callable(getattr(model, "anatomy", None)) else None
     grown = {}
     for path, sub in model.named_modules():
         if not isinstance(sub, nn.ModuleList) or not path:
             continue
-        prefix = path + "."
-        heads = {k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)}
-        idx = [int(h) for h in heads if h.isdigit()]
+        idx = [i for k in state if (i := _layer_of(k, path)) is not None]
         old = max(idx) + 1 if idx else 0
-        deeper = any(k.startswith(f"{prefix}{i}.") for k in own for i in range(old, len(sub)))
+        deeper = any((i := _layer_of(k, path)) is not None and i >= old for k in own)
         if 0 < old < len(sub) and deeper:
-            grown[path] = _Growth(old, len(sub), _stack_targets(model, path, old))
+            grown[path] = _Growth(old, len(sub), _stack_targets(model, anatomy, path, old))
     return grown
 
 
@@ -264,20 +268,18 @@ def _grow_state(
     out = {}
     for k, v in state.items():
         for path, g in grown.items():
-            head, _, rest = k[len(path) + 1 :].partition(".")
-            if k.startswith(path + ".") and head.isdigit():
-                k = f"{path}.{g.targets[int(head)]}.{rest}"
+            j = _layer_of(k, path)
+            if j is not None:
+                k = f"{path}.{g.targets[j]}.{k[len(path) + 1 :].partition('.')[2]}"
                 break
         out[k] = v
     return out
 
 
 def _in_fresh_layer(key: str, grown: dict[str, _Growth]) -> bool:
-    for path, g in grown.items():
-        head = key[len(path) + 1 :].split(".", 1)[0] if key.startswith(path + ".") else ""
-        if head.isdigit() and int(head) not in g.targets:
-            return True
-    return False
+    return any(
+        (i := _layer_of(key, path)) is not None and i not in g.targets for path, g in grown.items()
+    )
 
 
 def _shape_problems(
@@ -354,17 +356,12 @@ def apply_init_checkpoint(
                 + (" (init_grow=true lets only the *layers depths grow)" if grow else "")
             ]
         )
-    result = task.model.load_state_dict(model_state, strict=not grown)
-    if grown:  # exactly the fresh layers' tensors were left out
-        stray = [k for k in result.missing_keys if not _in_fresh_layer(k, grown)]
-        if stray or result.unexpected_keys:
-            raise ConfigError([f"init_from {path}: growing left {stray[:5]} unloaded and "
-                               f"{result.unexpected_keys[:5]} unused; a bug: please report it"])  # fmt: skip
-        state = {**state, **{f"model.{k}": v for k, v in model_state.items()}}
-        state = {
-            k: v for k, v in state.items() if not k.startswith("model.") or k[6:] in model_state
-        }
-        ckpt = {**ckpt, "state_dict": state}  # callbacks reading it see the grown names
+    # growing: _shape_problems checked that exactly the fresh layers' tensors are missing
+    task.model.load_state_dict(model_state, strict=not grown)
+    if grown:  # callbacks reading the checkpoint (masks_from=init) see the grown names
+        state = {k: v for k, v in state.items() if not k.startswith("model.")}
+        state.update({f"model.{k}": v for k, v in model_state.items()})
+        ckpt = {**ckpt, "state_dict": state}
     loaded = ["model"]
     if grow and not grown:
         log.warning("init_grow: the checkpoint is as deep as this run's model; nothing grew")
