@@ -240,3 +240,21 @@ def test_identity_adapter_init_passes_the_lstm_output_to_its_layernorm():
     assert torch.equal(narrow.lang_adapter[0].weight, torch.eye(32, 16))  # LSTM 16 -> hidden 32
     default = build_model("mcan_tiny", 30, 7, width_adapters=True)
     assert not torch.equal(default.lang_adapter[0].weight, torch.eye(32))
+
+
+def test_adapter_without_lang_norm_is_the_identity_at_start():
+    from vlcompress.models.anatomy import anatomy_of
+
+    m = build_model(
+        "mcan_tiny", 30, 7, width_adapters=True, adapter_init="identity", adapter_lang_norm=False
+    ).eval()
+    assert len(m.lang_adapter) == 1  # the linear layer alone, no LayerNorm after it
+    with_norm = build_model("mcan_tiny", 30, 7, width_adapters=True)
+    assert set(dict(with_norm.named_parameters())) - set(dict(m.named_parameters())) == {
+        "lang_adapter.1.weight",
+        "lang_adapter.1.bias",
+    }
+    h = torch.randn(2, 5, 32)
+    torch.testing.assert_close(m.lang_adapter(h), h)  # the LSTM output passes unchanged
+    anatomy_of(m).validate(m)
+    assert m(region_batch()).shape == (3, 7)
