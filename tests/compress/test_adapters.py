@@ -2,6 +2,8 @@
 anatomy: sizes as the seed's, positions as the seed's, zero-init adapters that start exactly as
 the backbone, and detaching that leaves the model as it was."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -141,3 +143,45 @@ def test_our_models(name):
         torch.testing.assert_close(got, layer.norm2(h1 + layer.ffn(h1) + a1(h1)))
     added.remove()
     torch.testing.assert_close(model(batch), before)
+
+
+@pytest.mark.parametrize("family", ["vilt", "lxmert"])
+def test_skip_adapter_stands_in_for_a_layer(family):
+    case = TINY_MODELS[family]()
+    model, anatomy = case.model, anatomy_of(case.model)
+    before = tensors_of(case.run())
+    keys = set(model.state_dict())
+    spec = anatomy.layers[-1]
+    dim = model.config.hidden_size
+    adapters = [BottleneckAdapter(dim, 8, init="zero", residual=True) for _ in spec.streams]
+    seen = []
+    layer = model.get_submodule(spec.name)
+    hook = layer.register_forward_hook(
+        lambda m, a, k, out: seen.append((a, k, out)), with_kwargs=True
+    )
+    anatomy.skip_layer(model, spec.name)
+    plain = tensors_of(case.run())  # skipped without adapters
+    anatomy.skip_layer(model, spec.name, adapters)  # zero adapters: the same as plain skipping
+    for k, v in tensors_of(case.run()).items():
+        torch.testing.assert_close(v, plain[k], msg=k)
+    for a in adapters:
+        nn.init.normal_(a.up.weight, std=0.02)
+    out = tensors_of(case.run())
+    assert any(not torch.allclose(out[k], plain[k]) for k in plain)
+    sum(v.float().pow(2).sum() for v in out.values()).backward()
+    assert all(a.up.weight.grad.abs().sum() > 0 for a in adapters)  # every stream's adapter
+    # the layer's output is its input streams through the adapters, in the layer's structure
+    args, kwargs, output = seen[-1]
+    bound = inspect.signature(type(layer).forward).bind(layer, *args, **kwargs).arguments
+    names = list(bound)[1:]
+    inputs = [bound[names[s]] if isinstance(s, int) else bound[s] for s in spec.streams]
+    for i, (x, a) in enumerate(zip(inputs, adapters)):
+        torch.testing.assert_close(output[i], x + a.up(torch.relu(a.down(a.norm(x)))))
+    assert set(model.state_dict()) == keys
+    assert anatomy.skipped(model) == [spec.name]
+    anatomy.unskip_layer(model, spec.name)
+    hook.remove()
+    for k, v in tensors_of(case.run()).items():
+        torch.testing.assert_close(v, before[k], msg=k)
+    with pytest.raises(ValueError, match="stream"):
+        anatomy.skip_layer(model, spec.name, [None] * 3)

@@ -432,21 +432,30 @@ class SkipForward:
         layer: the layer.
         streams: as :attr:`~vlcompress.models.anatomy.specs.LayerSpec.streams`.
         output: the output template (``None`` = learn it on the first call).
+        adapters: one module (or ``None``) per stream that the stream passes through (a skip
+            adapter standing in for the layer); not registered in the layer: whoever made it
+            owns it.
     """
 
     def __init__(
-        self, layer: nn.Module, streams: Sequence[int | str], output: OutputTemplate
+        self,
+        layer: nn.Module,
+        streams: Sequence[int | str],
+        output: OutputTemplate,
+        adapters: Sequence[nn.Module | None] = (),
     ) -> None:
         self.layer = layer
         self.streams = tuple(streams)
         self.output = output
         self.signature = tuple(_positional_names(type(layer).forward)[1:])
+        self.adapters = tuple(adapters) or (None,) * len(self.streams)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Return the input streams in the layer's output structure."""
+        """Return the input streams (through the adapters) in the layer's output structure."""
         streams = _get_streams(self.streams, args, kwargs, self.signature)
         if self.output is None:
             with torch.no_grad():
                 out = type(self.layer).forward(self.layer, *args, **kwargs)
             self.output = output_template(out, streams)
+        streams = [s if a is None else a(s) for a, s in zip(self.adapters, streams)]
         return build_output(self.output, streams)

@@ -576,23 +576,45 @@ class Anatomy:
         bypass = LayerBypass.standing_in_for(current, adapter, spec.streams, spec.output)
         return self.replace_layer(model, name, bypass)
 
-    def skip_layer(self, model: nn.Module, name: str) -> None:
+    def skip_layer(
+        self,
+        model: nn.Module,
+        name: str,
+        adapter: nn.Module | Sequence[nn.Module | None] | None = None,
+    ) -> None:
         """Skip layer ``name`` in place: it returns its input streams (in exactly the
-        structure its caller expects) until :meth:`unskip_layer`.
+        structure its caller expects), through ``adapter`` if given, until
+        :meth:`unskip_layer`.
 
         Unlike :meth:`bypass_layer` the layer stays in the model: its parameters stay in
         ``model.parameters()`` and ``state_dict`` (an optimiser and a checkpoint see no
         change), which suits switching layers on and off every step (depth slimming, skipping
-        search). Skipping a skipped layer does nothing.
+        search). The adapter is not added to the model either (its owner keeps it). Skipping
+        a skipped layer again replaces its adapters.
+
+        Args:
+            model: the model.
+            name: a declared layer.
+            adapter: a module for the first stream, or one module (or ``None``) per stream.
 
         Raises:
             KeyError: for an undeclared layer.
+            ValueError: for more adapters than the layer has streams.
         """
         spec = self.layer(name)
         layer = model.get_submodule(name)
-        if not isinstance(layer.__dict__.get("forward"), SkipForward):
-            output = spec.output or self.learned_outputs.get(name)
-            layer.__dict__["forward"] = SkipForward(layer, spec.streams, output)
+        adapters = [adapter] if adapter is None or isinstance(adapter, nn.Module) else list(adapter)
+        if len(adapters) > len(spec.streams):
+            raise ValueError(
+                f"{len(adapters)} adapters for layer {name!r}, which has "
+                f"{len(spec.streams)} stream(s) {spec.streams}."
+            )
+        adapters += [None] * (len(spec.streams) - len(adapters))
+        current = layer.__dict__.get("forward")
+        output = spec.output or self.learned_outputs.get(name)
+        if isinstance(current, SkipForward):
+            output = current.output or output
+        layer.__dict__["forward"] = SkipForward(layer, spec.streams, output, adapters)
 
     def unskip_layer(self, model: nn.Module, name: str) -> None:
         """Run layer ``name`` again after :meth:`skip_layer` (nothing happens if it is not
