@@ -14,6 +14,7 @@ if __name__ != "vlcompress.callbacks":  # the folder imported as a top-level pac
     )
 
 
+from vlcompress.callbacks.architecture_skipping import ArchitectureSkipping
 from vlcompress.callbacks.base import (
     CompressionCallback,
     collect_report_rows,
@@ -29,6 +30,7 @@ from vlcompress.callbacks.staged_freeze import StagedFreeze, modality_parameters
 from vlcompress.callbacks.structured_pruning import StructuredPruning
 
 __all__ = [
+    "ArchitectureSkipping",
     "CompressionCallback",
     "Effects",
     "FiniteLossGuard",

@@ -1,0 +1,398 @@
+"""``ArchitectureSkipping``: seed 002 (DAS) in one run — a frozen backbone with parallel
+adapters, a bandit search for the layers that matter least to the task, then training with those
+layers skipped and replaced by skip adapters."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlcompress.callbacks.base import CompressionCallback
+from vlcompress.compress.adapters import BottleneckAdapter, add_parallel_adapters, key_of
+from vlcompress.compress.skipping import SkipGates
+from vlcompress.models.anatomy import Modality
+from vlcompress.registry import register
+
+__all__ = ["ArchitectureSkipping", "DEFAULT_TRAINABLE"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAINABLE = ("pooler", "token_type", "task_head", "classifier")
+"""Model parameters that train beside the adapters (regexes searched in parameter names), on
+top of the anatomy's head modules: the seed's task head, pooler and token-type embeddings."""
+
+
+@register("callback", "architecture_skipping")
+class ArchitectureSkipping(CompressionCallback):
+    """Adapt a frozen backbone with bottleneck adapters and skip its ``skip`` least useful
+    arms, chosen by a bandit search during the same run (seed 002, DAS).
+
+    Phases, by epoch:
+
+    * **search** (epochs ``0 .. search_epochs - 1``): every optimiser step trains under
+      ``skip`` distinct arms drawn in proportion to the gates' probabilities, each skipped arm
+      replaced by its skip adapter. From epoch ``warmup_epochs`` on, every ``interval``
+      optimiser steps ``probes`` distinct skip sets are scored without gradient, in
+      evaluation mode, on the next batch of the reward stream (the validation loader, cycled
+      in its fixed order; never the batches trained on), and the gates are updated
+      (:class:`~vlcompress.compress.skipping.SkipGates`). Probe losses are averaged over DDP
+      ranks, so every rank holds the same gates.
+    * **skipping** (the remaining epochs): the ``skip`` arms with the highest gates stay
+      skipped, each replaced by its skip adapter. With ``restart: backbone`` (the seed) the
+      LightningModule's trainable parameters go back to their values at the start of the run, the adapters
+      are drawn afresh and the optimisers' state is cleared; ``restart: continue`` keeps the
+      search's weights.
+
+    The backbone is frozen: only the adapters (owned by the callback, trained by its
+    optimiser at ``adapter_lr``) and the model parameters matching ``trainable`` or the
+    anatomy's head modules train. Gates, their history, the phase, the chosen set, the reward
+    stream's position and the initial trainable weights are in the checkpoint: a run killed in
+    either phase resumes exactly.
+
+    Args:
+        skip: arms skipped together (ViLT 1, METER 4 halves in the seed).
+        arms: the arms (declared layer names); default the anatomy's cross-modal layers, or
+            all its layers when it has none.
+        search_epochs: epochs of the search phase (warm-up included).
+        warmup_epochs: epochs of training under random skip sets before the gates move.
+        interval: optimiser steps between two gate updates.
+        probes: skip sets scored per update.
+        gate_lr: step of the gate update.
+        bottleneck: units of each parallel adapter (0: none).
+        skip_bottleneck: units of each skip adapter.
+        adapter_init: ``"seed"`` (N(0, 0.02) projections) or ``"zero"`` (zero up-projection:
+            the adapted model starts as the backbone).
+        adapter_lr: rate of the callback's Adam over the adapters.
+        trainable: regexes of model parameter names that train beside the adapters.
+        restart: ``"backbone"`` or ``"continue"`` (see above).
+        seed, model_attr, patterns, name: see :class:`CompressionCallback`.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=6, callbacks=[ArchitectureSkipping(skip=1)])
+    """
+
+    def __init__(
+        self,
+        skip: int = 1,
+        arms: list[str] | None = None,
+        search_epochs: int = 3,
+        warmup_epochs: int = 1,
+        interval: int = 10,
+        probes: int = 3,
+        gate_lr: float = 1.0,
+        bottleneck: int = 96,
+        skip_bottleneck: int = 192,
+        adapter_init: str = "seed",
+        adapter_lr: float = 1e-3,
+        trainable: list[str] = list(DEFAULT_TRAINABLE),  # noqa: B006 - copied
+        restart: str = "backbone",
+        *,
+        seed: int | None = None,
+        model_attr: Any = None,
+        patterns: Any = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(seed=seed, model_attr=model_attr, patterns=patterns, name=name)
+        self.skip = self.check_argument("skip", skip, int, low=1)
+        self.arm_names = None if arms is None else [str(a) for a in arms]
+        self.search_epochs = self.check_argument("search_epochs", search_epochs, int, low=1)
+        self.warmup_epochs = self.check_argument("warmup_epochs", warmup_epochs, int, low=0)
+        if self.warmup_epochs >= self.search_epochs:
+            raise ValueError(
+                f"ArchitectureSkipping: warmup_epochs ({warmup_epochs}) must be below "
+                f"search_epochs ({search_epochs}), or the gates never move."
+            )
+        self.interval = self.check_argument("interval", interval, int, low=1)
+        self.probes = self.check_argument("probes", probes, int, low=2)
+        self.gate_lr = float(self.check_argument("gate_lr", gate_lr, (int, float)))
+        self.bottleneck = self.check_argument("bottleneck", bottleneck, int, low=0)
+        self.skip_bottleneck = self.check_argument("skip_bottleneck", skip_bottleneck, int, low=1)
+        self.adapter_init = self.check_argument(
+            "adapter_init", adapter_init, str, choices=["seed", "zero"]
+        )
+        self.adapter_lr = float(self.check_argument("adapter_lr", adapter_lr, (int, float)))
+        self.trainable = [re.compile(p) for p in trainable]
+        self.restart = self.check_argument(
+            "restart", restart, str, choices=["backbone", "continue"]
+        )
+        self.gates: SkipGates | None = None
+        self.phase = "search"
+        self.chosen: list[str] = []
+        self.reward_cursor = 0
+        self.probe_log: list[dict[str, Any]] = []
+        self._initial: dict[str, torch.Tensor] | None = None
+        self._reward_iter: Iterator[Any] | None = None
+        self._frozen: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _default_arms(self) -> list[str]:
+        cross = [x.name for x in self.anatomy.layers if x.modality == Modality.CROSS]
+        return cross or [x.name for x in self.anatomy.layers]
+
+    def preflight(self, model: nn.Module) -> list[str]:
+        """Unknown arms; ``skip`` not below the number of arms."""
+        problems = super().preflight(model)
+        anatomy = self.preflight_anatomy(model)
+        if anatomy is None:
+            return problems
+        declared = {x.name for x in anatomy.layers}
+        arms = self.arm_names
+        if arms is None:
+            cross = [x.name for x in anatomy.layers if x.modality == Modality.CROSS]
+            arms = cross or sorted(declared)
+        unknown = [a for a in arms if a not in declared]
+        if unknown:
+            problems.append(
+                f"arms {unknown} are not declared layers (the model has {sorted(declared)})"
+            )
+        if self.skip >= len(arms):
+            what = self.advise(lightning="skip", vlcompress="options.skip")
+            problems.append(f"{what}={self.skip} but there are only {len(arms)} arms {arms}")
+        return problems
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Freeze the backbone, make and hook the adapters, build the gates."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        arms = self.arm_names or self._default_arms()
+        if self.gates is None:
+            self.gates = SkipGates(arms, self.skip, self.gate_lr)
+        heads = tuple(f"{h}." for h in self.anatomy.head_modules)
+        self._frozen = {}
+        for n, p in self.model.named_parameters():
+            keep = any(r.search(n) for r in self.trainable) or n.startswith(heads)
+            if not keep and p.requires_grad:
+                self._frozen[n] = True
+                p.requires_grad_(False)
+        self.add_effect("frozen backbone", self._unfreeze)
+        if self._initial is None and self.phase == "search" and self.restart == "backbone":
+            self._initial = {  # the LightningModule's: a head may sit outside the model
+                n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad
+            }
+        if self.bottleneck:
+            parallel = self.own_module("parallel", nn.ModuleDict())
+            added = add_parallel_adapters(
+                self.model, self.anatomy, self.bottleneck, self.adapter_init, adapters=parallel
+            )
+            self.add_effect("parallel adapters", added.remove)
+        skip_adapters = self.own_module("skip_adapters", nn.ModuleDict())
+        for arm in arms:
+            key = key_of(arm)
+            if key not in skip_adapters:
+                skip_adapters[key] = self._skip_adapter(arm)
+        self.add_effect("skipped arms", self._unskip_all)
+        if self.phase == "skipping":
+            self._skip(self.chosen)
+        self.wrap_training_step(pl_module, self._step)
+
+    def _skip_adapter(self, arm: str) -> nn.Module:
+        spec = self.anatomy.layer(arm)
+        layer = self.model.get_submodule(arm)
+        width = next(m.normalized_shape[0] for m in layer.modules() if isinstance(m, nn.LayerNorm))
+        mods = [BottleneckAdapter(width, self.skip_bottleneck, self.adapter_init, residual=True)
+                for _ in spec.streams]  # fmt: skip
+        return mods[0] if len(mods) == 1 else nn.ModuleList(mods)
+
+    def _unfreeze(self) -> None:
+        params = dict(self.model.named_parameters())
+        for n in self._frozen:
+            params[n].requires_grad_(True)
+
+    def _skip(self, arms: Sequence[str]) -> None:
+        adapters = self.owned["skip_adapters"]
+        for arm in arms:
+            a = adapters[key_of(arm)]
+            self.anatomy.skip_layer(self.model, arm, list(a) if isinstance(a, nn.ModuleList) else a)
+
+    def _unskip_all(self) -> None:
+        for arm in self.anatomy.skipped(self.model):
+            self.anatomy.unskip_layer(self.model, arm)
+
+    def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """Adam over the adapters at ``adapter_lr``."""
+        return torch.optim.Adam(params, lr=self.adapter_lr)
+
+    # ------------------------------------------------------------------ phases
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Switch to the skipping phase at epoch ``search_epochs``."""
+        if self.phase == "search" and trainer.current_epoch >= self.search_epochs:
+            self._switch(trainer)
+
+    def _switch(self, trainer: Any) -> None:
+        assert self.gates is not None
+        self.chosen = self.gates.top()
+        log.info("ArchitectureSkipping: search done after %d gate updates; skipping %s (gates %s)",
+                 self.gates.updates, self.chosen, [round(g, 3) for g in self.gates.gates.tolist()])  # fmt: skip
+        if self.restart == "backbone":
+            params = dict(trainer.lightning_module.named_parameters())
+            with torch.no_grad():
+                for n, v in (self._initial or {}).items():
+                    params[n].copy_(v.to(params[n].device))
+            g = self.generator(salt="restart")
+            for module in self.owned.values():
+                for m in module.modules():
+                    if isinstance(m, BottleneckAdapter):
+                        _reinit(m, self.adapter_init, g)
+            for opt in [*trainer.optimizers, self._owned_opt]:
+                if opt is not None:
+                    opt.state.clear()
+        self._initial = None
+        self.phase = "skipping"
+        self._skip(self.chosen)
+
+    # ------------------------------------------------------------------ the training step
+    def _step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.phase != "search":
+            return step(*args, **kwargs)
+        trainer = self._trainer
+        global_step = int(trainer.global_step)
+        if self._due_probe(trainer):  # once per optimiser step, before its first micro-batch
+            self._probe(step, args, kwargs)
+        arms = self.gates.draw(self.generator(global_step, salt="train"))
+        self._skip([self.gates.arms[i] for i in arms])
+        try:
+            return step(*args, **kwargs)
+        finally:
+            self._unskip_all()
+
+    def _due_probe(self, trainer: Any) -> bool:
+        step = int(trainer.global_step)
+        last = self.probe_log[-1]["step"] if self.probe_log else -1
+        return (
+            trainer.current_epoch >= self.warmup_epochs
+            and step % self.interval == 0
+            and step != last
+        )
+
+    def _reward_batches(self) -> Iterator[Any]:
+        trainer = self._trainer
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            raise ValueError(
+                "ArchitectureSkipping scores skip sets on held-out batches: give the Trainer a "
+                "validation loader (limit_val_batches > 0), a held-out part of the training split."
+            )
+        n = len(loader)
+        skip = self.reward_cursor % n
+        while True:
+            for i, batch in enumerate(loader):
+                if skip:
+                    if i < skip:
+                        continue
+                    skip = 0
+                yield batch
+
+    def _probe(self, step: Any, args: tuple, kwargs: dict) -> None:
+        trainer, pl_module = self._trainer, self._trainer.lightning_module
+        if self._reward_iter is None:
+            self._reward_iter = self._reward_batches()
+        batch = next(self._reward_iter)
+        self.reward_cursor += 1
+        batch = trainer.strategy.batch_to_device(batch)
+        sets = self.gates.probe_sets(self.probes, self.generator(salt="probe"))
+        losses = []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), self.quiet_logging(pl_module):
+                for s in sets:
+                    self._skip([self.gates.arms[i] for i in s])
+                    try:
+                        out = step(batch, 0)
+                    finally:
+                        self._unskip_all()
+                    losses.append(_loss_of(out).float())
+        finally:
+            pl_module.train(was_training)
+        mean = torch.stack(losses)
+        if self.world_size > 1:
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")
+        rewards = self.gates.update(sets, mean.tolist())
+        self.probe_log.append(
+            {"step": int(trainer.global_step), "sets": [list(s) for s in sets],
+             "losses": [round(x, 6) for x in mean.tolist()], "rewards": rewards}
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ state and report
+    def state(self) -> dict[str, Any]:
+        """Gates, phase, chosen set, reward stream position, probe log, initial weights."""
+        return {
+            "gates": self.gates.state_dict() if self.gates is not None else None,
+            "phase": self.phase,
+            "chosen": list(self.chosen),
+            "reward_cursor": self.reward_cursor,
+            "probe_log": list(self.probe_log),
+            "initial": dict(self._initial) if self._initial is not None else None,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`state` and re-apply the skipping phase's skipped arms."""
+        if state.get("gates") is not None:
+            arms = state["gates"]["arms"]
+            self.gates = SkipGates(arms, int(state["gates"]["skip"]), self.gate_lr)
+            self.gates.load_state_dict(state["gates"])
+        self.chosen = list(state.get("chosen", []))
+        self.reward_cursor = int(state.get("reward_cursor", 0))
+        self.probe_log = list(state.get("probe_log", []))
+        self._initial = state.get("initial")
+        self._reward_iter = None
+        if state.get("phase") == "skipping" and self.phase != "skipping":
+            self.phase = "skipping"
+            self._unskip_all()
+            self._skip(self.chosen)
+        self.phase = state.get("phase", self.phase)
+
+    def report(self) -> dict[str, Any]:
+        """The chosen set, final gates and their history, trainable parameters."""
+        if self.gates is None:
+            return {}
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {
+            "phase": self.phase,
+            "arms": list(self.gates.arms),
+            "skip": self.skip,
+            "chosen": list(self.chosen),
+            "gates": self.gates.gates.tolist(),
+            "gate_history": self.gates.history,
+            "gate_updates": self.gates.updates,
+            "trainable_parameters": {
+                "model": trainable,
+                "adapters": sum(p.numel() for p in self.owned.parameters()),
+            },
+        }
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        """Rows for the results table."""
+        if self.gates is None:
+            return []
+        return [
+            ("skipped arms", ", ".join(self.chosen) or "(search not finished)"),
+            ("gate updates", str(self.gates.updates)),
+        ]
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    if isinstance(out, dict):
+        return out["loss"].detach()
+    return out.detach()
+
+
+def _reinit(adapter: BottleneckAdapter, init: str, g: torch.Generator) -> None:
+    with torch.no_grad():
+        adapter.norm.reset_parameters()
+        for lin in (adapter.down, adapter.up):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
+            lin.bias.zero_()
+        if init == "zero":
+            adapter.up.weight.zero_()

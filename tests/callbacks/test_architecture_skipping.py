@@ -1,0 +1,169 @@
+"""ArchitectureSkipping (seed 002, DAS): a frozen backbone with adapters, the bandit search on
+held-out batches, the switch to the skipping phase in the same run, and exact resume."""
+
+from __future__ import annotations
+
+import lightning.pytorch as lp
+import pytest
+import torch
+from callback_toys import trainer_kwargs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from vlcompress.callbacks import ArchitectureSkipping
+from vlcompress.registry import get
+
+STEPS = 4  # optimiser steps per epoch
+
+
+def _bert(layers: int = 4) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertModel(config)
+
+
+class Toy(lp.LightningModule):
+    """Classify token sequences (the class is the first token's parity) with a tiny BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = _bert()
+        self.task_head = nn.Linear(16, 2)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 50, (6 * STEPS, 8), generator=g)
+        self.train_data = TensorDataset(ids[: 4 * STEPS], ids[: 4 * STEPS, 0] % 2)
+        self.val_data = TensorDataset(ids[4 * STEPS :], ids[4 * STEPS :, 0] % 2)
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        pooled = self.model(input_ids=ids).pooler_output
+        loss = nn.functional.cross_entropy(self.task_head(pooled), labels)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=1e-2)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_data, batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_data, batch_size=4)
+
+
+class Watch(lp.Callback):
+    """Which encoder layers really ran in each training step; weights at each epoch start."""
+
+    def __init__(self) -> None:
+        self.ran: dict[int, set[int]] = {}
+        self.head: dict[int, torch.Tensor] = {}
+        self.word: dict[int, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        for i, layer in enumerate(pl_module.model.encoder.layer):
+            layer.attention.register_forward_hook(lambda m, a, o, i=i: self._ran(trainer, m, i))
+
+    def _ran(self, trainer, module, i):
+        # training forwards only: probes run in eval mode, and a skipped layer's first call
+        # runs it once without gradient to learn its output structure
+        if module.training and torch.is_grad_enabled():
+            self.ran.setdefault(trainer.global_step, set()).add(i)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.head[trainer.current_epoch] = pl_module.task_head.weight.detach().clone()
+        self.word[trainer.current_epoch] = (
+            pl_module.model.embeddings.word_embeddings.weight.detach().clone()
+        )
+
+
+def _fit(tmp_path, cb, epochs=4, ckpt_path=None, extra=(), **kw):
+    module = Toy()
+    trainer = lp.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=epochs, num_sanity_val_steps=0, **kw),
+        callbacks=[cb, *extra],
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def _callback(**kw):
+    args = dict(skip=1, search_epochs=2, warmup_epochs=1, interval=1, probes=3,
+                bottleneck=4, skip_bottleneck=4, seed=0)  # fmt: skip
+    args.update(kw)
+    return ArchitectureSkipping(**args)
+
+
+def test_search_then_skipping_in_one_run(tmp_path):
+    cb, watch = _callback(), Watch()
+    module, _ = _fit(tmp_path, cb, extra=[watch])
+    rep = cb.report()
+    arms = [f"encoder.layer.{i}" for i in range(4)]
+    assert rep["arms"] == arms and rep["phase"] == "skipping"
+    # the gates moved once per optimiser step of epoch 1 (after the warm-up epoch)
+    assert rep["gate_updates"] == STEPS and len(rep["gate_history"]) == STEPS + 1
+    assert rep["chosen"] == cb.gates.top() and len(rep["chosen"]) == 1
+    chosen = int(rep["chosen"][0].rsplit(".", 1)[1])
+    # search: each training step ran 3 of the 4 layers; skipping: never the chosen one
+    for step in range(2 * STEPS):
+        assert len(watch.ran[step]) == 3, step
+    for step in range(2 * STEPS, 4 * STEPS):
+        assert watch.ran[step] == set(range(4)) - {chosen}, step
+    # the backbone stayed frozen, the head trained; restart: the head went back at the switch
+    assert torch.equal(watch.word[3], watch.word[0])
+    assert not torch.equal(watch.head[1], watch.head[0])
+    assert torch.equal(watch.head[2], watch.head[0])
+    assert not torch.equal(watch.head[3], watch.head[2])
+    # after fit the user's model is as it was: trainable again, no layer skipped
+    assert all(p.requires_grad for p in module.model.parameters())
+    assert cb.anatomy.skipped(module.model) == []
+    assert rep["trainable_parameters"]["adapters"] > 0
+
+
+def test_continue_keeps_the_search_weights(tmp_path):
+    cb, watch = _callback(restart="continue"), Watch()
+    _fit(tmp_path, cb, extra=[watch])
+    assert not torch.equal(watch.head[2], watch.head[0])
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_a_killed_search_resumes_exactly(tmp_path, epoch):
+    full = _callback()
+    full_module, _ = _fit(tmp_path / "full", full)
+    ckpt = lp.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+    _fit(tmp_path / "a", _callback(), epochs=epoch + 1, extra=[ckpt], enable_checkpointing=True)
+    saved = sorted((tmp_path / "ck").glob(f"epoch={epoch}-*.ckpt"))
+    assert len(saved) == 1
+    resumed = _callback()  # killed after the warm-up (0) or with the search done (1)
+    module, _ = _fit(tmp_path / "b", resumed, ckpt_path=str(saved[0]), enable_checkpointing=True)
+    assert resumed.report()["gate_history"] == full.report()["gate_history"]
+    assert resumed.chosen == full.chosen and resumed.probe_log == full.probe_log
+    # the restart at the switch used the checkpointed initial weights: the same end
+    torch.testing.assert_close(
+        module.task_head.weight, full_module.task_head.weight, rtol=0, atol=0
+    )
+    for a, b in zip(resumed.owned.parameters(), full.owned.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_registered_and_checks():
+    assert get("callback", "architecture_skipping").builder is ArchitectureSkipping
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        ArchitectureSkipping(search_epochs=1, warmup_epochs=1)
+    with pytest.raises(ValueError):
+        ArchitectureSkipping(probes=1)
+
+
+def test_preflight_names_unknown_arms_and_too_many_skips():
+    cb = ArchitectureSkipping(skip=4, arms=["encoder.layer.0", "nope"])
+    problems = cb.preflight(_bert())
+    assert any("nope" in p for p in problems)
+    assert any("only 2 arms" in p for p in problems)
