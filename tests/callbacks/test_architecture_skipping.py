@@ -3,6 +3,9 @@ held-out batches, the switch to the skipping phase in the same run, and exact re
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning.pytorch as lp
 import pytest
 import torch
@@ -167,3 +170,35 @@ def test_preflight_names_unknown_arms_and_too_many_skips():
     problems = cb.preflight(_bert())
     assert any("nope" in p for p in problems)
     assert any("only 2 arms" in p for p in problems)
+
+
+class GateRecorder(lp.Callback):
+    """Per rank: the gates' history, the chosen set, a checksum of the weights."""
+
+    def __init__(self, record_dir: str) -> None:
+        self.record_dir = record_dir
+
+    def on_train_end(self, trainer, pl_module):
+        cb = next(c for c in trainer.callbacks if isinstance(c, ArchitectureSkipping))
+        record = {
+            "history": cb.gates.history,
+            "chosen": cb.chosen,
+            "weights": sum(float(p.double().abs().sum()) for p in pl_module.parameters()),
+            "adapters": sum(float(p.double().abs().sum()) for p in cb.owned.parameters()),
+        }
+        Path(self.record_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_two_ddp_ranks_hold_the_same_gates(tmp_path):
+    """Each rank scores the probes on its own validation shard; the losses are averaged, so
+    both ranks move their gates alike and skip the same arm."""
+    trainer = lp.Trainer(
+        **trainer_kwargs(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=3,
+                         num_sanity_val_steps=0),
+        callbacks=[_callback(), GateRecorder(str(tmp_path))],
+    )  # fmt: skip
+    trainer.fit(Toy())
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0 == r1
+    assert len(r0["history"]) > 1 and len(r0["chosen"]) == 1
+    assert r0["history"][-1] != r0["history"][0]
