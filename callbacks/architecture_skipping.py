@@ -129,6 +129,7 @@ class ArchitectureSkipping(CompressionCallback):
         self._initial: dict[str, torch.Tensor] | None = None
         self._reward_iter: Iterator[Any] | None = None
         self._frozen: dict[str, bool] = {}
+        self.costs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
     def _default_arms(self) -> list[str]:
@@ -247,9 +248,53 @@ class ArchitectureSkipping(CompressionCallback):
         self.phase = "skipping"
         self._skip(self.chosen)
 
+    def _costs(self, step: Any) -> dict[str, Any]:
+        """MACs per example of the training step's forward on one reward batch: every arm, the
+        chosen set skipped, and each arm skipped alone (with their adapters)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        trainer, pl_module = self._trainer, self._trainer.lightning_module
+        if self._reward_iter is None:
+            self._reward_iter = self._reward_batches()
+        batch = trainer.strategy.batch_to_device(next(self._reward_iter))
+        self.reward_cursor += 1
+        n = len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+
+        def macs(skipped: Sequence[str]) -> int:
+            self._skip(skipped)
+            was = pl_module.training
+            pl_module.eval()
+            try:
+                counter = FlopCounterMode(display=False)
+                with torch.no_grad(), self.quiet_logging(pl_module):
+                    step(batch, 0)  # a skipped layer's first call runs it once to learn its output
+                    with counter:
+                        step(batch, 0)
+            finally:
+                pl_module.train(was)
+                self._unskip_all()
+            return int(counter.get_total_flops()) // 2 // max(n, 1)
+
+        chosen = list(self.chosen)
+        self._unskip_all()
+        try:
+            full = macs([])
+            costs = {
+                "full": full,
+                "skipped": macs(chosen),
+                "saved_by_arm": {arm: full - macs([arm]) for arm in self.gates.arms},
+            }
+        finally:
+            self._skip(chosen)
+        log.info("ArchitectureSkipping: %s MACs per example, %.1f%% fewer than with every arm",
+                 f"{costs['skipped']:,}", 100 * (1 - costs["skipped"] / max(full, 1)))  # fmt: skip
+        return costs
+
     # ------------------------------------------------------------------ the training step
     def _step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
         if self.phase != "search":
+            if not self.costs:
+                self.costs = self._costs(step)
             return step(*args, **kwargs)
         trainer = self._trainer
         global_step = int(trainer.global_step)
@@ -334,6 +379,7 @@ class ArchitectureSkipping(CompressionCallback):
             "reward_cursor": self.reward_cursor,
             "probe_log": list(self.probe_log),
             "initial": dict(self._initial) if self._initial is not None else None,
+            "costs": self.costs,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -346,6 +392,7 @@ class ArchitectureSkipping(CompressionCallback):
         self.reward_cursor = int(state.get("reward_cursor", 0))
         self.probe_log = list(state.get("probe_log", []))
         self._initial = state.get("initial")
+        self.costs = dict(state.get("costs") or {})
         self._reward_iter = None
         if state.get("phase") == "skipping" and self.phase != "skipping":
             self.phase = "skipping"
@@ -366,6 +413,7 @@ class ArchitectureSkipping(CompressionCallback):
             "gates": self.gates.gates.tolist(),
             "gate_history": self.gates.history,
             "gate_updates": self.gates.updates,
+            "macs_per_example": self.costs,
             "trainable_parameters": {
                 "model": trainable,
                 "adapters": sum(p.numel() for p in self.owned.parameters()),
@@ -376,10 +424,16 @@ class ArchitectureSkipping(CompressionCallback):
         """Rows for the results table."""
         if self.gates is None:
             return []
-        return [
+        rows = [
             ("skipped arms", ", ".join(self.chosen) or "(search not finished)"),
             ("gate updates", str(self.gates.updates)),
         ]
+        if self.costs:
+            saved = 1 - self.costs["skipped"] / self.costs["full"]
+            rows.append(
+                ("MACs per example after skipping", f"{self.costs['skipped']:,} (-{saved:.1%})")
+            )
+        return rows
 
 
 def _loss_of(out: Any) -> torch.Tensor:

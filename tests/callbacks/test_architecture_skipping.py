@@ -129,6 +129,11 @@ def test_search_then_skipping_in_one_run(tmp_path):
     assert all(p.requires_grad for p in module.model.parameters())
     assert cb.anatomy.skipped(module.model) == []
     assert rep["trainable_parameters"]["adapters"] > 0
+    # MACs per example: skipping a layer saves what that layer (minus its adapter) costs
+    costs = rep["macs_per_example"]
+    saved = costs["saved_by_arm"]
+    assert costs["full"] - costs["skipped"] == saved[rep["chosen"][0]] > 0
+    assert len(set(saved.values())) == 1  # four identical layers save the same
 
 
 def test_continue_keeps_the_search_weights(tmp_path):
