@@ -369,6 +369,16 @@ class ArchitectureSkipping(CompressionCallback):
              "losses": [round(x, 6) for x in mean.tolist()], "rewards": rewards}
         )  # fmt: skip
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Plot the gate trajectories into the run folder (rank 0)."""
+        root = getattr(trainer, "default_root_dir", None)
+        if self.gates is not None and root and self.is_global_zero:
+            from vlcompress.utils.plots import plot_gates
+
+            plot_gates(
+                self.gates.history, self.gates.arms, self.chosen, f"{root}/skipping_gates.png"
+            )
+
     # ------------------------------------------------------------------ state and report
     def state(self) -> dict[str, Any]:
         """Gates, phase, chosen set, reward stream position, probe log, initial weights."""

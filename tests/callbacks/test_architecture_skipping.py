@@ -134,6 +134,7 @@ def test_search_then_skipping_in_one_run(tmp_path):
     saved = costs["saved_by_arm"]
     assert costs["full"] - costs["skipped"] == saved[rep["chosen"][0]] > 0
     assert len(set(saved.values())) == 1  # four identical layers save the same
+    assert (tmp_path / "skipping_gates.png").stat().st_size > 1000
 
 
 def test_continue_keeps_the_search_weights(tmp_path):

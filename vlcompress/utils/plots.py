@@ -1,5 +1,5 @@
 """Plots: a run's training curves (PNG, from Lightning's ``metrics.csv``), a slimmable run's
-submodels (accuracy against MACs) and saving figures."""
+submodels (accuracy against MACs), a skipping search's gate trajectories and saving figures."""
 
 from __future__ import annotations
 
@@ -111,6 +111,33 @@ def plot_submodels(
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, out_png)
+    return True
+
+
+def plot_gates(
+    history: list[list[float]], arms: list[str], chosen: list[str], out_png: str | Path
+) -> bool:
+    """Plot each arm's skipping gate against the gate update (``ArchitectureSkipping``'s
+    search), the chosen arms drawn thick. Returns False when the gates never moved."""
+    if len(history) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = list(range(len(history)))
+    for i, arm in enumerate(arms):
+        picked = arm in chosen
+        ax.plot(steps, [h[i] for h in history], linewidth=2.5 if picked else 1,
+                label=arm + (" (skipped)" if picked else ""))  # fmt: skip
+    ax.set_xlabel("gate update")
+    ax.set_ylabel("gate (higher: more skippable)")
+    ax.set_title("architecture skipping: gate trajectories")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
     save_figure(fig, out_png)
     return True
 
