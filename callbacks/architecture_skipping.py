@@ -48,7 +48,9 @@ class ArchitectureSkipping(CompressionCallback):
       are drawn afresh and the optimisers' state is cleared; ``restart: continue`` keeps the
       search's weights.
 
-    The backbone is frozen: only the adapters (owned by the callback, trained by its
+    Validation and test see the adapted model (the chosen arms skipped after the search); at
+    the switch, Lightning's ``ModelCheckpoint`` forgets its best so far, so the best checkpoint
+    is one of the skipping phase. The backbone is frozen: only the adapters (owned by the callback, trained by its
     optimiser at ``adapter_lr``) and the model parameters matching ``trainable`` or the
     anatomy's head modules train. Gates, their history, the phase, the chosen set, the reward
     stream's position and the initial trainable weights are in the checkpoint: a run killed in
@@ -130,6 +132,7 @@ class ArchitectureSkipping(CompressionCallback):
         self._reward_iter: Iterator[Any] | None = None
         self._frozen: dict[str, bool] = {}
         self.costs: dict[str, Any] = {}
+        self.trainable_in_model = 0
 
     # ------------------------------------------------------------------ set-up
     def _default_arms(self) -> list[str]:
@@ -158,25 +161,31 @@ class ArchitectureSkipping(CompressionCallback):
         return problems
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Freeze the backbone, make and hook the adapters, build the gates."""
+        """Make and hook the adapters (every stage: validation and test see the adapted model,
+        with the chosen arms skipped after the search); for fit, also freeze the backbone,
+        build the gates and wrap the training step."""
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
         arms = self.arm_names or self._default_arms()
         if self.gates is None:
             self.gates = SkipGates(arms, self.skip, self.gate_lr)
-        heads = tuple(f"{h}." for h in self.anatomy.head_modules)
-        self._frozen = {}
-        for n, p in self.model.named_parameters():
-            keep = any(r.search(n) for r in self.trainable) or n.startswith(heads)
-            if not keep and p.requires_grad:
-                self._frozen[n] = True
-                p.requires_grad_(False)
-        self.add_effect("frozen backbone", self._unfreeze)
-        if self._initial is None and self.phase == "search" and self.restart == "backbone":
-            self._initial = {  # the LightningModule's: a head may sit outside the model
-                n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad
-            }
+        if stage == "fit":
+            heads = tuple(f"{h}." for h in self.anatomy.head_modules)
+            self._frozen = {}
+            for n, p in self.model.named_parameters():
+                keep = any(r.search(n) for r in self.trainable) or n.startswith(heads)
+                if not keep and p.requires_grad:
+                    self._frozen[n] = True
+                    p.requires_grad_(False)
+            self.add_effect("frozen backbone", self._unfreeze)
+            self.trainable_in_model = sum(
+                p.numel() for p in pl_module.parameters() if p.requires_grad
+            )
+            if self._initial is None and self.phase == "search" and self.restart == "backbone":
+                self._initial = {  # the LightningModule's: a head may sit outside the model
+                    n: p.detach().clone()
+                    for n, p in pl_module.named_parameters()
+                    if p.requires_grad
+                }
         if self.bottleneck:
             parallel = self.own_module("parallel", nn.ModuleDict())
             added = add_parallel_adapters(
@@ -191,7 +200,8 @@ class ArchitectureSkipping(CompressionCallback):
         self.add_effect("skipped arms", self._unskip_all)
         if self.phase == "skipping":
             self._skip(self.chosen)
-        self.wrap_training_step(pl_module, self._step)
+        if stage == "fit":
+            self.wrap_training_step(pl_module, self._step)
 
     def _skip_adapter(self, arm: str) -> nn.Module:
         spec = self.anatomy.layer(arm)
@@ -213,8 +223,10 @@ class ArchitectureSkipping(CompressionCallback):
             self.anatomy.skip_layer(self.model, arm, list(a) if isinstance(a, nn.ModuleList) else a)
 
     def _unskip_all(self) -> None:
+        arms = set(self.gates.arms) if self.gates is not None else set()
         for arm in self.anatomy.skipped(self.model):
-            self.anatomy.unskip_layer(self.model, arm)
+            if arm in arms:  # another callback's skipped layers stay skipped
+                self.anatomy.unskip_layer(self.model, arm)
 
     def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """Adam over the adapters at ``adapter_lr``."""
@@ -247,10 +259,21 @@ class ArchitectureSkipping(CompressionCallback):
         self._initial = None
         self.phase = "skipping"
         self._skip(self.chosen)
+        for cb in getattr(trainer, "checkpoint_callbacks", []):
+            if getattr(cb, "monitor", None) and getattr(cb, "best_k_models", None):
+                # a model of the search phase is not the method's result: its checkpoints
+                # count as the worst, so the skipping phase's first one replaces them (in
+                # the same files)
+                worst = cb.kth_value.new_tensor(float("inf") if cb.mode == "min" else -float("inf"))
+                cb.best_k_models = {path: worst.clone() for path in cb.best_k_models}
+                cb.kth_value, cb.best_model_score = worst.clone(), worst.clone()
+                log.info("ArchitectureSkipping: %s chooses its best among the skipping "
+                         "phase's checkpoints", type(cb).__name__)  # fmt: skip
 
     def _costs(self, step: Any) -> dict[str, Any]:
-        """MACs per example of the training step's forward on one reward batch: every arm, the
-        chosen set skipped, and each arm skipped alone (with their adapters)."""
+        """MACs per example of the training step's forward on one reward batch (its padding
+        included): every arm, the chosen set skipped, and each arm skipped alone (adapters
+        included)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         trainer, pl_module = self._trainer, self._trainer.lightning_module
@@ -404,17 +427,15 @@ class ArchitectureSkipping(CompressionCallback):
         self._initial = state.get("initial")
         self.costs = dict(state.get("costs") or {})
         self._reward_iter = None
-        if state.get("phase") == "skipping" and self.phase != "skipping":
-            self.phase = "skipping"
-            self._unskip_all()
-            self._skip(self.chosen)
         self.phase = state.get("phase", self.phase)
+        self._unskip_all()
+        if self.phase == "skipping":
+            self._skip(self.chosen)
 
     def report(self) -> dict[str, Any]:
         """The chosen set, final gates and their history, trainable parameters."""
         if self.gates is None:
             return {}
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {
             "phase": self.phase,
             "arms": list(self.gates.arms),
@@ -425,7 +446,7 @@ class ArchitectureSkipping(CompressionCallback):
             "gate_updates": self.gates.updates,
             "macs_per_example": self.costs,
             "trainable_parameters": {
-                "model": trainable,
+                "model": self.trainable_in_model,
                 "adapters": sum(p.numel() for p in self.owned.parameters()),
             },
         }

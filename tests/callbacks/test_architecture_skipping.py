@@ -50,7 +50,17 @@ class Toy(lp.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        return None
+        ids, labels = batch
+        loss = nn.functional.cross_entropy(
+            self.task_head(self.model(input_ids=ids).pooler_output), labels
+        )
+        self.log("val/loss", loss)
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -72,13 +82,17 @@ class Watch(lp.Callback):
         self.word: dict[int, torch.Tensor] = {}
 
     def on_fit_start(self, trainer, pl_module):
+        if self.ran:
+            return
         for i, layer in enumerate(pl_module.model.encoder.layer):
             layer.attention.register_forward_hook(lambda m, a, o, i=i: self._ran(trainer, m, i))
 
     def _ran(self, trainer, module, i):
         # training forwards only: probes run in eval mode, and a skipped layer's first call
         # runs it once without gradient to learn its output structure
-        if module.training and torch.is_grad_enabled():
+        if trainer.testing:
+            self.ran.setdefault("test", set()).add(i)
+        elif module.training and torch.is_grad_enabled():
             self.ran.setdefault(trainer.global_step, set()).add(i)
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -129,6 +143,8 @@ def test_search_then_skipping_in_one_run(tmp_path):
     assert all(p.requires_grad for p in module.model.parameters())
     assert cb.anatomy.skipped(module.model) == []
     assert rep["trainable_parameters"]["adapters"] > 0
+    head, pooler, types = 16 * 2 + 2, 16 * 16 + 16, 2 * 16
+    assert rep["trainable_parameters"]["model"] == head + pooler + types
     # MACs per example: skipping a layer saves what that layer (minus its adapter) costs
     costs = rep["macs_per_example"]
     saved = costs["saved_by_arm"]
@@ -208,3 +224,15 @@ def test_two_ddp_ranks_hold_the_same_gates(tmp_path):
     assert r0 == r1
     assert len(r0["history"]) > 1 and len(r0["chosen"]) == 1
     assert r0["history"][-1] != r0["history"][0]
+
+
+def test_best_checkpoint_and_test_are_of_the_skipping_phase(tmp_path):
+    cb, watch = _callback(), Watch()
+    ckpt = lp.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/loss", mode="min")
+    module, trainer = _fit(tmp_path, cb, extra=[watch, ckpt], enable_checkpointing=True)
+    best = torch.load(ckpt.best_model_path, weights_only=False)
+    assert best["epoch"] >= 2  # search_epochs = 2: a checkpoint of the skipping phase
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == [Path(ckpt.best_model_path).name]
+    trainer.test(module, ckpt_path="best", verbose=False)
+    chosen = int(cb.chosen[0].rsplit(".", 1)[1])
+    assert watch.ran["test"] == set(range(4)) - {chosen}  # the test skips the chosen layer
