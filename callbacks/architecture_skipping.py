@@ -72,6 +72,10 @@ class ArchitectureSkipping(CompressionCallback):
         adapter_lr: rate of the callback's Adam over the adapters.
         trainable: regexes of model parameter names that train beside the adapters.
         restart: ``"backbone"`` or ``"continue"`` (see above).
+        seed_compatible: score as the seed's code does: always on the reward stream's first
+            batch, in training mode (dropout on), every ``interval`` training-step calls
+            (micro-batches, not optimiser steps), each rank on its own (gates may differ
+            across ranks).
         seed, model_attr, patterns, name: see :class:`CompressionCallback`.
 
     Example::
@@ -94,6 +98,7 @@ class ArchitectureSkipping(CompressionCallback):
         adapter_lr: float = 1e-3,
         trainable: list[str] = list(DEFAULT_TRAINABLE),  # noqa: B006 - copied
         restart: str = "backbone",
+        seed_compatible: bool = False,
         *,
         seed: int | None = None,
         model_attr: Any = None,
@@ -123,6 +128,8 @@ class ArchitectureSkipping(CompressionCallback):
         self.restart = self.check_argument(
             "restart", restart, str, choices=["backbone", "continue"]
         )
+        self.seed_compatible = bool(self.check_argument("seed_compatible", seed_compatible, bool))
+        self.forward_calls = 0
         self.gates: SkipGates | None = None
         self.phase = "search"
         self.chosen: list[str] = []
@@ -331,15 +338,16 @@ class ArchitectureSkipping(CompressionCallback):
             self._unskip_all()
 
     def _due_probe(self, trainer: Any) -> bool:
+        if trainer.current_epoch < self.warmup_epochs:
+            return False
+        if self.seed_compatible:  # every `interval` micro-batches
+            self.forward_calls += 1
+            return self.forward_calls % self.interval == 0
         step = int(trainer.global_step)
         last = self.probe_log[-1]["step"] if self.probe_log else -1
-        return (
-            trainer.current_epoch >= self.warmup_epochs
-            and step % self.interval == 0
-            and step != last
-        )
+        return step % self.interval == 0 and step != last
 
-    def _reward_batches(self) -> Iterator[Any]:
+    def _reward_batches(self, start: int | None = None) -> Iterator[Any]:
         trainer = self._trainer
         loaders = trainer.val_dataloaders
         if loaders is None:
@@ -352,7 +360,7 @@ class ArchitectureSkipping(CompressionCallback):
                 "validation loader (limit_val_batches > 0), a held-out part of the training split."
             )
         n = len(loader)
-        skip = self.reward_cursor % n
+        skip = (self.reward_cursor if start is None else start) % n
         while True:
             for i, batch in enumerate(loader):
                 if skip:
@@ -363,15 +371,18 @@ class ArchitectureSkipping(CompressionCallback):
 
     def _probe(self, step: Any, args: tuple, kwargs: dict) -> None:
         trainer, pl_module = self._trainer, self._trainer.lightning_module
-        if self._reward_iter is None:
-            self._reward_iter = self._reward_batches()
-        batch = next(self._reward_iter)
-        self.reward_cursor += 1
+        if self.seed_compatible:  # the same (first) batch every time
+            batch = next(self._reward_batches(start=0))
+        else:
+            if self._reward_iter is None:
+                self._reward_iter = self._reward_batches()
+            batch = next(self._reward_iter)
+            self.reward_cursor += 1
         batch = trainer.strategy.batch_to_device(batch)
-        sets = self.gates.probe_sets(self.probes, self.generator(salt="probe"))
+        sets = self.gates.probe_sets(self.probes, self.generator(salt=f"probe{self.forward_calls}"))
         losses = []
         was_training = pl_module.training
-        pl_module.eval()
+        pl_module.train(self.seed_compatible)  # the seed scores with dropout on
         try:
             with torch.no_grad(), self.quiet_logging(pl_module):
                 for s in sets:
@@ -384,7 +395,7 @@ class ArchitectureSkipping(CompressionCallback):
         finally:
             pl_module.train(was_training)
         mean = torch.stack(losses)
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.seed_compatible:
             mean = trainer.strategy.reduce(mean, reduce_op="mean")
         rewards = self.gates.update(sets, mean.tolist())
         self.probe_log.append(
@@ -413,6 +424,7 @@ class ArchitectureSkipping(CompressionCallback):
             "probe_log": list(self.probe_log),
             "initial": dict(self._initial) if self._initial is not None else None,
             "costs": self.costs,
+            "forward_calls": self.forward_calls,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -426,6 +438,7 @@ class ArchitectureSkipping(CompressionCallback):
         self.probe_log = list(state.get("probe_log", []))
         self._initial = state.get("initial")
         self.costs = dict(state.get("costs") or {})
+        self.forward_calls = int(state.get("forward_calls", 0))
         self._reward_iter = None
         self.phase = state.get("phase", self.phase)
         self._unskip_all()
@@ -447,9 +460,21 @@ class ArchitectureSkipping(CompressionCallback):
             "macs_per_example": self.costs,
             "trainable_parameters": {
                 "model": self.trainable_in_model,
-                "adapters": sum(p.numel() for p in self.owned.parameters()),
+                "adapters": self._adapter_parameters(),
             },
         }
+
+    def _adapter_parameters(self) -> int:
+        """Parameters of the adapters in use: the parallel ones, and the skip adapters of the
+        chosen arms after the search (of every arm during it)."""
+        n = (
+            sum(p.numel() for p in self.owned["parallel"].parameters())
+            if "parallel" in self.owned
+            else 0
+        )
+        skip = self.owned["skip_adapters"] if "skip_adapters" in self.owned else {}
+        used = self.chosen if self.phase == "skipping" else list(skip.keys())
+        return n + sum(p.numel() for k in used for p in skip[key_of(k)].parameters())
 
     def report_rows(self) -> list[tuple[str, str]]:
         """Rows for the results table."""

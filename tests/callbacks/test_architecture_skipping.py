@@ -143,6 +143,9 @@ def test_search_then_skipping_in_one_run(tmp_path):
     assert all(p.requires_grad for p in module.model.parameters())
     assert cb.anatomy.skipped(module.model) == []
     assert rep["trainable_parameters"]["adapters"] > 0
+    parallel = 4 * 2 * (2 * 16 + 16 * 4 + 4 + 4 * 16 + 16)  # 4 layers x (attention, FFN)
+    skip_one = 2 * 16 + 16 * 4 + 4 + 4 * 16 + 16
+    assert rep["trainable_parameters"]["adapters"] == parallel + skip_one
     head, pooler, types = 16 * 2 + 2, 16 * 16 + 16, 2 * 16
     assert rep["trainable_parameters"]["model"] == head + pooler + types
     # MACs per example: skipping a layer saves what that layer (minus its adapter) costs
@@ -236,3 +239,17 @@ def test_best_checkpoint_and_test_are_of_the_skipping_phase(tmp_path):
     trainer.test(module, ckpt_path="best", verbose=False)
     chosen = int(cb.chosen[0].rsplit(".", 1)[1])
     assert watch.ran["test"] == set(range(4)) - {chosen}  # the test skips the chosen layer
+
+
+def test_seed_compatible_scores_like_the_seeds_code(tmp_path):
+    """Cadence in micro-batches, the same first batch, dropout on: 4 micro-batches of epoch 1
+    with accumulate_grad_batches=2 give 2 optimiser steps; interval 1 probes after each
+    micro-batch in the seed's way and after each optimiser step in ours."""
+    seed = _callback(seed_compatible=True)
+    _fit(tmp_path / "seed", seed, epochs=2, accumulate_grad_batches=2)
+    ours = _callback()
+    _fit(tmp_path / "ours", ours, epochs=2, accumulate_grad_batches=2)
+    assert seed.gates.updates == STEPS and ours.gates.updates == STEPS // 2
+    assert seed.reward_cursor == 0 and ours.reward_cursor == STEPS // 2
+    with pytest.raises(TypeError):
+        ArchitectureSkipping(seed_compatible="yes")
