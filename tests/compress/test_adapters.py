@@ -185,3 +185,47 @@ def test_skip_adapter_stands_in_for_a_layer(family):
         torch.testing.assert_close(v, before[k], msg=k)
     with pytest.raises(ValueError, match="stream"):
         anatomy.skip_layer(model, spec.name, [None] * 3)
+
+
+def test_install_adapters_makes_a_smaller_standalone_model():
+    import copy
+
+    from vlcompress.compress.adapters import install_adapters, key_of
+    from vlcompress.utils.flops import count_compute
+
+    case = TINY_MODELS["bert"]()
+    model = case.model
+    anatomy = anatomy_of(model)
+    fresh = copy.deepcopy(model)
+    skipped = anatomy.layers[1].name
+    # the callback's way: hooked parallel adapters, the layer skipped in place with its adapter
+    kept = [x.name for x in anatomy.layers if x.name != skipped]
+    added = add_parallel_adapters(model, anatomy, bottleneck=8, layers=kept)
+    skip_adapter = BottleneckAdapter(model.config.hidden_size, 12, residual=True)
+    nn.init.normal_(skip_adapter.up.weight, std=0.02)
+    anatomy.skip_layer(model, skipped, skip_adapter)
+    want = tensors_of(case.run())
+    weights = {f"parallel.{k}": v for k, v in added.adapters.state_dict().items()}
+    weights.update(
+        {f"skip_adapters.{key_of(skipped)}.{k}": v for k, v in skip_adapter.state_dict().items()}
+    )
+    spec = {"bottleneck": 8, "skipped": {skipped: 12}}
+    standalone = install_adapters(copy.deepcopy(fresh), anatomy_of(fresh), spec, weights)
+    case.model = standalone
+    for k, v in tensors_of(case.run()).items():
+        torch.testing.assert_close(v, want[k], msg=k)
+    state = standalone.state_dict()
+    assert not any(k.startswith(skipped + ".attention") for k in state)  # the layer is gone
+    assert any(k.startswith("vlcompress_adapters.") for k in state)
+    # it loads without the callback: rebuild, install, load the weights
+    again = install_adapters(copy.deepcopy(fresh), anatomy_of(fresh), spec)
+    again.load_state_dict(state)
+    case.model = again
+    for k, v in tensors_of(case.run()).items():
+        torch.testing.assert_close(v, want[k], msg=k)
+    full = count_compute(fresh, *case.args, **case.kwargs).macs
+    assert count_compute(again, *case.args, **case.kwargs).macs < full
+    with pytest.raises(KeyError, match="adapter weights"):
+        install_adapters(
+            copy.deepcopy(fresh), anatomy_of(fresh), spec, {"parallel.x.w": torch.ones(1)}
+        )

@@ -42,6 +42,7 @@ __all__ = [
     "BottleneckAdapter",
     "adapter_sites",
     "add_parallel_adapters",
+    "install_adapters",
     "key_of",
 ]
 
@@ -338,3 +339,69 @@ def _block_width(anatomy: Anatomy, modules: dict[str, nn.Module], name: str) -> 
     if not width:
         raise ValueError(f"cannot read the stream width of {name!r} from {path!r}.")
     return int(width)
+
+
+# ---------------------------------------------------------------------- a standalone model
+INSTALLED = "vlcompress_adapters"
+"""Attribute under which :func:`install_adapters` registers the parallel adapters on a model."""
+
+
+def install_adapters(
+    model: nn.Module,
+    anatomy: Anatomy,
+    spec: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Make an adapted, skipped model standalone: the parallel adapters become a submodule of
+    ``model`` (``model.vlcompress_adapters``, hooked as :func:`add_parallel_adapters` does) and
+    each skipped layer is *removed* for good, a bypass holding its skip adapter in its place
+    (:meth:`~vlcompress.models.anatomy.Anatomy.bypass_layer`). The model's ``state_dict`` then
+    holds every adapter, and the skipped layers' parameters are gone: the model is smaller and
+    faster, and loads without the callback that trained it (rebuild, install, load weights).
+
+    Args:
+        model: the model (changed in place).
+        anatomy: its anatomy (of the model before skipping).
+        spec: ``{"bottleneck": b (0: no parallel adapters), "skipped": {layer: b_skip}}``
+            (what ``ArchitectureSkipping`` records in ``results.json``).
+        weights: optional adapter weights in the callback's owned layout (``parallel.<key>.*``
+            and ``skip_adapters.<key>.*``, ``<key>`` as :func:`key_of`).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        KeyError: for an undeclared layer, or missing adapter weights.
+    """
+    weights = weights or {}
+
+    def take(prefix: str, module: nn.Module) -> None:
+        found = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        if weights and not found:
+            raise KeyError(f"no adapter weights under {prefix!r}")
+        if found:
+            module.load_state_dict(found)
+
+    b = int(spec.get("bottleneck", 0))
+    modules = dict(model.named_modules())
+    skipped = dict(spec.get("skipped", {}))
+    if b:
+        parallel = nn.ModuleDict()
+        kept = [x.name for x in anatomy.layers if x.name not in skipped]
+        add_parallel_adapters(model, anatomy, b, "zero", layers=kept, adapters=parallel)
+        for key, adapter in parallel.items():
+            take(f"parallel.{key}.", adapter)
+        model.add_module(INSTALLED, parallel)
+    for name, bottleneck in skipped.items():
+        layer_spec = anatomy.layer(name)
+        width = next(m.normalized_shape[0] for m in modules[name].modules() if isinstance(m, nn.LayerNorm))  # fmt: skip
+        adapters = [
+            BottleneckAdapter(width, int(bottleneck), residual=True) for _ in layer_spec.streams
+        ]
+        if len(adapters) == 1:
+            take(f"skip_adapters.{key_of(name)}.", adapters[0])
+        else:
+            for i, a in enumerate(adapters):
+                take(f"skip_adapters.{key_of(name)}.{i}.", a)
+        anatomy.bypass_layer(model, name, adapters if len(adapters) > 1 else adapters[0])
+    return model
