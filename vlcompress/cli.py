@@ -290,6 +290,22 @@ def _export_command(args: argparse.Namespace, console: Console) -> int:
         if key in settings:
             return fail(f"{key}= is given twice; give it once")
         settings[key] = value
+    from vlcompress.export import export_skipping_run, is_skipping_run
+
+    if is_skipping_run(args.run):  # seed 002: the adapted model with its layers removed
+        if settings or args.table or args.separate:
+            return fail("a skipping run exports its one adapted model: give no width=, "
+                        "depth=, budget=, --table or --separate")  # fmt: skip
+        try:
+            result = export_skipping_run(args.run, out=args.out)
+        except (FileNotFoundError, ValueError, ConfigError) as e:
+            return fail(e)
+        rec = result["record"]
+        print(f"exported the model with {', '.join(rec['skipped'])} skipped "
+              f"({rec['parameters']:,} parameters) to {result['export']} (reloaded: max |diff| "
+              f"{rec['reload_max_abs_diff']:.2e}); answer questions with "
+              f"ExportedModel.load({str(result['export'])!r}).predict(questions, images)")  # fmt: skip
+        return 0
     if not settings and not args.table and not args.separate:
         return fail("nothing to do: give width= and depth=, budget=..., --table or --separate")
     if args.separate:
@@ -425,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     bb.add_argument("--list", action="store_true", help="only show each backbone's state")
     bb.add_argument("--dry-run", action="store_true", help="only say what would run")
     exp = sub.add_parser(
-        "export", help="submodels of a slimmable run: cost table (--table) and / or an export"
+        "export",
+        help="submodels of a slimmable run: cost table (--table) and / or an export; "
+        "the adapted model of a skipping run",
     )
     exp.add_argument("run", help="the run folder (trained with slimmable_training)")
     exp.add_argument(

@@ -49,7 +49,13 @@ from vlcompress.config import load_experiment
 from vlcompress.utils.flops import resize_batch
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["compare_separate", "export_from_run", "separate_runs"]
+__all__ = [
+    "compare_separate",
+    "export_from_run",
+    "export_skipping_run",
+    "is_skipping_run",
+    "separate_runs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -516,3 +522,101 @@ def compare_separate(run: str | Path, folders: list[str | Path]) -> dict[str, An
     path = run / "slimmable_vs_separate.png"
     drawn = plot_submodels(rows, path, separate=separate, reference=reference)
     return {"submodels": rows, "separate": separate, "plot": str(path) if drawn else None}
+
+
+# ---------------------------------------------------------------------- skipping runs
+SKIPPING = "architecture_skipping"
+
+
+def is_skipping_run(run: str | Path) -> bool:
+    """Whether the run folder trained with the ``architecture_skipping`` callback."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return False
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return any(c.get("name") == SKIPPING for c in raw.get("callbacks") or [] if isinstance(c, dict))
+
+
+def export_skipping_run(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Export the adapted model of an ``architecture_skipping`` run as a standalone model: its
+    best checkpoint's weights, the parallel adapters installed as a submodule and the chosen
+    layers *removed*, each replaced by its skip adapter
+    (:func:`~vlcompress.compress.adapters.install_adapters`). The reloaded export is checked
+    against the callback's model on one validation batch.
+
+    Returns:
+        ``{"export": folder, "record": ...}``.
+
+    Raises:
+        FileNotFoundError: no run folder or checkpoint.
+        ValueError: a run that did not finish its search (no skipped layers yet).
+    """
+    from vlcompress.callbacks import ArchitectureSkipping
+    from vlcompress.compress.adapters import install_adapters
+    from vlcompress.models.anatomy import anatomy_of
+    from vlcompress.run import build_datamodule, build_task
+    from vlcompress.utils.init_from import resolve_init_path
+
+    run = Path(run)
+    cfg, raw_cfg = load_experiment(str(run / "config.yaml"))
+    raw = OmegaConf.to_container(raw_cfg, resolve=True)
+    options = next(c.options for c in cfg.callbacks if c.name == SKIPPING)
+    ckpt = resolve_init_path(run, what="export", fix="give a finished run folder")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    entry = next((v for k, v in checkpoint.get("callbacks", {}).items()
+                  if k.startswith("ArchitectureSkipping")), None)  # fmt: skip
+    state = (entry or {}).get("state", {})
+    if state.get("phase") != "skipping" or not state.get("chosen"):
+        raise ValueError(
+            f"{ckpt} is from the search phase of {run} (no layer skipped yet): train the run "
+            "past its search_epochs, then export it."
+        )
+    dm = build_datamodule(cfg.data, cfg.seed)
+    task = build_task(cfg, dm)
+    task.load_state_dict(checkpoint["state_dict"])
+    model = task.model.eval()
+    batch = next(iter(dm.val_dataloader()))
+    # the callback's model, as trained: hooked adapters, chosen layers skipped in place
+    cb = ArchitectureSkipping(**dict(options))
+    cb.setup(_Shim(model), task, "validate")
+    cb.load_state_dict(entry)
+    with torch.no_grad():
+        want = model(batch)
+    cb.teardown(_Shim(model), task, "validate")
+    spec = {"bottleneck": int(cb.bottleneck),
+            "skipped": {name: int(cb.skip_bottleneck) for name in state["chosen"]}}  # fmt: skip
+    weights = {k: v for k, v in entry["owned"]["modules"].items()}
+    small = install_adapters(model, anatomy_of(model), spec, weights).eval()
+    folder = Path(out) if out else run / "export" / "skipped"
+    info = dm.info()
+    record = {
+        "skipped": list(state["chosen"]),
+        "source_run": str(run),
+        "source_checkpoint": str(ckpt),
+        "parameters": sum(p.numel() for p in small.parameters()),
+    }
+    inputs, tokenizer = _inputs(dm, batch)
+    save_export(
+        small, folder, model_name=cfg.model.name,
+        context={"vocab_size": info.vocab_size, "num_answers": len(info.answers)},
+        record=record, experiment=raw, inputs=inputs, tokenizer=tokenizer, adapters=spec,
+    )  # fmt: skip
+    again = load_export(folder)
+    with torch.no_grad():
+        diff = float((again(batch) - want).abs().max())
+    record["reload_max_abs_diff"] = diff
+    atomic_write_json(folder / "export.json", {**json.loads((folder / "export.json").read_text()),
+                                               "reload_max_abs_diff": diff})  # fmt: skip
+    if diff > 1e-4:
+        raise ValueError(f"the reloaded export differs from the run's model by {diff:.2e}")
+    return {"export": folder, "record": record}
+
+
+class _Shim:
+    """The little of a Trainer that a callback's ``setup`` reads outside a fit."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.global_step = 0
+        self.world_size = 1
+        self.global_rank = 0
+        self.strategy = None

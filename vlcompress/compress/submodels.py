@@ -269,6 +269,7 @@ def save_export(
     experiment: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
+    adapters: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an exported submodel as its own folder (atomically per file).
 
@@ -288,6 +289,8 @@ def save_export(
             or features, e.g. ``[3, 64, 64]``).
         tokenizer: ``wordpiece`` only: the data's Hugging Face tokenizer, saved in
             ``tokenizer/``.
+        adapters: for a model with installed adapters and removed layers, the spec of
+            :func:`~vlcompress.compress.adapters.install_adapters` (re-applied on load).
 
     Returns:
         The folder.
@@ -315,12 +318,14 @@ def save_export(
     data = buffer.getvalue()
     atomic_write_bytes(folder / "model.pt", data)
     spec = {"model": {"name": model_name, "options": options}, "context": dict(context)}
+    if adapters is not None:
+        spec["adapters"] = _plain(dict(adapters))
     atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(spec)))
     if experiment is not None:
         exp = dict(experiment)
         exp["model"] = {"name": model_name, "options": options}
-        exp["callbacks"] = [c for c in exp.get("callbacks") or []
-                            if c.get("name") != "slimmable_training"]  # fmt: skip
+        exp["callbacks"] = [c for c in exp.get("callbacks") or [] if c.get("name") not in
+                            ("slimmable_training", "architecture_skipping")]  # fmt: skip
         exp["init_from"] = None  # the export's weights are in model.pt (load_export)
         atomic_write_text(folder / "experiment.yaml", OmegaConf.to_yaml(OmegaConf.create(exp)))
     if inputs is not None:
@@ -375,6 +380,11 @@ def load_export(folder: str | Path) -> nn.Module:
     model = registry.build(
         "model", spec["model"]["name"], spec["model"]["options"], **spec["context"]
     )
+    if spec.get("adapters"):  # adapters installed, skipped layers removed (seed 002)
+        from vlcompress.compress.adapters import install_adapters
+        from vlcompress.models.anatomy import anatomy_of
+
+        install_adapters(model, anatomy_of(model), spec["adapters"])
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

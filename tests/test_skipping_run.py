@@ -1,0 +1,58 @@
+"""Seed 002 (DAS) through a vlcompress run on real easy-VQA data: the architecture_skipping
+callback searches, skips, reports in results.json and plots its gates; ``export`` writes the
+adapted model with the chosen layer removed, which reloads and answers on its own."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from vlcompress.cli import main
+from vlcompress.config import load_experiment
+from vlcompress.run import run_experiment
+
+SKIP = (
+    "callbacks=[{name: architecture_skipping, options: {skip: 1, search_epochs: 1, "
+    "warmup_epochs: 0, interval: 2, probes: 2, bottleneck: 4, skip_bottleneck: 4, seed: 0}}]"
+)
+
+
+def test_skipping_run_reports_and_exports(tmp_path, capsys):
+    from quick_run import TINY_RUN
+
+    from vlcompress.compress.submodels import ExportedModel
+
+    out = tmp_path / "run"
+    overrides = [
+        *TINY_RUN,
+        "model.options.num_layers=2",
+        SKIP,
+        f"output_dir={out}",
+        "trainer.max_epochs=2",
+    ]
+    run_experiment(*load_experiment("default", overrides))
+    results = json.loads((out / "results.json").read_text())
+    rep = results["callbacks"]["ArchitectureSkipping"]
+    assert rep["phase"] == "skipping" and len(rep["chosen"]) == 1
+    assert rep["arms"] == ["decoder.0", "decoder.1"]  # MCAN's cross-modal layers
+    assert rep["gate_updates"] == 3  # 6 steps of epoch 0, every 2nd
+    assert rep["macs_per_example"]["skipped"] < rep["macs_per_example"]["full"]
+    assert (out / "skipping_gates.png").is_file()
+
+    folder = tmp_path / "export"
+    assert main(["export", str(out), "--out", str(folder)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    exported = ExportedModel.load(folder)
+    state = exported.model.state_dict()
+    skipped = rep["chosen"][0]
+    assert not any(k.startswith(f"{skipped}.self_attn") for k in state)  # removed for good
+    assert any(k.startswith(f"{skipped}.adapters.0.") for k in state)  # its skip adapter
+    record = json.loads((folder / "export.json").read_text())
+    assert record["reload_max_abs_diff"] < 1e-5
+    # a search-only run has nothing to export, and says so
+    early = tmp_path / "early"
+    run_experiment(*load_experiment("default", [*TINY_RUN, "model.options.num_layers=2", SKIP.replace("search_epochs: 1", "search_epochs: 2"), f"output_dir={early}", "trainer.max_epochs=1"]))  # fmt: skip
+    assert main(["export", str(early)]) == 1
+    assert "search phase" in capsys.readouterr().err
+    assert torch.is_tensor(next(iter(state.values())))
