@@ -50,3 +50,14 @@ def test_own_project_slimmable_example_runs(tmp_path):
     assert params[0] < params[1] < params[2]  # every submodel really is smaller
     assert all(0.0 <= float(r[1]) <= 1.0 for r in rows)
     assert out.rstrip().endswith("Linear")  # teardown left the plain full model
+
+
+def test_own_project_skipping_example_runs(tmp_path):
+    out = _run_example("own-project-skipping", tmp_path)
+    chosen = re.search(r"^skipped: \['encoder\.layer\.(\d)'\]", out, re.M)
+    assert chosen, out
+    full, skipped = (
+        int(x.replace(",", ""))
+        for x in re.search(r"MACs per example: ([\d,]+) -> ([\d,]+)", out).groups()
+    )
+    assert skipped < full
