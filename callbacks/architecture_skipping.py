@@ -441,9 +441,10 @@ class ArchitectureSkipping(CompressionCallback):
         self.forward_calls = int(state.get("forward_calls", 0))
         self._reward_iter = None
         self.phase = state.get("phase", self.phase)
-        self._unskip_all()
-        if self.phase == "skipping":
-            self._skip(self.chosen)
+        if self._anatomy is not None and "skip_adapters" in self.owned:  # set up: re-apply
+            self._unskip_all()
+            if self.phase == "skipping":
+                self._skip(self.chosen)
 
     def report(self) -> dict[str, Any]:
         """The chosen set, final gates and their history, trainable parameters."""
