@@ -45,8 +45,9 @@ class ArchitectureSkipping(CompressionCallback):
     * **skipping** (the remaining epochs): the ``skip`` arms with the highest gates stay
       skipped, each replaced by its skip adapter. With ``restart: backbone`` (the seed) the
       LightningModule's trainable parameters go back to their values at the start of the run, the adapters
-      are drawn afresh and the optimisers' state is cleared; ``restart: continue`` keeps the
-      search's weights.
+      are drawn afresh and the optimisers' state is cleared (the learning-rate schedule goes
+      on: give the skipping phase its own warm-up by scheduling over the whole run);
+      ``restart: continue`` keeps the search's weights.
 
     Validation and test see the adapted model (the chosen arms skipped after the search); at
     the switch, Lightning's ``ModelCheckpoint`` forgets its best so far, so the best checkpoint
@@ -82,6 +83,8 @@ class ArchitectureSkipping(CompressionCallback):
 
         trainer = L.Trainer(max_epochs=6, callbacks=[ArchitectureSkipping(skip=1)])
     """
+
+    skip_unused_owned = True  # an arm's skip adapter moves only in steps that skip the arm
 
     def __init__(
         self,
@@ -200,10 +203,17 @@ class ArchitectureSkipping(CompressionCallback):
             )
             self.add_effect("parallel adapters", added.remove)
         skip_adapters = self.own_module("skip_adapters", nn.ModuleDict())
+        fresh = not len(skip_adapters)
         for arm in arms:
             key = key_of(arm)
             if key not in skip_adapters:
                 skip_adapters[key] = self._skip_adapter(arm)
+        if fresh:  # the same first adapters on every rank (owned modules are not broadcast)
+            g = self.generator(0, salt="adapters")
+            for module in self.owned.values():
+                for m in module.modules():
+                    if isinstance(m, BottleneckAdapter):
+                        _reinit(m, self.adapter_init, g)
         self.add_effect("skipped arms", self._unskip_all)
         if self.phase == "skipping":
             self._skip(self.chosen)
@@ -213,7 +223,7 @@ class ArchitectureSkipping(CompressionCallback):
     def _skip_adapter(self, arm: str) -> nn.Module:
         spec = self.anatomy.layer(arm)
         layer = self.model.get_submodule(arm)
-        width = next(m.normalized_shape[0] for m in layer.modules() if isinstance(m, nn.LayerNorm))
+        width = _stream_width(self.anatomy, layer, spec)
         mods = [BottleneckAdapter(width, self.skip_bottleneck, self.adapter_init, residual=True)
                 for _ in spec.streams]  # fmt: skip
         return mods[0] if len(mods) == 1 else nn.ModuleList(mods)
@@ -235,6 +245,31 @@ class ArchitectureSkipping(CompressionCallback):
             if arm in arms:  # another callback's skipped layers stay skipped
                 self.anatomy.unskip_layer(self.model, arm)
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build the owned optimiser; warn when the run ends before the skipping phase."""
+        super().on_fit_start(trainer, pl_module)
+        last = getattr(trainer, "max_epochs", None)
+        if last is not None and last != -1 and last <= self.search_epochs and self.is_global_zero:
+            log.warning(
+                "ArchitectureSkipping: max_epochs=%d ends within the search (search_epochs=%d): "
+                "no layer will be skipped; train for more epochs than search_epochs.",
+                last, self.search_epochs,
+            )  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that the checkpoint searched over these arms with this ``skip`` (before its
+        adapter weights are loaded), then take its state back."""
+        saved = (state_dict.get("state") or {}).get("gates")
+        if saved is not None and self.gates is not None:
+            if list(saved["arms"]) != self.gates.arms or int(saved["skip"]) != self.skip:
+                raise ValueError(
+                    f"ArchitectureSkipping: the checkpoint searched over arms {saved['arms']} "
+                    f"with skip={saved['skip']}; this run is configured for {self.gates.arms} "
+                    f"with skip={self.skip}. Resume with the same arms and skip, or start a new "
+                    "run folder."
+                )
+        super().load_state_dict(state_dict)
+
     def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """Adam over the adapters at ``adapter_lr``."""
         return torch.optim.Adam(params, lr=self.adapter_lr)
@@ -247,7 +282,9 @@ class ArchitectureSkipping(CompressionCallback):
 
     def _switch(self, trainer: Any) -> None:
         assert self.gates is not None
-        self.chosen = self.gates.top()
+        self.chosen = self.decide(
+            self.gates.top
+        )  # rank 0's choice (seed_compatible gates may differ)
         log.info("ArchitectureSkipping: search done after %d gate updates; skipping %s (gates %s)",
                  self.gates.updates, self.chosen, [round(g, 3) for g in self.gates.gates.tolist()])  # fmt: skip
         if self.restart == "backbone":
@@ -274,6 +311,7 @@ class ArchitectureSkipping(CompressionCallback):
                 worst = cb.kth_value.new_tensor(float("inf") if cb.mode == "min" else -float("inf"))
                 cb.best_k_models = {path: worst.clone() for path in cb.best_k_models}
                 cb.kth_value, cb.best_model_score = worst.clone(), worst.clone()
+                cb.best_model_path = ""  # no skipping-phase checkpoint yet: test the last weights
                 log.info("ArchitectureSkipping: %s chooses its best among the skipping "
                          "phase's checkpoints", type(cb).__name__)  # fmt: skip
 
@@ -324,7 +362,13 @@ class ArchitectureSkipping(CompressionCallback):
     def _step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
         if self.phase != "search":
             if not self.costs:
-                self.costs = self._costs(step)
+                try:
+                    self.costs = self._costs(step)
+                except Exception as e:  # costs only feed the report: never stop training
+                    log.warning("ArchitectureSkipping: could not count MACs: %s", e)
+                    self._unskip_all()
+                    self._skip(self.chosen)
+                    self.costs = {"error": str(e)}
             return step(*args, **kwargs)
         trainer = self._trainer
         global_step = int(trainer.global_step)
@@ -354,6 +398,8 @@ class ArchitectureSkipping(CompressionCallback):
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
             loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is not None:  # its own loader: a persistent-worker iterator is shared
+            loader = _plain_loader(loader)
         if loader is None:
             raise ValueError(
                 "ArchitectureSkipping scores skip sets on held-out batches: give the Trainer a "
@@ -397,6 +443,11 @@ class ArchitectureSkipping(CompressionCallback):
         mean = torch.stack(losses)
         if self.world_size > 1 and not self.seed_compatible:
             mean = trainer.strategy.reduce(mean, reduce_op="mean")
+        if not torch.isfinite(mean).all():
+            log.warning("ArchitectureSkipping: a probe loss is not finite (%s) at step %d; "
+                        "the gates stay as they are", mean.tolist(), trainer.global_step)  # fmt: skip
+            self.probe_log.append({"step": int(trainer.global_step), "skipped_update": True})
+            return
         rewards = self.gates.update(sets, mean.tolist())
         self.probe_log.append(
             {"step": int(trainer.global_step), "sets": [list(s) for s in sets],
@@ -485,7 +536,7 @@ class ArchitectureSkipping(CompressionCallback):
             ("skipped arms", ", ".join(self.chosen) or "(search not finished)"),
             ("gate updates", str(self.gates.updates)),
         ]
-        if self.costs:
+        if self.costs.get("full"):
             saved = 1 - self.costs["skipped"] / self.costs["full"]
             rows.append(
                 ("MACs per example after skipping", f"{self.costs['skipped']:,} (-{saved:.1%})")
@@ -507,3 +558,31 @@ def _reinit(adapter: BottleneckAdapter, init: str, g: torch.Generator) -> None:
             lin.bias.zero_()
         if init == "zero":
             adapter.up.weight.zero_()
+
+
+def _stream_width(anatomy: Any, layer: nn.Module, spec: Any) -> int:
+    """Width of a layer's stream: its first attention's (or FFN's) output projection."""
+    modules = dict(layer.named_modules())
+    path = (
+        anatomy.attention(spec.attentions[0]).out
+        if spec.attentions
+        else anatomy.ffn(spec.ffns[0]).down
+    )
+    mod = modules.get(path[len(spec.name) + 1 :])
+    width = getattr(mod, "out_features", None) or getattr(mod, "embed_dim", None)
+    if not width:
+        raise ValueError(f"cannot read the stream width of layer {spec.name!r} from {path!r}")
+    return int(width)
+
+
+def _plain_loader(loader: Any) -> Any:
+    """A single-process copy of ``loader`` (same dataset, order and batches)."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(loader, DataLoader):
+        return loader
+    if loader.batch_size is None:
+        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler,
+                          collate_fn=loader.collate_fn, num_workers=0)  # fmt: skip
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      collate_fn=loader.collate_fn, drop_last=loader.drop_last, num_workers=0)  # fmt: skip

@@ -809,12 +809,22 @@ class CompressionCallback(*CALLBACK_BASES):
         """The optimiser of :meth:`owned_parameters` (override; default ``Adam(lr=1e-3)``)."""
         return torch.optim.Adam(params, lr=1e-3)
 
+    skip_unused_owned: bool = False
+    """With ``True``, an owned parameter that got no gradient on any rank in a step keeps
+    ``grad=None``, so the optimiser leaves it alone (no momentum step), as plain PyTorch does
+    for a module that was not used; ``False`` counts a missing gradient as zero."""
+
     def step_owned(self) -> None:
         """Average the owned parameters' gradients over DDP ranks (a missing gradient counts
-        as zero), step the owned optimiser and clear the gradients. No-op without one."""
+        as zero; see :attr:`skip_unused_owned`), step the owned optimiser and clear the
+        gradients. No-op without one."""
         if self._owned_opt is None:
             return
         params = [p for group in self._owned_opt.param_groups for p in group["params"]]
+        used = [p.grad is not None for p in params]
+        if self.skip_unused_owned and self.world_size > 1 and params:
+            flags = torch.tensor(used, dtype=torch.float32, device=params[0].device)
+            used = (self._trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.world_size > 1 and grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -826,6 +836,10 @@ class CompressionCallback(*CALLBACK_BASES):
         else:
             for p, g in zip(params, grads):
                 p.grad = g
+        if self.skip_unused_owned:
+            for p, u in zip(params, used):
+                if not u:
+                    p.grad = None
         self._owned_opt.step()
         self._owned_opt.zero_grad(set_to_none=True)
 

@@ -607,8 +607,11 @@ def export_skipping_run(run: str | Path, out: str | Path | None = None) -> dict[
     record["reload_max_abs_diff"] = diff
     atomic_write_json(folder / "export.json", {**json.loads((folder / "export.json").read_text()),
                                                "reload_max_abs_diff": diff})  # fmt: skip
-    if diff > 1e-4:
-        raise ValueError(f"the reloaded export differs from the run's model by {diff:.2e}")
+    if diff > 1e-4:  # keep it for inspection, under a name nobody loads by mistake
+        failed = folder.with_name(f"{folder.name}.failed")
+        folder.rename(failed)
+        raise ValueError(f"the reloaded export differs from the run's model by {diff:.2e}; "
+                         f"it is kept in {failed} for inspection")  # fmt: skip
     return {"export": folder, "record": record}
 
 
