@@ -253,3 +253,30 @@ def test_seed_compatible_scores_like_the_seeds_code(tmp_path):
     assert seed.reward_cursor == 0 and ours.reward_cursor == STEPS // 2
     with pytest.raises(TypeError):
         ArchitectureSkipping(seed_compatible="yes")
+
+
+class AdapterWatch(lp.Callback):
+    """The skip adapters' up-projections after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        cb = next(c for c in trainer.callbacks if isinstance(c, ArchitectureSkipping))
+        self.after.append(
+            {k: a.up.weight.detach().clone() for k, a in cb.owned["skip_adapters"].items()}
+        )
+
+
+def test_only_the_skipped_arms_adapter_moves(tmp_path):
+    """Adam leaves an adapter that got no gradient alone (no momentum step): in each warm-up
+    step only the skip adapter of the drawn arm changes."""
+    from vlcompress.compress.skipping import SkipGates
+
+    cb, watch = _callback(), AdapterWatch()
+    _fit(tmp_path, cb, epochs=1, extra=[watch])  # the warm-up epoch: the gates stay at 0
+    keys = [f"encoder/layer/{i}" for i in range(4)]
+    for step in range(1, STEPS):
+        drawn = SkipGates(cb.gates.arms, 1).draw(cb.generator(step, salt="train"))
+        moved = [k for k in keys if not torch.equal(watch.after[step][k], watch.after[step - 1][k])]
+        assert moved == [keys[i] for i in drawn], step
