@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from vlcompress.callbacks.base import CompressionCallback
-from vlcompress.compress.adapters import BottleneckAdapter, add_parallel_adapters, key_of
+from vlcompress.compress.adapters import (
+    BottleneckAdapter,
+    add_parallel_adapters,
+    block_width,
+    key_of,
+)
 from vlcompress.compress.skipping import SkipGates
 from vlcompress.models.anatomy import Modality
 from vlcompress.registry import register
@@ -222,8 +227,8 @@ class ArchitectureSkipping(CompressionCallback):
 
     def _skip_adapter(self, arm: str) -> nn.Module:
         spec = self.anatomy.layer(arm)
-        layer = self.model.get_submodule(arm)
-        width = _stream_width(self.anatomy, layer, spec)
+        modules = dict(self.model.named_modules())
+        width = block_width(self.anatomy, modules, (spec.attentions or spec.ffns)[0])
         mods = [BottleneckAdapter(width, self.skip_bottleneck, self.adapter_init, residual=True)
                 for _ in spec.streams]  # fmt: skip
         return mods[0] if len(mods) == 1 else nn.ModuleList(mods)
@@ -558,21 +563,6 @@ def _reinit(adapter: BottleneckAdapter, init: str, g: torch.Generator) -> None:
             lin.bias.zero_()
         if init == "zero":
             adapter.up.weight.zero_()
-
-
-def _stream_width(anatomy: Any, layer: nn.Module, spec: Any) -> int:
-    """Width of a layer's stream: its first attention's (or FFN's) output projection."""
-    modules = dict(layer.named_modules())
-    path = (
-        anatomy.attention(spec.attentions[0]).out
-        if spec.attentions
-        else anatomy.ffn(spec.ffns[0]).down
-    )
-    mod = modules.get(path[len(spec.name) + 1 :])
-    width = getattr(mod, "out_features", None) or getattr(mod, "embed_dim", None)
-    if not width:
-        raise ValueError(f"cannot read the stream width of layer {spec.name!r} from {path!r}")
-    return int(width)
 
 
 def _plain_loader(loader: Any) -> Any:

@@ -42,6 +42,7 @@ __all__ = [
     "BottleneckAdapter",
     "adapter_sites",
     "add_parallel_adapters",
+    "block_width",
     "install_adapters",
     "key_of",
 ]
@@ -258,7 +259,7 @@ def add_parallel_adapters(
     grabbed: set[str] = set()
     for site in sites:
         spec = anatomy.layer(site.layer)
-        dim = _block_width(anatomy, modules, site.name)
+        dim = block_width(anatomy, modules, site.name)
         key = key_of(site.name)
         if key not in adapters:
             adapters[key] = BottleneckAdapter(dim, bottleneck, init, scale)
@@ -328,7 +329,7 @@ def add_parallel_adapters(
     return out
 
 
-def _block_width(anatomy: Anatomy, modules: dict[str, nn.Module], name: str) -> int:
+def block_width(anatomy: Anatomy, modules: dict[str, nn.Module], name: str) -> int:
     """Width of the stream a block reads and writes: its output projection's output size."""
     try:
         path = anatomy.attention(name).out
@@ -394,7 +395,7 @@ def install_adapters(
         model.add_module(INSTALLED, parallel)
     for name, bottleneck in skipped.items():
         layer_spec = anatomy.layer(name)
-        width = next(m.normalized_shape[0] for m in modules[name].modules() if isinstance(m, nn.LayerNorm))  # fmt: skip
+        width = block_width(anatomy, modules, (layer_spec.attentions or layer_spec.ffns)[0])
         adapters = [
             BottleneckAdapter(width, int(bottleneck), residual=True) for _ in layer_spec.streams
         ]
