@@ -354,18 +354,7 @@ class EasyVQADataModule(VQADataModule):
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in answers])
         self.index = self.split_indices(parts, self._qtypes, answers)
         train = self.index["train"]
-        if self.text_encoding == "words":
-            self.word_vocab = WordVocab.build(questions[i] for i in train)
-            self._text_ids = self.word_vocab.encode(questions, self.options.max_question_len)
-        else:
-            self.tokenizer = wordpiece_tokenizer(self.options.tokenizer)
-            unique = sorted(set(questions))  # the questions repeat: encode each once
-            row = {q: i for i, q in enumerate(unique)}
-            encoded = self.tokenizer(
-                unique, padding="max_length", truncation=True,
-                max_length=self.options.max_question_len, return_tensors="pt",
-            )["input_ids"]  # fmt: skip
-            self._text_ids = encoded[torch.tensor([row[q] for q in questions])]
+        self._text_ids = self.encode_texts(questions, train)
         self.question_types = sorted(set(self._qtypes))
         qt_index = {q: i for i, q in enumerate(self.question_types)}
         self._qtype_ids = torch.tensor([qt_index[q] for q in self._qtypes], dtype=torch.long)
@@ -378,6 +367,22 @@ class EasyVQADataModule(VQADataModule):
             len(self.question_types), self.split_report["mean_tv_distance"],
         )  # fmt: skip
         self._ready = True
+
+    def encode_texts(self, texts: list[str], train: np.ndarray) -> torch.Tensor:
+        """``(len(texts), max_question_len)`` token ids of ``texts`` (0 = padding): with
+        ``words``, a vocabulary built on the ``train`` rows (set as ``word_vocab``); with
+        ``wordpiece``, ``[CLS] ... [SEP]`` of the tokenizer (set as ``tokenizer``)."""
+        if self.text_encoding == "words":
+            self.word_vocab = WordVocab.build(texts[i] for i in train)
+            return self.word_vocab.encode(texts, self.options.max_question_len)
+        self.tokenizer = wordpiece_tokenizer(self.options.tokenizer)
+        unique = sorted(set(texts))  # the texts repeat: encode each once
+        row = {q: i for i, q in enumerate(unique)}
+        encoded = self.tokenizer(
+            unique, padding="max_length", truncation=True,
+            max_length=self.options.max_question_len, return_tensors="pt",
+        )["input_ids"]  # fmt: skip
+        return encoded[torch.tensor([row[q] for q in texts])]
 
     def question_type_prior(self) -> torch.Tensor:
         """Per question type, the mean soft score of each answer over the training questions."""

@@ -44,6 +44,7 @@ from vlcompress.cluster.environment import (
 from vlcompress.config import ComponentConfig, ConfigError, ExperimentConfig
 from vlcompress.data.contract import check_data_contract
 from vlcompress.metrics.blind import BLIND_MARGIN, blind_check
+from vlcompress.models import contract
 from vlcompress.preflight import preflight
 from vlcompress.utils.checkpoint_io import AtomicCheckpointIO
 from vlcompress.utils.csv_history import HistoryCSVLogger
@@ -83,6 +84,9 @@ def build_task(cfg: ExperimentConfig, dm: Any) -> L.LightningModule:
         vocab_size=info.vocab_size,
         num_answers=len(info.answers),
     )
+    problem = contract.pair_problem(model, cfg.model.name, info.visual_input)
+    if problem:
+        raise ConfigError([problem])
     o = asdict(cfg.optim)
     o.pop("grad_clip")
     return registry.build(

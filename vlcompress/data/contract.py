@@ -10,8 +10,9 @@ A benchmark module subclasses :class:`VQADataModule` (a ``LightningDataModule``)
 * :meth:`VQADataModule.question_type_prior`: per question type, the mean soft score of each
   answer over the *training* questions of that type (the bias of LMH, PoE, RUBi, LPF);
 * ``text_encoding`` (``"words"`` with a ``word_vocab``, or ``"wordpiece"`` with a
-  ``tokenizer``) and ``visual_input`` (``"pixels"``, ``"regions"`` or ``"grid"``): what the
-  model must accept;
+  ``tokenizer``) and ``visual_input`` (``"pixels"``, ``"regions"``, ``"grid"``, or ``"pixel_pairs"``: two
+  images per example, ``(B, 2, 3, H, W)``, for a model that :func:`reads pairs
+  <vlcompress.models.contract.reads_pairs>`): what the model must accept;
 * ``split_report``: split sizes and per-type train-vs-test answer distributions.
 
 The split itself is shared: :meth:`VQADataModule.split_indices` turns the benchmark's own
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 TEXT_ENCODINGS = ("words", "wordpiece")
-VISUAL_INPUTS = ("pixels", "regions", "grid")
+VISUAL_INPUTS = ("pixels", "regions", "grid", "pixel_pairs")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ __all__ = [
     "options_of",
     "overall_rate_weights",
     "pooled_dim",
+    "pair_problem",
     "question_dim",
+    "reads_pairs",
     "returns_extras",
 ]
 
@@ -172,6 +174,31 @@ def options_of(model: nn.Module) -> Any | None:
     ``config`` is not ours)."""
     options = getattr(model, "options", None)
     return options if dataclasses.is_dataclass(options) and not isinstance(options, type) else None
+
+
+def reads_pairs(model: nn.Module) -> bool:
+    """Whether the model reads two images per example (``batch.visual`` ``(B, 2, 3, H, W)``,
+    NLVR2-style pair data; its ``reads_pairs``; default ``False``: one image per example)."""
+    return bool(getattr(model, "reads_pairs", False))
+
+
+def pair_problem(model: nn.Module, model_name: str, visual_input: str) -> str | None:
+    """What is wrong with giving data of ``visual_input`` to ``model`` as to pairs (``None``:
+    both read pairs, or neither)."""
+    pairs = visual_input == "pixel_pairs"
+    if pairs == reads_pairs(model):
+        return None
+    if pairs:
+        return (
+            f"the data serves image pairs (two images per example) but model {model_name!r} "
+            "reads one image per example; use a model with a pair head (vilt_*: "
+            "model.options.head: pair)."
+        )
+    return (
+        f"model {model_name!r} reads image pairs (head: pair) but the data serves "
+        f"{visual_input} with one image per example; use a pair data module (easy_pairs, "
+        "nlvr2) or model.options.head: vqa."
+    )
 
 
 def overall_rate_weights(model: nn.Module) -> tuple[str, ...]:
