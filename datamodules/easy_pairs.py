@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vlcompress.data import AnswerVocab, VLBatch, question_type_prior
+from vlcompress.data.contract import PAIR_ANSWERS
 from vlcompress.datamodules.easy_vqa import EasyVQADataModule, EasyVQAOptions
 from vlcompress.options import in_range
 from vlcompress.registry import register
@@ -44,7 +45,6 @@ __all__ = ["TEMPLATES", "EasyPairsDataModule", "EasyPairsOptions", "image_attrib
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
-ANSWERS = ("false", "true")
 NUM_ANNOTATORS = 10
 
 Attr = tuple[str, str]  # (shape, colour)
@@ -233,9 +233,9 @@ class EasyPairsDataModule(EasyVQADataModule):
         self._pairs = torch.tensor([(e[0], e[1]) for e in examples], dtype=torch.long)
         self._qtypes = [e[2] for e in examples]
         self._texts = [e[3] for e in examples]
-        self._answers = [ANSWERS[int(e[4])] for e in examples]
+        self._answers = [PAIR_ANSWERS[int(e[4])] for e in examples]
         self._atypes = ["true/false"] * len(examples)
-        self.answer_vocab = AnswerVocab(list(ANSWERS))
+        self.answer_vocab = AnswerVocab(list(PAIR_ANSWERS))
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in self._answers])
         self.index = self.split_indices(parts, self._qtypes, self._answers)
         self._text_ids = self.encode_texts(self._texts, self.index["train"])

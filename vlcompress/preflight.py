@@ -82,8 +82,9 @@ def meta_model(cfg: ExperimentConfig) -> nn.Module:
             options[f.name] = "random"  # pretrained text weights: files the meta build skips
     with torch.device("meta"):
         return registry.build(
-            "model", cfg.model.name, options, vocab_size=_META_VOCAB, num_answers=_META_ANSWERS
-        )
+            "model", cfg.model.name, options, vocab_size=_META_VOCAB,
+            num_answers=2 if options.get("head") == "pair" else _META_ANSWERS,  # True / False
+        )  # fmt: skip
 
 
 class _Task(nn.Module):

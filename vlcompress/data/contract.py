@@ -40,6 +40,7 @@ from vlcompress.data.sampler import EpochShuffleSampler, ShardSampler
 from vlcompress.options import check_fields, choices, in_range
 
 __all__ = [
+    "PAIR_ANSWERS",
     "DataInfo",
     "TEXT_ENCODINGS",
     "VISUAL_INPUTS",
@@ -50,6 +51,9 @@ __all__ = [
 
 TEXT_ENCODINGS = ("words", "wordpiece")
 VISUAL_INPUTS = ("pixels", "regions", "grid", "pixel_pairs")
+PAIR_ANSWERS = ("false", "true")
+"""The answers of pair data (``visual_input: pixel_pairs``), in the order of the pair heads'
+outputs (NLVR2's False, True)."""
 
 
 @dataclass(frozen=True)
