@@ -63,7 +63,8 @@ class ArchitectureSkipping(CompressionCallback):
     either phase resumes exactly.
 
     Args:
-        skip: arms skipped together (ViLT 1, METER 4 halves in the seed).
+        skip: arms skipped together (ViLT 1, METER 4 halves in the seed); 0: adapters only
+            (no search, nothing skipped: the parameter-efficient baseline).
         arms: the arms (declared layer names); default the anatomy's cross-modal layers, or
             all its layers when it has none.
         search_epochs: epochs of the search phase (warm-up included).
@@ -78,6 +79,9 @@ class ArchitectureSkipping(CompressionCallback):
         adapter_lr: rate of the callback's Adam over the adapters.
         trainable: regexes of model parameter names that train beside the adapters.
         restart: ``"backbone"`` or ``"continue"`` (see above).
+        choose: which arms the skipping phase skips: ``top`` (the highest gates: DAS),
+            ``bottom`` (the lowest gates) or ``random`` (a seeded random set of ``skip`` arms);
+            the last two are controls for the search, run with the same schedule.
         seed_compatible: score as the seed's code does: always on the reward stream's first
             batch, in training mode (dropout on), every ``interval`` training-step calls
             (micro-batches, not optimiser steps), each rank on its own (gates may differ
@@ -107,6 +111,7 @@ class ArchitectureSkipping(CompressionCallback):
         trainable: list[str] = list(DEFAULT_TRAINABLE),  # noqa: B006 - copied
         restart: str = "backbone",
         seed_compatible: bool = False,
+        choose: str = "top",
         *,
         seed: int | None = None,
         model_attr: Any = None,
@@ -114,7 +119,7 @@ class ArchitectureSkipping(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(seed=seed, model_attr=model_attr, patterns=patterns, name=name)
-        self.skip = self.check_argument("skip", skip, int, low=1)
+        self.skip = self.check_argument("skip", skip, int, low=0)
         self.arm_names = None if arms is None else [str(a) for a in arms]
         self.search_epochs = self.check_argument("search_epochs", search_epochs, int, low=1)
         self.warmup_epochs = self.check_argument("warmup_epochs", warmup_epochs, int, low=0)
@@ -137,9 +142,12 @@ class ArchitectureSkipping(CompressionCallback):
             "restart", restart, str, choices=["backbone", "continue"]
         )
         self.seed_compatible = bool(self.check_argument("seed_compatible", seed_compatible, bool))
+        self.choose = self.check_argument(
+            "choose", choose, str, choices=["top", "bottom", "random"]
+        )
         self.forward_calls = 0
         self.gates: SkipGates | None = None
-        self.phase = "search"
+        self.phase = "search" if self.skip else "skipping"  # skip 0: adapters only
         self.chosen: list[str] = []
         self.reward_cursor = 0
         self.probe_log: list[dict[str, Any]] = []
@@ -181,7 +189,7 @@ class ArchitectureSkipping(CompressionCallback):
         build the gates and wrap the training step."""
         super().setup(trainer, pl_module, stage)
         arms = self.arm_names or self._default_arms()
-        if self.gates is None:
+        if self.gates is None and self.skip:
             self.gates = SkipGates(arms, self.skip, self.gate_lr)
         if stage == "fit":
             heads = tuple(f"{h}." for h in self.anatomy.head_modules)
@@ -209,7 +217,7 @@ class ArchitectureSkipping(CompressionCallback):
             self.add_effect("parallel adapters", added.remove)
         skip_adapters = self.own_module("skip_adapters", nn.ModuleDict())
         fresh = not len(skip_adapters)
-        for arm in arms:
+        for arm in arms if self.skip else []:
             key = key_of(arm)
             if key not in skip_adapters:
                 skip_adapters[key] = self._skip_adapter(arm)
@@ -254,7 +262,8 @@ class ArchitectureSkipping(CompressionCallback):
         """Build the owned optimiser; warn when the run ends before the skipping phase."""
         super().on_fit_start(trainer, pl_module)
         last = getattr(trainer, "max_epochs", None)
-        if last is not None and last != -1 and last <= self.search_epochs and self.is_global_zero:
+        ends_early = last is not None and last != -1 and last <= self.search_epochs
+        if self.skip and ends_early and self.is_global_zero:
             log.warning(
                 "ArchitectureSkipping: max_epochs=%d ends within the search (search_epochs=%d): "
                 "no layer will be skipped; train for more epochs than search_epochs.",
@@ -287,9 +296,7 @@ class ArchitectureSkipping(CompressionCallback):
 
     def _switch(self, trainer: Any) -> None:
         assert self.gates is not None
-        self.chosen = self.decide(
-            self.gates.top
-        )  # rank 0's choice (seed_compatible gates may differ)
+        self.chosen = self.decide(self._choice)  # rank 0's (seed_compatible gates may differ)
         log.info("ArchitectureSkipping: search done after %d gate updates; skipping %s (gates %s)",
                  self.gates.updates, self.chosen, [round(g, 3) for g in self.gates.gates.tolist()])  # fmt: skip
         if self.restart == "backbone":
@@ -319,6 +326,16 @@ class ArchitectureSkipping(CompressionCallback):
                 cb.best_model_path = ""  # no skipping-phase checkpoint yet: test the last weights
                 log.info("ArchitectureSkipping: %s chooses its best among the skipping "
                          "phase's checkpoints", type(cb).__name__)  # fmt: skip
+
+    def _choice(self) -> list[str]:
+        """The arms to skip after the search, as ``choose`` says."""
+        assert self.gates is not None
+        if self.choose == "top":
+            return self.gates.top()
+        if self.choose == "bottom":
+            return self.gates.bottom()
+        order = torch.randperm(len(self.gates.arms), generator=self.generator(salt="choice"))
+        return [self.gates.arms[i] for i in sorted(order[: self.skip].tolist())]
 
     def _costs(self, step: Any) -> dict[str, Any]:
         """MACs per example of the training step's forward on one reward batch (its padding
@@ -355,7 +372,9 @@ class ArchitectureSkipping(CompressionCallback):
             costs = {
                 "full": full,
                 "skipped": macs(chosen),
-                "saved_by_arm": {arm: full - macs([arm]) for arm in self.gates.arms},
+                "saved_by_arm": {
+                    arm: full - macs([arm]) for arm in (self.gates.arms if self.gates else [])
+                },
             }
         finally:
             self._skip(chosen)
@@ -504,8 +523,12 @@ class ArchitectureSkipping(CompressionCallback):
 
     def report(self) -> dict[str, Any]:
         """The chosen set, final gates and their history, trainable parameters."""
+        trainable = {"model": self.trainable_in_model, "adapters": self._adapter_parameters()}
         if self.gates is None:
-            return {}
+            if self.skip:
+                return {}
+            return {"phase": "adapters only", "skip": 0, "chosen": [],
+                    "macs_per_example": self.costs, "trainable_parameters": trainable}  # fmt: skip
         return {
             "phase": self.phase,
             "arms": list(self.gates.arms),
@@ -514,11 +537,9 @@ class ArchitectureSkipping(CompressionCallback):
             "gates": self.gates.gates.tolist(),
             "gate_history": self.gates.history,
             "gate_updates": self.gates.updates,
+            "choose": self.choose,
             "macs_per_example": self.costs,
-            "trainable_parameters": {
-                "model": self.trainable_in_model,
-                "adapters": self._adapter_parameters(),
-            },
+            "trainable_parameters": trainable,
         }
 
     def _adapter_parameters(self) -> int:

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -106,15 +107,28 @@ class EasyVQAOptions(VQADataOptions):
             model then takes ``visual_input: regions`` with a 1280-wide region input).
         grid_image_size: ``efficientnet_grid`` only: images are resized to this square size
             first (bilinear); the grid is ``ceil(size / 32)`` cells a side (128: 4 x 4).
+        exclude_questions: a regex; questions it finds (``re.search``, lower case) are left
+            out of every part (train, val, test): a question family held out, e.g. of a
+            backbone's training so that a later task is new to it (``^what (color|is the
+            color)``: every colour-naming question).
     """
 
     text_encoding: str = field(default="words", metadata=choices(*TEXT_ENCODINGS))
     tokenizer: str | None = None
     visual_features: Literal["pixels", "efficientnet_grid"] = "pixels"
     grid_image_size: int = positive(128)
+    exclude_questions: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.exclude_questions is not None:
+            try:
+                re.compile(self.exclude_questions)
+            except re.error as e:
+                raise ValueError(
+                    f"easy-VQA: exclude_questions {self.exclude_questions!r} is not a regex "
+                    f"({e}); e.g. '^what (color|is the color)'."
+                ) from e
         if self.tokenizer is not None and self.text_encoding != "wordpiece":
             raise ValueError(
                 "easy-VQA: tokenizer is used only with text_encoding: wordpiece; set "
@@ -353,6 +367,15 @@ class EasyVQADataModule(VQADataModule):
         self.answer_vocab = AnswerVocab(answers_list)
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in answers])
         self.index = self.split_indices(parts, self._qtypes, answers)
+        if self.options.exclude_questions:
+            held_out = re.compile(self.options.exclude_questions)
+            keep = np.array([not held_out.search(q.lower()) for q in questions])
+            self.index = {k: v[keep[v]] for k, v in self.index.items()}
+            if not len(self.index["train"]):
+                raise ValueError(
+                    f"easy-VQA: exclude_questions {self.options.exclude_questions!r} leaves no "
+                    "training question; narrow the regex."
+                )
         train = self.index["train"]
         self._text_ids = self.encode_texts(questions, train)
         self.question_types = sorted(set(self._qtypes))

@@ -107,6 +107,8 @@ def path_problem(meta: Any, value: Any) -> str | None:
     kind = meta.get("path")
     if kind is None or value in (None, ""):
         return None
+    if str(value).startswith("backbone:"):  # a built backbone, resolved (and checked) on use
+        return None
     path = Path(str(value)).expanduser()
     if not path.exists():
         hint = " (a placeholder? set it to a real path)" if "/path/to" in str(value) else ""

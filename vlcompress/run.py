@@ -596,6 +596,20 @@ def collect_results(
     }
 
 
+def save_published_layout(cfg: ExperimentConfig, task: L.LightningModule, out: Path) -> None:
+    """A backbone run (``experiments/backbones/``) whose model saves itself in its published
+    layout (``save_pretrained``, e.g. ViLT's ``dandelin/vilt-b32-*`` folder) writes its tested
+    weights to ``<run>/pretrained``, which ``model.options.pretrained: backbone:<name>`` loads
+    through the model's own checkpoint loader."""
+    from vlcompress.backbones import backbone_output_dir
+
+    save = getattr(task.model, "save_pretrained", None)
+    if save is None or backbone_output_dir(cfg.name) is None:
+        return
+    folder = save(out / "pretrained")
+    log.info("backbone weights in the model's published layout: %s", folder)
+
+
 def run_experiment(
     cfg: ExperimentConfig, raw: DictConfig | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -646,6 +660,7 @@ def run_experiment(
             return {}
         results = collect_results(cfg, plan, trainer, task, dm, guard, fitted, init_record, t_start)
         atomic_write_json(out / "results.json", results)
+        save_published_layout(cfg, task, out)
         plot_training_curves(
             out / "metrics.csv", out / "curves.png", title=f"{cfg.name} ({cfg.model.name})"
         )

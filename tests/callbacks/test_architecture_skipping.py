@@ -280,3 +280,31 @@ def test_only_the_skipped_arms_adapter_moves(tmp_path):
         drawn = SkipGates(cb.gates.arms, 1).draw(cb.generator(step, salt="train"))
         moved = [k for k in keys if not torch.equal(watch.after[step][k], watch.after[step - 1][k])]
         assert moved == [keys[i] for i in drawn], step
+
+
+def test_adapters_only_and_the_control_choices(tmp_path):
+    cb, watch = _callback(skip=0), Watch()
+    module, _ = _fit(tmp_path / "a", cb, extra=[watch])
+    rep = cb.report()
+    assert rep["phase"] == "adapters only" and rep["chosen"] == [] and cb.gates is None
+    assert all(watch.ran[s] == set(range(4)) for s in range(4 * STEPS))  # nothing skipped
+    assert torch.equal(watch.word[3], watch.word[0])  # frozen backbone
+    assert not torch.equal(watch.head[2], watch.head[0])  # no restart: one phase
+    parallel = 4 * 2 * (2 * 16 + 16 * 4 + 4 + 4 * 16 + 16)
+    assert rep["trainable_parameters"]["adapters"] == parallel  # no skip adapters
+    assert rep["macs_per_example"]["full"] == rep["macs_per_example"]["skipped"] > 0
+    top, bottom = _callback(skip=2), _callback(skip=2, choose="bottom")
+    _fit(tmp_path / "t", top)
+    _fit(tmp_path / "b", bottom)
+    assert top.gates.gates.tolist() == bottom.gates.gates.tolist()  # the same search
+    assert top.chosen == top.gates.top() and bottom.chosen == bottom.gates.bottom()
+    assert bottom.report()["choose"] == "bottom"
+    picks = set()
+    for seed in range(6):
+        r = _callback(skip=2, choose="random", seed=seed)
+        _fit(tmp_path / f"r{seed}", r)
+        assert len(set(r.chosen)) == 2 and set(r.chosen) <= set(r.gates.arms)
+        picks.add(tuple(r.chosen))
+    assert len(picks) > 1  # seeded, not fixed
+    with pytest.raises(ValueError, match="choose"):
+        ArchitectureSkipping(choose="best")

