@@ -1,4 +1,5 @@
-"""VQA v2 and VQA-CP v2 with LXMERT's obj36 region features, as :class:`VQADataModule` s.
+"""VQA v2 and VQA-CP v2 with LXMERT's obj36 region features (or the COCO images, for models
+that read pixels), as :class:`VQADataModule` s.
 
 Files expected in ``data_dir`` (the published formats, see :mod:`vlcompress.data.vqa_files`):
 
@@ -9,7 +10,15 @@ Files expected in ``data_dir`` (the published formats, see :mod:`vlcompress.data
   is VQA-CP's own train / test;
 * both: a region store converted once from LXMERT's obj36 TSV files
   (``python -m vlcompress prepare vqa_v2 --tsv train2014_obj36.tsv val2014_obj36.tsv --out
-  <data_dir>/regions_obj36``), read through memory maps during training.
+  <data_dir>/regions_obj36``), read through memory maps during training;
+* or, with ``visual_features: images`` (ViLT, METER: ``visual_input`` ``pixels``), the COCO
+  images in ``image_dir`` as COCO publishes them (``train2014/COCO_train2014_<12-digit
+  id>.jpg``, ``val2014/...``; ``test2015/`` for test-dev / test-std questions, which these
+  modules do not load), resized once by ViLT's rule (shorter side 384, longer at most 639,
+  multiples of 32; :class:`~vlcompress.data.images.ResizeRule`) into a checked cache
+  (:class:`~vlcompress.data.images.ImageCache`) and padded per batch: ``visual`` ``(B, 3, H,
+  W)`` in [0, 1] and ``visual_mask`` ``(B, H, W)`` (True on real pixels). ViLT reads
+  ``text_encoding: wordpiece`` questions of up to ``max_question_len: 40`` tokens.
 
 ``split: cp`` pools both parts and re-splits them with changing priors (shared by every
 benchmark, :func:`vlcompress.data.changing_priors_split`).
@@ -29,16 +38,25 @@ computed on the training questions.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from vlcompress.data import VLBatch, VQADataModule, VQADataOptions, WordVocab
 from vlcompress.data.answers import AnswerVocab
+from vlcompress.data.images import (
+    VILT_LONGER,
+    VILT_SHORTER,
+    ImageCache,
+    ResizeRule,
+    default_cache_dir,
+    pad_images,
+)
 from vlcompress.data.regions import RegionStore, convert_obj36
 from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.data.vqa_files import (
@@ -53,7 +71,7 @@ from vlcompress.data.vqa_files import (
     tokenizer_problems,
 )
 from vlcompress.metrics.vqa_eval import normalize_answer, soft_score
-from vlcompress.options import check_fields, choices, in_range
+from vlcompress.options import check_fields, choices, in_range, positive
 from vlcompress.registry import register
 
 log = logging.getLogger(__name__)
@@ -72,6 +90,10 @@ ANSWER_TYPES = ("yes/no", "number", "other")
 COCO_FEATURES = (
     "LXMERT's obj36 features (data/mscoco_imgfeat/{train2014,val2014}_obj36.zip of "
     "https://github.com/airsplay/lxmert, unzipped)"
+)
+COCO_IMAGES = (
+    "Download the COCO 2014 images (train2014.zip, val2014.zip from "
+    "https://cocodataset.org/#download) and unzip them into that folder."
 )
 CLIP_GRID = (
     "; CLIP grid features of the COCO images instead: `python -m vlcompress prepare clip-grid "
@@ -121,11 +143,28 @@ class VQAv2Options(RegionsDataOptions):
             or over the ``train`` questions only.
         soft_score: ``step`` (0/.3/.6/.9/1, bottom-up-attention-vqa) or ``linear``
             (``min(1, count / 3)``).
+        visual_features: ``regions`` (the region store) or ``images`` (the COCO images of
+            ``image_dir``, resized and padded: ``visual_input`` ``pixels``).
+        image_dir: ``images``: the folder holding COCO's ``train2014/`` and ``val2014/``.
+        shorter, longer, size_divisor: ``images``: the resize rule (ViLT: 384, 639, 32; see
+            :class:`~vlcompress.data.images.ResizeRule`).
+        image_cache_verify: ``images``: ``checksum`` (each cache shard's SHA-256 once per
+            process) or ``size`` (sizes only).
     """
 
     min_answer_count: int = field(default=9, metadata=in_range(1))
     answer_vocab_from: str = field(default="all", metadata=choices("all", "train"))
     soft_score: str = field(default="step", metadata=choices("step", "linear"))
+    visual_features: Literal["regions", "images"] = "regions"
+    image_dir: str | None = None
+    shorter: int = positive(VILT_SHORTER)
+    longer: int = positive(VILT_LONGER)
+    size_divisor: int = positive(32)
+    image_cache_verify: Literal["checksum", "size"] = "checksum"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ResizeRule(self.shorter, self.longer, self.size_divisor)  # raises for a bad rule
 
 
 def soft_targets(
@@ -183,6 +222,8 @@ class RegionsVQADataModule(VQADataModule):
     """Where the files of ``feature_tsvs`` come from."""
     other_features: ClassVar[str] = CLIP_GRID
     """Other stores the module reads and how to make them (``{out}``: the store's path)."""
+    image_folders: ClassVar[tuple[str, ...]] = ("train2014/", "val2014/")
+    """``visual_features: images``: the COCO folders ``image_dir`` must hold."""
 
     def __init__(
         self, options: RegionsDataOptions | None = None, seed: int = 0, **overrides: Any
@@ -193,7 +234,16 @@ class RegionsVQADataModule(VQADataModule):
             options = replace(options, **overrides)
         super().__init__(options, seed)
         self.text_encoding = options.text_encoding
+        if self.reads_images(options):
+            self.visual_input = "pixels"
+        self._image_cache: ImageCache | None = None
+        self._prepared_parts: list[tuple[str, VQAPart]] | None = None
         self._ready = False
+
+    @staticmethod
+    def reads_images(options: RegionsDataOptions) -> bool:
+        """Whether ``options`` ask for the images (``visual_features: images``)."""
+        return getattr(options, "visual_features", "regions") == "images"
 
     # ------------------------------------------------------------------ files
     @classmethod
@@ -213,6 +263,15 @@ class RegionsVQADataModule(VQADataModule):
             f"make it once from {cls.features} with `python -m vlcompress prepare "
             f"{cls.benchmark} --tsv {cls.feature_tsvs} --out {{out}}`{cls.other_features}"
         )
+        if cls.reads_images(options):
+            visual = data_dir_problems(
+                options.image_dir,  # type: ignore[attr-defined]
+                list(cls.image_folders),
+                obtain=COCO_IMAGES,
+                option="data.options.image_dir (visual_features: images)",
+            )
+        else:
+            visual = regions_problems(options.data_dir, options.regions_dir, REGIONS_DIR, make)
         return [
             *data_dir_problems(
                 options.data_dir,
@@ -220,7 +279,7 @@ class RegionsVQADataModule(VQADataModule):
                 obtain=cls.obtain,
                 env=cls.data_dir_env,
             ),
-            *regions_problems(options.data_dir, options.regions_dir, REGIONS_DIR, make),
+            *visual,
             *tokenizer_problems(options.text_encoding, options.tokenizer),
         ]
 
@@ -253,6 +312,40 @@ class RegionsVQADataModule(VQADataModule):
         o = self.options
         return Path(o.regions_dir) if o.regions_dir else self.root / REGIONS_DIR
 
+    @property
+    def image_cache(self) -> ImageCache:
+        """``visual_features: images``: the resized-image cache (under ``cache_dir``, keyed by
+        ``image_dir`` and the resize rule)."""
+        if self._image_cache is None:
+            o: VQAv2Options = self.options  # type: ignore[assignment]
+            self._image_cache = ImageCache(
+                Path(o.image_dir).expanduser(),
+                default_cache_dir(o.cache_dir),
+                ResizeRule(o.shorter, o.longer, o.size_divisor),
+                verify=o.image_cache_verify,
+            )
+        return self._image_cache
+
+    @staticmethod
+    def image_files(data: VQAPart) -> list[str]:
+        """Each question's COCO image file, relative to ``image_dir``
+        (``val2014/COCO_val2014_000000000042.jpg``)."""
+        return [f"{s}/{n}.jpg" for s, n in zip(data.coco_split, data.image_names())]
+
+    def _absent_images(self, files: list[str]) -> set[str]:
+        """The ``files`` that are neither cached nor in ``image_dir`` (each folder listed once)."""
+        root = Path(self.options.image_dir).expanduser()  # type: ignore[attr-defined]
+        listed: dict[str, set[str]] = {}
+        absent = set()
+        for f in self.image_cache.missing(files):
+            folder, _, name = f.rpartition("/")
+            if folder not in listed:
+                d = root / folder
+                listed[folder] = {e.name for e in os.scandir(d)} if d.is_dir() else set()
+            if name not in listed[folder]:
+                absent.add(f)
+        return absent
+
     @classmethod
     def prepare_regions(
         cls, tsv: list[str], out: str | Path, *, dtype: str = "float16", max_boxes: int = 36
@@ -268,13 +361,28 @@ class RegionsVQADataModule(VQADataModule):
     def prepare_data(self) -> None:
         """Check that the JSON files, the region store and the tokenizer exist (nothing is
         downloaded or converted here: ``python -m vlcompress prepare`` converts the features
-        once).
+        once). With ``visual_features: images``: check every question's image and resize the
+        images once into the cache (rank 0).
 
         Raises:
             MissingInputsError: (a ``FileNotFoundError``) listing every problem at once.
+            FileNotFoundError: ``images``: a question's image is missing (unless
+                ``drop_missing_images``).
         """
         self._require_inputs()
-        RegionStore(self.regions_path)
+        if not self.reads_images(self.options):
+            RegionStore(self.regions_path)
+            return
+        self._prepared_parts = self._load_parts()  # setup() in this process reuses them
+        data = VQAPart()
+        for _, part in self._prepared_parts:
+            for col in data.__dataclass_fields__:
+                getattr(data, col).extend(getattr(part, col))
+        files = self.image_files(data)
+        keep = self._keep_with_image_files(data)  # raises for a missing image unless dropping
+        if keep is not None:
+            files = [files[i] for i in keep]
+        self.image_cache.ensure(files, description=f"resizing {self.benchmark} images")
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
@@ -289,10 +397,12 @@ class RegionsVQADataModule(VQADataModule):
         if self._ready:
             return
         self._require_inputs()
-        self.regions = RegionStore(self.regions_path)
+        images_in = self.reads_images(self.options)
+        self.regions = None if images_in else RegionStore(self.regions_path)
         o = self.options
         parts, data = [], VQAPart()
-        for name, part in self._load_parts():
+        loaded, self._prepared_parts = self._prepared_parts or self._load_parts(), None
+        for name, part in loaded:
             parts += [name] * len(part)
             for col in data.__dataclass_fields__:
                 getattr(data, col).extend(getattr(part, col))
@@ -303,7 +413,12 @@ class RegionsVQADataModule(VQADataModule):
             images = [images[i] for i in keep]
             for col in data.__dataclass_fields__:
                 setattr(data, col, [getattr(data, col)[i] for i in keep])
-        self._image_rows = self.regions.rows(images)
+        if images_in:
+            files = self.image_files(data)
+            self.image_cache.ensure(files, description=f"resizing {self.benchmark} images")
+            self._image_rows = self.image_cache.rows(files)
+        else:
+            self._image_rows = self.regions.rows(images)
         self._question_ids = np.asarray(data.question_id, dtype=np.int64)
         self._answers = data.answers
         self._qtypes, self._atypes = data.question_type, data.answer_type
@@ -347,10 +462,20 @@ class RegionsVQADataModule(VQADataModule):
             soft_score=o.soft_score,
             train_majority_answer_in_vocab=float(in_vocab[train].mean()) if len(train) else 0.0,
             dropped_questions_missing_images=self._dropped,
-            region_store=str(self.regions_path),
-            region_features=f"{self.regions.max_boxes} x {self.regions.feature_dim} "
-            f"{self.regions.manifest['dtype']}",
         )
+        if images_in:
+            report.update(
+                visual_features="images",
+                image_dir=str(o.image_dir),
+                image_cache=str(self.image_cache.folder),
+                resize=self.image_cache.rule.key(),
+            )
+        else:
+            report.update(
+                region_store=str(self.regions_path),
+                region_features=f"{self.regions.max_boxes} x {self.regions.feature_dim} "
+                f"{self.regions.manifest['dtype']}",
+            )
         self.split_report = report
         log.info(
             "%s %s split: %d train / %d val / %d test questions, %d answers (>= %d), %d "
@@ -363,6 +488,8 @@ class RegionsVQADataModule(VQADataModule):
     def _keep_with_features(self, data: VQAPart, images: list[str]) -> list[int] | None:
         """Questions to keep (``None``: all); raises for missing features unless dropping."""
         self._dropped = 0
+        if self.regions is None:  # visual_features: images
+            return self._keep_with_image_files(data)
         missing = set(self.regions.missing(images))
         if not missing:
             return None
@@ -383,6 +510,27 @@ class RegionsVQADataModule(VQADataModule):
             f"<all the TSV files the questions need> --out {self.regions_path}`; for CLIP grid "
             "features `python -m vlcompress prepare clip-grid --images <all the COCO image "
             "folders> ...`; a finished store must be deleted first), or set "
+            "data.options.drop_missing_images: true to drop them (counted in the data report)."
+        )
+
+    def _keep_with_image_files(self, data: VQAPart) -> list[int] | None:
+        """``visual_features: images``: :meth:`_keep_with_features` for image files."""
+        files = self.image_files(data)
+        missing = self._absent_images(files)
+        if not missing:
+            return None
+        bad = [i for i, f in enumerate(files) if f in missing]
+        root = Path(self.options.image_dir).expanduser()  # type: ignore[attr-defined]
+        if self.options.drop_missing_images:
+            self._dropped = len(bad)
+            log.warning("%s: dropped %d question(s) whose %d image(s) are missing in %s",
+                        self.benchmark, len(bad), len(missing), root)  # fmt: skip
+            return [i for i in range(len(files)) if files[i] not in missing]
+        i = bad[0]
+        raise FileNotFoundError(
+            f"{len(bad)} question(s) refer to {len(missing)} image(s) missing in "
+            f"data.options.image_dir {str(root)!r}; e.g. question {data.question_id[i]} "
+            f"({data.question[i]!r}) needs {str(root / files[i])!r}. {COCO_IMAGES} Or set "
             "data.options.drop_missing_images: true to drop them (counted in the data report)."
         )
 
@@ -430,8 +578,14 @@ class RegionsVQADataModule(VQADataModule):
 
     # ------------------------------------------------------------------ batches
     def batch_rows(self, rows: np.ndarray) -> VLBatch:
-        """Region features read from the memory-mapped store, a whole batch at a time."""
-        feats, boxes, mask = self.regions.batch(self._image_rows[rows])
+        """Region features read from the memory-mapped store, a whole batch at a time (with
+        ``visual_features: images``: the resized images, padded, ``(B, 3, H, W)`` in [0, 1]
+        with their pixel mask ``(B, H, W)``)."""
+        if self.regions is None:
+            feats, mask = pad_images(self.image_cache.read(self._image_rows[rows]))
+            boxes = None
+        else:
+            feats, boxes, mask = self.regions.batch(self._image_rows[rows])
         ids = self._text_ids[torch.from_numpy(rows)]
         rl = rows.tolist()
         return VLBatch(

@@ -1,0 +1,319 @@
+"""NLVR2 on fixtures in its published format (JSON lines with every published field, images in
+ViLT's layout, one JPEG behind a .png name): splits, question types, padded pairs with their
+masks, the cache, every error naming file and line, and a ViLT pair head on a batch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlcompress import registry
+from vlcompress.data import check_data_contract
+from vlcompress.data import images as images_mod
+from vlcompress.data.images import ResizeRule, load_rgb
+from vlcompress.data.vqa_files import MissingInputsError
+from vlcompress.datamodules.nlvr2 import NLVR2DataModule, question_type
+
+SENTENCES = [
+    "There are two dogs in total.",
+    "The left image shows a single bird.",
+    "One image contains a red car.",
+    "There are more cats in the right image than in the left image.",
+    "The left image has exactly three bottles.",
+    "A person is holding an umbrella.",
+]
+IMAGE_SIZES = [(64, 48), (48, 64), (80, 45), (50, 50), (30, 90), (96, 40), (40, 40)]
+RULE = dict(shorter=32, longer=64, size_divisor=16)
+# (split, set, pair, sentence ids, train directory)
+PAIRS = [("train", 10, 0, (0, 1), 3), ("train", 10, 1, (0,), 3), ("train", 11, 2, (0, 1), 7),
+         ("train", 12, 3, (0,), 7), ("train", 13, 0, (0, 1), 21), ("train", 13, 1, (0,), 21),
+         ("dev", 850, 0, (0, 1), None), ("dev", 851, 2, (0,), None),
+         ("test1", 0, 1, (0,), None), ("test1", 0, 3, (0, 1), None)]  # fmt: skip
+
+
+def example(split: str, ident: str, sentence: str, label: bool, directory: int | None) -> dict:
+    """One example with every field NLVR2 publishes (train adds directory)."""
+    row = {
+        "validation": {"61": str(label)}, "sentence": sentence,
+        "left_url": f"https://example.org/{ident}-0.jpg", "writer": "61", "label": str(label),
+        "right_url": f"https://example.org/{ident}-1.jpg", "synset": "beer bottle",
+        "query": "some beer bottles38", "identifier": ident,
+    }  # fmt: skip
+    if directory is not None:
+        row["directory"] = directory
+    else:
+        row["extra_validations"] = {"154": str(label), "139": str(label)}
+    return row
+
+
+def write_nlvr2(root: Path, train_folder: str = "images/train") -> dict:
+    """``root/data/{train,dev,test1}.json`` and ``root/images`` in ViLT's layout."""
+    rng = np.random.default_rng(0)
+    pick = random.Random(0)
+    rows: dict[str, list[dict]] = {"train": [], "dev": [], "test1": []}
+    k = 0
+    for split, set_id, pair, sentence_ids, directory in PAIRS:
+        stem = f"{split}-{set_id}-{pair}"
+        folder = root / "images" / (f"{train_folder}/{directory}" if split == "train" else split)
+        folder.mkdir(parents=True, exist_ok=True)
+        for side in (0, 1):
+            w, h = IMAGE_SIZES[(k + side) % len(IMAGE_SIZES)]
+            image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            # "not all images are actually PNGs": one JPEG behind a .png name
+            image.save(folder / f"{stem}-img{side}.png", format="JPEG" if k == 2 else "PNG")
+        for s in sentence_ids:
+            rows[split].append(example(split, f"{stem}-{s}", pick.choice(SENTENCES), bool(k % 2),
+                                       directory))  # fmt: skip
+            k += 1
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, part in rows.items():
+        (root / "data" / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return rows
+
+
+def make(root: Path, cache: Path, **options) -> NLVR2DataModule:
+    opts = dict(data_dir=str(root / "data"), image_dir=str(root / "images"),
+                cache_dir=str(cache), question_type_min_count=2, batch_size=4,
+                eval_batch_size=8) | RULE | options  # fmt: skip
+    return registry.build("datamodule", "nlvr2", opts, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nlvr2")
+    rows = write_nlvr2(root)
+    dm = make(root, root / "cache")
+    dm.prepare_data()
+    dm.setup()
+    return root, rows, dm
+
+
+def test_splits_types_answers_and_contract(fixture):
+    root, rows, dm = fixture
+    assert check_data_contract(dm) == []
+    info = dm.info()
+    assert info.visual_input == "pixel_pairs" and info.text_encoding == "wordpiece"
+    assert info.answers == ["false", "true"] and info.answer_types == ["true/false"]
+    assert info.vocab_size == 30522
+    sizes = {p: len(dm.index[p]) for p in ("train", "val", "test")}
+    assert sizes == {"train": len(rows["train"]), "val": len(rows["dev"]),
+                     "test": len(rows["test1"])}  # fmt: skip
+    assert [dm.identifiers[i] for i in dm.index["val"]] == [r["identifier"] for r in rows["dev"]]
+    assert dm.question_id_strings(torch.as_tensor(dm.index["test"])) == [
+        r["identifier"] for r in rows["test1"]
+    ]
+    # question types: first two words; prefixes with < 2 training statements are "other"
+    train_prefixes = [question_type(r["sentence"]) for r in rows["train"]]
+    kept = sorted({p for p in train_prefixes if train_prefixes.count(p) >= 2})
+    assert dm.question_types[:-1] == kept and dm.question_types[-1] == "other"
+    assert question_type("There are two dogs.") == "there are"
+    for i, r in enumerate(rows["train"] + rows["dev"] + rows["test1"]):
+        prefix = question_type(r["sentence"])
+        assert dm._qtypes[i] == (prefix if prefix in kept else "other")
+        assert dm._answers[i] == r["label"].lower()
+    prior = dm.question_type_prior()
+    assert prior.shape == (len(dm.question_types), 2) and torch.allclose(
+        prior.sum(1), torch.ones(len(dm.question_types))
+    )
+    report = dm.split_report
+    assert report["benchmark"] == "nlvr2" and report["dropped_examples_missing_images"] == 0
+    assert "per_type" in report or "mean_tv_distance" in report
+
+
+def test_batches_hold_padded_pairs_with_their_masks(fixture):
+    root, rows, dm = fixture
+    rule = ResizeRule(32, 64, 16)
+    batch = next(iter(dm.val_dataloader()))
+    n = len(rows["dev"])
+    assert batch.visual.dim() == 5 and batch.visual.shape[:3] == (n, 2, 3)
+    assert batch.visual_mask.shape == (n, 2, *batch.visual.shape[-2:])
+    assert (
+        batch.visual.dtype == torch.float32 and 0 <= batch.visual.min() and batch.visual.max() <= 1
+    )
+    assert batch.text_ids.shape == (n, 40) and (batch.text_ids[:, 0] == 101).all()
+    assert (batch.text_mask == (batch.text_ids != 0)).all()
+    assert batch.targets.shape == (n, 2) and batch.answer_type == ["true/false"] * n
+    sizes = set()
+    for i, row in enumerate(batch.question_id.tolist()):
+        ident = dm.identifiers[row]
+        r = next(r for r in rows["dev"] if r["identifier"] == ident)
+        assert batch.targets[i].tolist() == ([0.0, 1.0] if r["label"] == "True" else [1.0, 0.0])
+        assert batch.answers[i][0] == r["label"].lower()
+        stem = ident.rsplit("-", 1)[0]
+        for side in (0, 1):
+            expected = load_rgb(root / "images" / "dev" / f"{stem}-img{side}.png", rule)
+            _, h, w = expected.shape
+            sizes.add((h, w))
+            mask = batch.visual_mask[i, side]
+            assert mask[:h, :w].all() and mask.sum() == h * w  # True on real pixels only
+            got = (batch.visual[i, side, :, :h, :w] * 255).round().to(torch.uint8)
+            np.testing.assert_array_equal(got.numpy(), expected)
+            assert batch.visual[i, side][:, ~mask].eq(0).all()
+    assert len(sizes) > 1  # the pairs differ in size: padding was needed
+
+
+def test_a_vilt_pair_head_reads_a_training_batch(fixture):
+    from vlcompress.models import build_model
+
+    _, _, dm = fixture
+    torch.manual_seed(0)
+    batch = next(iter(dm.train_dataloader()))
+    model = build_model("vilt_tiny", dm.vocab_size(), 2, head="pair", image_size=64).eval()
+    with torch.no_grad():
+        logits = model(batch)
+    assert logits.shape == (len(batch), 2) and torch.isfinite(logits).all()
+
+
+def test_the_cache_is_reused_and_a_damaged_one_rebuilt(fixture, tmp_path, monkeypatch, caplog):
+    root, rows, dm = fixture
+    expected = dm.batch_rows(np.arange(4))
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images were resized again")
+
+    with monkeypatch.context() as m:
+        m.setattr(images_mod, "load_rgb", no_decoding)
+        again = make(root, root / "cache")
+        again.prepare_data()
+        again.setup()
+        assert torch.equal(again.batch_rows(np.arange(4)).visual, expected.visual)
+    shard = next(dm.cache.folder.glob("shard-*.u8"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    fresh = make(root, root / "cache")
+    with caplog.at_level(logging.WARNING, logger="vlcompress.data.images"):
+        fresh.setup()
+    assert "truncated?" in caplog.text
+    assert torch.equal(fresh.batch_rows(np.arange(4)).visual, expected.visual)
+
+
+def test_train_images_directly_under_train_and_words_and_cp(tmp_path):
+    rows = write_nlvr2(tmp_path, train_folder="train")
+    assert (
+        make(tmp_path, tmp_path / "c").missing_inputs(make(tmp_path, tmp_path / "c").options) == []
+    )
+    dm = make(tmp_path, tmp_path / "c", text_encoding="words", split="cp", val_fraction=0.2)
+    dm.setup()
+    n = sum(len(v) for v in rows.values())
+    assert sorted(np.concatenate([dm.index[p] for p in ("train", "val", "test")]).tolist()) == list(
+        range(n)
+    )
+    assert (
+        dm.info().text_encoding == "words" and next(iter(dm.train_dataloader())).visual.dim() == 5
+    )
+
+
+# ---------------------------------------------------------------------------------- errors
+@pytest.fixture
+def written(tmp_path):
+    return tmp_path, write_nlvr2(tmp_path)
+
+
+def _error(root: Path, exc: type = ValueError, **options) -> str:
+    with pytest.raises(exc) as e:
+        make(root, root / "cache", **options).setup()
+    return str(e.value)
+
+
+def _rewrite_line(path: Path, lineno: int, text: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    lines[lineno - 1] = text
+    path.write_text("".join(lines))
+
+
+def test_a_missing_image_names_file_line_and_path(written):
+    root, rows = written
+    stem = rows["dev"][2]["identifier"].rsplit("-", 1)[0]  # its own pair (line 3)
+    (root / "images" / "dev" / f"{stem}-img1.png").unlink()
+    message = _error(root, FileNotFoundError)
+    assert f"{root / 'data' / 'dev.json'}:3: example {rows['dev'][2]['identifier']!r}" in message
+    assert f"right image '{root / 'images' / 'dev' / stem}-img1.png' does not exist" in message
+    assert "drop_missing_images" in message
+    assert not (root / "cache").exists()  # stopped before resizing anything
+    dm = make(root, root / "cache", drop_missing_images=True)
+    dm.setup()
+    lost = sum(r["identifier"].startswith(stem) for r in rows["dev"])
+    assert len(dm.index["val"]) == len(rows["dev"]) - lost
+    assert dm.split_report["dropped_examples_missing_images"] == lost
+
+
+def test_a_missing_train_image_names_its_directory(written):
+    root, rows = written
+    r = rows["train"][3]
+    stem = r["identifier"].rsplit("-", 1)[0]
+    path = root / "images" / "images" / "train" / str(r["directory"]) / f"{stem}-img0.png"
+    path.unlink()
+    message = _error(root, FileNotFoundError)
+    assert f"train.json:4: example {r['identifier']!r}: its left image {str(path)!r}" in message
+
+
+def test_a_bad_label_names_file_and_line(written):
+    root, rows = written
+    bad = example("train", rows["train"][2]["identifier"], "There are dogs.", True, 3)
+    bad["label"] = "true"
+    _rewrite_line(root / "data" / "train.json", 3, json.dumps(bad) + "\n")
+    message = _error(root)
+    assert f"{root / 'data' / 'train.json'}:3: label 'true'" in message
+    assert "is not 'True' or 'False'" in message
+
+
+def test_a_truncated_or_non_json_line_names_file_and_line(written):
+    root, rows = written
+    path = root / "data" / "test1.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) - 30])  # cut in the middle of the last line
+    n = len(rows["test1"])
+    message = _error(root)
+    assert f"{path}:{n}: not a JSON line" in message and "truncated or damaged" in message
+    path.write_text(text)
+    _rewrite_line(root / "data" / "dev.json", 2, "[1, 2]\n")
+    assert "dev.json:2: expected one JSON object per line" in _error(root)
+
+
+def test_other_malformed_lines_name_file_and_line(written):
+    root, rows = written
+    row = dict(rows["dev"][0])
+    del row["sentence"]
+    _rewrite_line(root / "data" / "dev.json", 1, json.dumps(row) + "\n")
+    assert "dev.json:1: lacks ['sentence']" in _error(root)
+    row = dict(rows["train"][0])
+    del row["directory"]
+    _rewrite_line(root / "data" / "train.json", 1, json.dumps(row) + "\n")
+    assert "train.json:1: lacks ['directory']" in _error(root)
+    _rewrite_line(
+        root / "data" / "train.json", 1, json.dumps(rows["dev"][0] | {"directory": 3}) + "\n"
+    )
+    assert "train.json:1: identifier 'dev-850-0-0' is not train-<set>-<pair>-<sentence>" in _error(
+        root
+    )
+    _rewrite_line(root / "data" / "train.json", 1, json.dumps(rows["train"][1]) + "\n")
+    assert f"train.json:2: identifier {rows['train'][1]['identifier']!r} repeats line 1" in _error(
+        root
+    )
+
+
+def test_missing_files_say_what_to_download_and_where(written):
+    root, _ = written
+    (root / "data" / "dev.json").unlink()
+    message = _error(root, MissingInputsError)
+    assert "data.options.data_dir" in message and "lacks dev.json" in message
+    assert "https://github.com/lil-lab/nlvr" in message and "nlvr2/data" in message
+    dm = make(root, root / "cache", image_dir=str(root / "nowhere"))
+    problems = dm.missing_inputs(dm.options)
+    assert len(problems) == 2 and "data.options.image_dir" in problems[1]
+    assert "does not exist" in problems[1] and "images/train/<directory>/" in problems[1]
+    unset = make(root, root / "cache", image_dir=None)
+    assert any(
+        "data.options.image_dir is not set" in p for p in unset.missing_inputs(unset.options)
+    )
+    (root / "images" / "test1").rename(root / "images" / "test")
+    assert (
+        "lacks test1/"
+        in make(root, root / "cache").missing_inputs(make(root, root / "cache").options)[1]
+    )
