@@ -81,6 +81,8 @@ PIXEL_INPUT = {  # options under which a tiny model reads 64x64 pixels
     "lxmert_tiny": {"visual_input": "pixels"},
     "uniter_tiny": {"visual_input": "pixels"},
     "clip_vil_tiny": {},
+    "vilt_tiny": {},
+    "meter_tiny": {},
 }
 
 
@@ -148,6 +150,8 @@ def test_datamodule_contract(name, easy_vqa_dm, tmp_path):
         "vqa_v2": lambda: fixture_datamodule(tmp_path, "vqa_v2"),
         "vqa_cp_v2": lambda: fixture_datamodule(tmp_path, "vqa_cp_v2"),
         "gqa": lambda: _gqa(tmp_path),
+        "easy_pairs": lambda: _easy_pairs(),
+        "nlvr2": lambda: _nlvr2(tmp_path),
     }
     assert name in set_up, f"add a set-up instance of data module {name!r} to this test"
     dm = set_up[name]()
@@ -157,6 +161,25 @@ def test_datamodule_contract(name, easy_vqa_dm, tmp_path):
     assert batch.question_type_id is not None
     for qt, i in zip(batch.question_type, batch.question_type_id.tolist()):
         assert info.question_types[i] == qt
+
+
+def _easy_pairs():
+    from vlcompress.datamodules.easy_pairs import EasyPairsDataModule
+
+    dm = EasyPairsDataModule(num_train=200, num_test=20, batch_size=16)
+    dm.setup()
+    return dm
+
+
+def _nlvr2(tmp_path):
+    from fixtures_nlvr2 import make, write_nlvr2
+
+    root = tmp_path / "nlvr2"
+    write_nlvr2(root)
+    dm = make(root, root / "cache")
+    dm.prepare_data()
+    dm.setup()
+    return dm
 
 
 def _gqa(tmp_path):
