@@ -200,6 +200,7 @@ class EasyPairsDataModule(EasyVQADataModule):
     """
 
     visual_input = "pixel_pairs"
+    registered_name = "easy_pairs"
 
     def __init__(
         self, options: EasyPairsOptions | None = None, seed: int = 0, **overrides: Any

@@ -159,6 +159,8 @@ class EasyVQADataModule(VQADataModule):
 
     text_encoding = "words"
     visual_input = "pixels"
+    registered_name = "easy_vqa"
+    """The name errors start with (a subclass registered under another name sets its own)."""
 
     def __init__(
         self, options: EasyVQAOptions | None = None, seed: int = 0, **overrides: Any
@@ -228,7 +230,7 @@ class EasyVQADataModule(VQADataModule):
     def _check_files(self) -> None:
         problems = self.missing_inputs(self.options)
         if problems:
-            raise MissingInputsError("easy_vqa", problems)
+            raise MissingInputsError(self.registered_name, problems)
 
     def _cache_path(self, part: str) -> Path:
         key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:10]

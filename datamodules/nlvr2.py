@@ -79,13 +79,13 @@ NUM_ANNOTATORS = 10
 OTHER = "other"
 REPO = "https://github.com/lil-lab/nlvr"
 OBTAIN_JSON = (
-    f"Download train.json, dev.json and test1.json from {REPO} (folder nlvr2/data; `git clone "
-    f"{REPO}`) and set data.options.data_dir to that folder."
+    f"Download the three annotation files from {REPO} (folder nlvr2/data; `git clone {REPO}`) "
+    "and set data.options.data_dir to that folder."
 )
 OBTAIN_IMAGES = (
     "The images are not in the repository: request them from the NLVR2 authors (the form in "
     "nlvr2/README.md) or fetch them with nlvr2/util/download_images.py, and unzip them into "
-    "data.options.image_dir as images/train/<directory>/, dev/ and test1/ (ViLT's layout)."
+    "data.options.image_dir in ViLT's layout (the training images in numbered sub-folders)."
 )
 
 

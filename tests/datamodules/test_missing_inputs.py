@@ -9,7 +9,7 @@ import pickle
 import re
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from fixtures_gqa import prepare_gqa
@@ -66,19 +66,7 @@ EXPECTED = {
     "nlvr2": Inputs(None, ["train.json", "dev.json", "test1.json"], False,
                     images=("images/train/", "dev/", "test1/")),
 }  # fmt: skip
-# Known message bugs (reported, the modules left as they are): a strict xfail each, so that the
-# mark must go once the module is fixed.
-REPEATS_NAMES = pytest.mark.xfail(
-    strict=True,
-    reason="nlvr2's hints (OBTAIN_JSON / OBTAIN_IMAGES) list the expected files and folders "
-    "again, against data_dir_problems' 'each expected name appears at most once'",
-)
-KNOWN_REPEATS = {"nlvr2": REPEATS_NAMES}
-NAMED_EASY_VQA = pytest.mark.xfail(
-    strict=True,
-    reason="easy_pairs inherits EasyVQADataModule._check_files, which raises "
-    "MissingInputsError('easy_vqa', ...): its errors start with 'easy_vqa:'",
-)
+KNOWN_REPEATS: dict[str, Any] = {}
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 ENV_VARS = ("VQA_DIR", "VQACP_DIR", "GQA_DIR", "CLIP_GRID_DIR", "BERT_UNCASED_DIR",
             "BERT_CASED_DIR", "LXMERT_DIR", "CLIP_RN50", "UNITER_CKPT")  # fmt: skip
@@ -155,7 +143,7 @@ def test_missing_data_dir_lists_every_problem_once(name, tmp_path):
         assert isinstance(e.value, MissingInputsError) and e.value.problems == lines
         message = str(e.value)
         assert all(line in message for line in lines)
-        if name not in KNOWN_REPEATS:  # those: test_each_expected_name_appears_once (xfail)
+        if name not in KNOWN_REPEATS:
             for f in files:
                 assert message.count(f) == 1, f"{f} appears {message.count(f)} times:\n{message}"
 
@@ -187,7 +175,7 @@ def test_each_expected_name_appears_once(name, data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=NAMED_EASY_VQA if n == "easy_pairs" else ()) for n in sorted(EXPECTED)],
+    [pytest.param(n, marks=()) for n in sorted(EXPECTED)],
 )
 def test_the_error_names_the_module(name, tmp_path):
     """The error starts with the registered name of the module that raised it."""

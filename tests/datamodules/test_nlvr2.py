@@ -242,7 +242,7 @@ def test_missing_files_say_what_to_download_and_where(written):
     dm = make(root, root / "cache", image_dir=str(root / "nowhere"))
     problems = dm.missing_inputs(dm.options)
     assert len(problems) == 2 and "data.options.image_dir" in problems[1]
-    assert "does not exist" in problems[1] and "images/train/<directory>/" in problems[1]
+    assert "does not exist" in problems[1] and "images/train/" in problems[1]
     unset = make(root, root / "cache", image_dir=None)
     assert any(
         "data.options.image_dir is not set" in p for p in unset.missing_inputs(unset.options)
