@@ -130,3 +130,58 @@ def test_a_backbone_that_starts_from_another_is_built_after_it(project):
     (exps / "orphan.yaml").write_text(on.format("gone"))
     with pytest.raises(ConfigError, match="'orphan' starts from backbone 'gone', which has no"):
         build_backbones(["orphan"], dry_run=True)
+
+
+TINY_VILT_BACKBONE = """\
+defaults: [vilt_mini_easy_vqa]
+description: a ViLT backbone of a few batches (test)
+model: {name: vilt_tiny}
+progress_bar: false
+data: {options: {text_encoding: wordpiece, batch_size: 32, eval_batch_size: 256}}
+scheduler: {name: none}
+trainer:
+  max_epochs: 1
+  limit_train_batches: 4
+  limit_val_batches: 2
+  limit_test_batches: 2
+  val_check_interval: 1.0
+"""
+
+
+def test_a_vilt_backbone_is_saved_in_the_dandelin_layout_and_loads_by_name(project):
+    """A backbone run of a model with its own published layout writes it to <run>/pretrained;
+    ``model.options.pretrained: backbone:<name>`` loads it through the model's loader (a new
+    head for another answer set, here the pairs' True / False)."""
+    import torch
+    from safetensors.torch import load_file
+
+    exps = project / "experiments" / "backbones"
+    (exps / "vilt_tiny.yaml").write_text(TINY_VILT_BACKBONE)
+    assert build_backbones(["vilt_tiny"]) == [("vilt_tiny", "trained")]
+    folder = project / "backbones" / "vilt_tiny" / "pretrained"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "vilt" and config["hidden_size"] == 32
+    saved = load_file(str(folder / "model.safetensors"))
+    assert "vilt.encoder.layer.1.output.dense.weight" in saved and "classifier.3.weight" in saved
+    cfg, raw = load_experiment(
+        "vilt_mini_easy_pairs",
+        ["model.name=vilt_tiny", "model.options={head: pair, pretrained: 'backbone:vilt_tiny'}",
+         "data.options.num_train=200", "data.options.num_test=40", "progress_bar=false",
+         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         f"output_dir={project / 'pairs'}"],
+    )  # fmt: skip
+    from vlcompress.run import build_datamodule, build_task
+
+    task = build_task(cfg, build_datamodule(cfg.data, 0))
+    body = task.model.vilt.state_dict()
+    assert torch.equal(body["encoder.layer.1.output.dense.weight"],
+                       saved["vilt.encoder.layer.1.output.dense.weight"])  # fmt: skip
+    types = body["embeddings.token_type_embeddings.weight"]  # grown for the second image
+    assert types.shape[0] == 3 and torch.equal(types[2], types[1])
+    from vlcompress.preflight import preflight
+
+    cfg, _ = load_experiment(
+        "vilt_mini_easy_pairs",
+        ["model.options.pretrained=backbone:nope", "model.options.language_init=random"],
+    )
+    assert any("no backbone recipe 'nope'" in p for p in preflight(cfg))

@@ -39,9 +39,18 @@ def _component_paths(kind: str, comp: ComponentConfig, where: str) -> list[str]:
     given = comp.options or {}
     problems = []
     for f in dataclasses.fields(options):
-        problem = path_problem(f.metadata, given.get(f.name))
+        value = given.get(f.name)
+        problem = path_problem(f.metadata, value)
         if problem:
             problems.append(f"{where}.options.{f.name}: {problem}")
+        elif "path" in f.metadata and str(value).startswith("backbone:"):
+            from vlcompress.backbones import resolve_backbone
+            from vlcompress.config import ConfigError
+
+            try:  # a built backbone's folder (the model reads its published layout there)
+                resolve_backbone(str(value), f"{where}.options.{f.name}")
+            except ConfigError as e:
+                problems += e.errors
     return problems
 
 
