@@ -56,3 +56,34 @@ def test_skipping_run_reports_and_exports(tmp_path, capsys):
     assert main(["export", str(early)]) == 1
     assert "search phase" in capsys.readouterr().err
     assert torch.is_tensor(next(iter(state.values())))
+
+
+def test_skipping_a_vilt_on_image_pairs_exports_a_smaller_model(tmp_path, capsys):
+    """DAS on a ViLT pair model (two passes per example) over easy-pairs; the export removes
+    the chosen layer and answers as the run's model does."""
+    from vlcompress.compress.submodels import ExportedModel
+
+    out = tmp_path / "run"
+    overrides = [
+        "model.name=vilt_tiny", "model.options={head: pair}", "data.options.text_encoding=words",
+        "data.options.num_train=300", "data.options.num_test=60", "optim.lr_scale={}",
+        "progress_bar=false", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2", "trainer.val_check_interval=1.0", "scheduler.name=none",
+        SKIP, f"output_dir={out}",
+    ]  # fmt: skip
+    results = run_experiment(*load_experiment("vilt_mini_easy_pairs", overrides))
+    rep = results["callbacks"]["ArchitectureSkipping"]
+    assert rep["arms"] == ["vilt.encoder.layer.0", "vilt.encoder.layer.1"]
+    assert rep["phase"] == "skipping" and len(rep["chosen"]) == 1
+    assert rep["macs_per_example"]["skipped"] < rep["macs_per_example"]["full"]
+    assert results["test"]["questions"] == 60
+    folder = tmp_path / "export"
+    assert main(["export", str(out), "--out", str(folder)]) == 0
+    capsys.readouterr()
+    exported = ExportedModel.load(folder)
+    state = exported.model.state_dict()
+    skipped = rep["chosen"][0]
+    assert not any(k.startswith(f"{skipped}.attention.") for k in state)
+    assert any(k.startswith(f"{skipped}.adapters.0.") for k in state)
+    assert json.loads((folder / "export.json").read_text())["reload_max_abs_diff"] < 1e-5
+    assert exported.model.reads_pairs
