@@ -74,6 +74,7 @@ from vlcompress.models.anatomy import (
     prunable_weights_in,
 )
 from vlcompress.models.anatomy.recognise import RECOGNISERS
+from vlcompress.models.image_input import check_pair_answers, image_stack, trimmed_text
 from vlcompress.options import ModelOptions, local_path, positive, probability
 from vlcompress.utils.hf_checkpoint import checkpoint_folder, read_state_dict, size_mismatches
 
@@ -98,9 +99,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PAIR_ANSWERS = 2
-"""Outputs of the pair head: False, True."""
 
 ROBERTA_PAD = 1
 """RoBERTa's padding id, from which its position ids count (real tokens start at 2)."""
@@ -499,12 +497,7 @@ class METER(nn.Module):
         from transformers import RobertaModel
 
         o = options
-        if o.head == "pair" and num_answers != PAIR_ANSWERS:
-            raise ValueError(
-                f"METER head: pair answers True / False (2 outputs), but the data has "
-                f"{num_answers} answers; use a pair data module (easy_pairs, nlvr2) or "
-                "model.options.head: vqa."
-            )
+        check_pair_answers("METER", o.head, num_answers)
         self.options, self.vocab_size, self.num_answers = o, vocab_size, num_answers
         self.reads_pairs = o.head == "pair"
         self.text_transformer = RobertaModel(o.roberta_config(vocab_size), add_pooling_layer=True)
@@ -550,48 +543,23 @@ class METER(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _text(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question ids and mask without the columns that are padding in every question.
-
-        Raises:
-            ValueError: for text longer than ``max_text_len``.
-        """
-        real = batch.text_mask.any(0).nonzero()
-        length = int(real.max()) + 1 if len(real) else 1
+        """Question ids and mask, trimmed (:func:`~vlcompress.models.image_input.trimmed_text`)."""
         limit = self.options.max_text_len
-        if length > limit:
-            raise ValueError(
-                f"METER reads questions of at most {limit} tokens (max_text_len), the batch has "
-                f"text of {length}; lower data.options.max_question_len (METER: 50) or raise "
-                "model.options.max_text_len (and text_positions)."
-            )
-        return batch.text_ids[:, :length], batch.text_mask[:, :length].bool()
+        return trimmed_text(
+            batch, limit,
+            f"METER reads questions of at most {limit} tokens (max_text_len), the batch has "
+            "text of {length}; lower data.options.max_question_len (METER: 50) or raise "
+            "model.options.max_text_len (and text_positions).",
+        )  # fmt: skip
 
     def _images(self, batch: VLBatch) -> torch.Tensor:
         """CLIP-normalised pixels ``(B, I, 3, H, W)`` (``I`` = 1, or 2 for pairs), resized to
-        ``image_size`` with ``resize_images``.
-
-        Raises:
-            ValueError: for region features, or pairs given to a VQA head (and the reverse).
-        """
-        visual = batch.visual
-        if visual.dim() == 4:
-            visual = visual[:, None]
-        if visual.dim() != 5 or visual.shape[2] != 3:
-            raise ValueError(
-                f"METER reads images (B, 3, H, W) or image pairs (B, 2, 3, H, W) in [0, 1], not "
-                f"visual {tuple(batch.visual.shape)} (region features?); set the data's "
-                "visual_features: pixels."
-            )
-        wanted = 2 if self.reads_pairs else 1
-        if visual.shape[1] != wanted:
-            fix = "head: pair" if visual.shape[1] == 2 else "head: vqa"
-            raise ValueError(
-                f"METER head: {self.options.head} reads {wanted} image(s) per example, the "
-                f"batch has {visual.shape[1]}; set model.options.{fix}."
-            )
+        ``image_size`` with ``resize_images``
+        (:func:`~vlcompress.models.image_input.image_stack`)."""
+        visual, _ = image_stack(batch, "METER", self.options.head, self.reads_pairs)
         o = self.options
         size = o.image_size if o.resize_images else None
-        return torch.stack([clip_input(visual[:, i], size) for i in range(wanted)], dim=1)
+        return torch.stack([clip_input(visual[:, i], size) for i in range(visual.shape[1])], 1)
 
     # ------------------------------------------------------------------ towers and fusion
     def encode_text(

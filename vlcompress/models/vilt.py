@@ -49,6 +49,7 @@ from torch import nn
 from vlcompress import registry
 from vlcompress.data.batch import VLBatch
 from vlcompress.models.anatomy import Anatomy, anatomy_of
+from vlcompress.models.image_input import check_pair_answers, image_stack, trimmed_text
 from vlcompress.options import ModelOptions, local_path, positive, probability
 from vlcompress.utils.assets import minilm_package_dir
 from vlcompress.utils.hf_checkpoint import (
@@ -68,9 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PAIR_ANSWERS = 2
-"""Outputs of the pair head: False, True."""
 
 
 @dataclass(frozen=True)
@@ -208,12 +206,7 @@ class ViLT(nn.Module):
         from transformers import ViltModel
 
         o = options
-        if o.head == "pair" and num_answers != PAIR_ANSWERS:
-            raise ValueError(
-                f"ViLT head: pair answers True / False (2 outputs), but the data has "
-                f"{num_answers} answers; use a pair data module (easy_pairs, nlvr2) or "
-                "model.options.head: vqa."
-            )
+        check_pair_answers("ViLT", o.head, num_answers)
         self.options, self.vocab_size, self.num_answers = o, vocab_size, num_answers
         self.reads_pairs = o.head == "pair"
         self.vilt = ViltModel(o.vilt_config(vocab_size), add_pooling_layer=True)
@@ -235,47 +228,21 @@ class ViLT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _text(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question ids and mask without the columns that are padding in every question.
-
-        Raises:
-            ValueError: for text longer than the position table.
-        """
-        real = batch.text_mask.any(0).nonzero()
-        length = int(real.max()) + 1 if len(real) else 1
+        """Question ids and mask, trimmed (:func:`~vlcompress.models.image_input.trimmed_text`)."""
         limit = self.options.max_position_embeddings
-        if length > limit:
-            raise ValueError(
-                f"ViLT has position embeddings for {limit} tokens, the batch has text of "
-                f"{length}; lower data.options.max_question_len (ViLT: 40) or raise "
-                "model.options.max_position_embeddings."
-            )
-        return batch.text_ids[:, :length], batch.text_mask[:, :length].bool()
+        return trimmed_text(
+            batch, limit,
+            f"ViLT has position embeddings for {limit} tokens, the batch has text of "
+            "{length}; lower data.options.max_question_len (ViLT: 40) or raise "
+            "model.options.max_position_embeddings.",
+        )  # fmt: skip
 
     def _images(self, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised pixels ``(B, I, 3, H, W)`` (``I`` = 1, or 2 for pairs) and pixel masks.
-
-        Raises:
-            ValueError: for region features, or pairs given to a VQA head (and the reverse).
-        """
-        visual, mask = batch.visual, batch.visual_mask
-        if visual.dim() == 4:
-            visual = visual[:, None]
-            mask = None if mask is None else mask[:, None]
-        if visual.dim() != 5 or visual.shape[2] != 3:
-            raise ValueError(
-                f"ViLT reads images (B, 3, H, W) or image pairs (B, 2, 3, H, W) in [0, 1], not "
-                f"visual {tuple(batch.visual.shape)}; set the data's visual_features: pixels."
-            )
-        wanted = 2 if self.reads_pairs else 1
-        if visual.shape[1] != wanted:
-            fix = "head: pair" if visual.shape[1] == 2 else "head: vqa"
-            raise ValueError(
-                f"ViLT head: {self.options.head} reads {wanted} image(s) per example, the batch "
-                f"has {visual.shape[1]}; set model.options.{fix}."
-            )
+        """Normalised pixels ``(B, I, 3, H, W)`` (``I`` = 1, or 2 for pairs) and pixel masks
+        (:func:`~vlcompress.models.image_input.image_stack`)."""
+        visual, mask = image_stack(batch, "ViLT", self.options.head, self.reads_pairs)
         o = self.options
-        pixels = (visual - o.pixel_mean) / o.pixel_std
-        return pixels, mask
+        return (visual - o.pixel_mean) / o.pixel_std, mask
 
     def encode(
         self,
