@@ -141,7 +141,7 @@ def latency_table(repeats: int) -> None:
     install_adapters(skipped, skipped.anatomy(), {"bottleneck": 96,
                      "skipped": {name: 192 for name in layers}})  # fmt: skip
     full.eval(), skipped.eval()
-    print("\n## ViLT-mini (64 px, 16 px patches, text 14) on this CPU: exported skip-4 vs full\n")
+    print("\n## ViLT-mini (64 px, 8 px patches, text 14) on this CPU: exported skip-4 vs full\n")
     print("| batch | full (ms) | skip 4 of 6 layers, exported (ms) | ratio |")
     print("|---|---|---|---|")
     for b in (1, 64):

@@ -209,6 +209,7 @@ class ArchitectureSkipping(CompressionCallback):
                     for n, p in pl_module.named_parameters()
                     if p.requires_grad
                 }
+        fresh = "parallel" not in self.owned and "skip_adapters" not in self.owned
         if self.bottleneck:
             parallel = self.own_module("parallel", nn.ModuleDict())
             added = add_parallel_adapters(
@@ -216,7 +217,6 @@ class ArchitectureSkipping(CompressionCallback):
             )
             self.add_effect("parallel adapters", added.remove)
         skip_adapters = self.own_module("skip_adapters", nn.ModuleDict())
-        fresh = not len(skip_adapters)
         for arm in arms if self.skip else []:
             key = key_of(arm)
             if key not in skip_adapters:
@@ -273,15 +273,17 @@ class ArchitectureSkipping(CompressionCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that the checkpoint searched over these arms with this ``skip`` (before its
         adapter weights are loaded), then take its state back."""
-        saved = (state_dict.get("state") or {}).get("gates")
-        if saved is not None and self.gates is not None:
-            if list(saved["arms"]) != self.gates.arms or int(saved["skip"]) != self.skip:
-                raise ValueError(
-                    f"ArchitectureSkipping: the checkpoint searched over arms {saved['arms']} "
-                    f"with skip={saved['skip']}; this run is configured for {self.gates.arms} "
-                    f"with skip={self.skip}. Resume with the same arms and skip, or start a new "
-                    "run folder."
-                )
+        state = state_dict.get("state") or {}
+        gates = state.get("gates") or {}
+        saved_skip = int(state.get("skip", gates.get("skip", 0) if gates else 0))
+        saved_arms = list(state.get("arms", gates.get("arms", [])))
+        arms = self.gates.arms if self.gates is not None else saved_arms
+        if saved_skip != self.skip or saved_arms != arms:
+            raise ValueError(
+                f"ArchitectureSkipping: the checkpoint searched over arms {saved_arms} with "
+                f"skip={saved_skip}; this run is configured for {arms} with skip={self.skip}. "
+                "Resume with the same arms and skip, or start a new run folder."
+            )
         super().load_state_dict(state_dict)
 
     def configure_owned_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -493,6 +495,8 @@ class ArchitectureSkipping(CompressionCallback):
         """Gates, phase, chosen set, reward stream position, probe log, initial weights."""
         return {
             "gates": self.gates.state_dict() if self.gates is not None else None,
+            "skip": self.skip,
+            "arms": list(self.gates.arms) if self.gates is not None else [],
             "phase": self.phase,
             "chosen": list(self.chosen),
             "reward_cursor": self.reward_cursor,

@@ -144,6 +144,17 @@ class EasyPairsOptions(EasyVQAOptions):
                 "easy_pairs: only split: standard (train pairs over easy-VQA's training "
                 "images, test pairs over its test images); drop data.options.split: cp."
             )
+        for name in ("num_train", "num_test"):
+            if getattr(self, name) % 2:
+                raise ValueError(
+                    f"easy_pairs: {name} must be even (each statement text comes once True and "
+                    f"once False), not {getattr(self, name)}."
+                )
+        if self.exclude_questions is not None:
+            raise ValueError(
+                "easy_pairs generates its own statements: exclude_questions does not apply; "
+                "drop it."
+            )
         if self.visual_features != "pixels":
             raise ValueError(
                 "easy_pairs serves image pairs as pixels; set data.options.visual_features: pixels."

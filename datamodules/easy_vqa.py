@@ -107,7 +107,7 @@ class EasyVQAOptions(VQADataOptions):
             model then takes ``visual_input: regions`` with a 1280-wide region input).
         grid_image_size: ``efficientnet_grid`` only: images are resized to this square size
             first (bilinear); the grid is ``ceil(size / 32)`` cells a side (128: 4 x 4).
-        exclude_questions: a regex; questions it finds (``re.search``, lower case) are left
+        exclude_questions: a regex; questions it finds (``re.search``, ignoring case) are left
             out of every part (train, val, test): a question family held out, e.g. of a
             backbone's training so that a later task is new to it (``^what (color|is the
             color)``: every colour-naming question).
@@ -370,8 +370,8 @@ class EasyVQADataModule(VQADataModule):
         self._targets = self.answer_vocab.targets([[a] * NUM_ANNOTATORS for a in answers])
         self.index = self.split_indices(parts, self._qtypes, answers)
         if self.options.exclude_questions:
-            held_out = re.compile(self.options.exclude_questions)
-            keep = np.array([not held_out.search(q.lower()) for q in questions])
+            held_out = re.compile(self.options.exclude_questions, re.IGNORECASE)
+            keep = np.array([not held_out.search(q) for q in questions])
             self.index = {k: v[keep[v]] for k, v in self.index.items()}
             if not len(self.index["train"]):
                 raise ValueError(

@@ -185,3 +185,13 @@ def test_a_vilt_backbone_is_saved_in_the_dandelin_layout_and_loads_by_name(proje
         ["model.options.pretrained=backbone:nope", "model.options.language_init=random"],
     )
     assert any("no backbone recipe 'nope'" in p for p in preflight(cfg))
+
+
+def test_backbone_paths_only_where_a_model_loads_its_published_layout():
+    from vlcompress.preflight import preflight
+
+    cfg, _ = load_experiment(
+        "uniter_mini_effnet_easy_vqa",
+        ["model.options.pretrained=backbone:x", "model.options.language_init=random"],
+    )
+    assert any("only options that load a model's published layout" in p for p in preflight(cfg))

@@ -566,7 +566,8 @@ def export_skipping_run(run: str | Path, out: str | Path | None = None) -> dict[
     entry = next((v for k, v in checkpoint.get("callbacks", {}).items()
                   if k.startswith("ArchitectureSkipping")), None)  # fmt: skip
     state = (entry or {}).get("state", {})
-    if state.get("phase") != "skipping" or not state.get("chosen"):
+    adapters_only = state.get("skip", 1) == 0  # skip: 0 exports its parallel adapters alone
+    if state.get("phase") != "skipping" or not (state.get("chosen") or adapters_only):
         raise ValueError(
             f"{ckpt} is from the search phase of {run} (no layer skipped yet): train the run "
             "past its search_epochs, then export it."

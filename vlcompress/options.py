@@ -108,7 +108,12 @@ def path_problem(meta: Any, value: Any) -> str | None:
     if kind is None or value in (None, ""):
         return None
     if str(value).startswith("backbone:"):  # a built backbone, resolved (and checked) on use
-        return None
+        if meta.get("backbone"):
+            return None
+        return (
+            f"{value}: this option reads a local path; only options that load a model's "
+            "published layout (ViLT's pretrained) take backbone:<name>"
+        )
     path = Path(str(value)).expanduser()
     if not path.exists():
         hint = " (a placeholder? set it to a real path)" if "/path/to" in str(value) else ""

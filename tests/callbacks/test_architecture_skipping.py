@@ -284,7 +284,7 @@ def test_only_the_skipped_arms_adapter_moves(tmp_path):
 
 def test_adapters_only_and_the_control_choices(tmp_path):
     cb, watch = _callback(skip=0), Watch()
-    module, _ = _fit(tmp_path / "a", cb, extra=[watch])
+    module, trainer = _fit(tmp_path / "a", cb, extra=[watch])
     rep = cb.report()
     assert rep["phase"] == "adapters only" and rep["chosen"] == [] and cb.gates is None
     assert all(watch.ran[s] == set(range(4)) for s in range(4 * STEPS))  # nothing skipped
@@ -293,6 +293,12 @@ def test_adapters_only_and_the_control_choices(tmp_path):
     parallel = 4 * 2 * (2 * 16 + 16 * 4 + 4 + 4 * 16 + 16)
     assert rep["trainable_parameters"]["adapters"] == parallel  # no skip adapters
     assert rep["macs_per_example"]["full"] == rep["macs_per_example"]["skipped"] > 0
+    trained = [p.detach().clone() for p in cb.owned.parameters()]
+    cb.setup(trainer, module, "test")  # a later stage sets up again: the adapters stay
+    assert all(torch.equal(a, b) for a, b in zip(trained, cb.owned.parameters()))  # kept
+    # a checkpoint of another skip is refused by name, before its weights load
+    with pytest.raises(ValueError, match=r"skip=0; this run is configured for .* skip=1"):
+        _callback(skip=1).load_state_dict({"state": cb.state()})
     top, bottom = _callback(skip=2), _callback(skip=2, choose="bottom")
     _fit(tmp_path / "t", top)
     _fit(tmp_path / "b", bottom)

@@ -91,8 +91,10 @@ def test_bad_options_are_explained():
         EasyPairsDataModule(split="cp")
     with pytest.raises(ValueError, match=r"visual_features: pixels"):
         EasyPairsDataModule(visual_features="efficientnet_grid")
-    with pytest.raises(ValueError, match=r"must be even"):
-        EasyPairsDataModule(num_train=201).setup()
+    with pytest.raises(ValueError, match=r"num_train must be even"):
+        EasyPairsDataModule(num_train=201)
+    with pytest.raises(ValueError, match=r"exclude_questions does not apply"):
+        EasyPairsDataModule(exclude_questions="^what")
 
 
 def test_a_pair_run_end_to_end_and_single_image_models_are_refused(tmp_path, tiny_run):

@@ -116,8 +116,28 @@ def test_a_saved_folder_reloads_exactly_and_another_answer_set_gets_a_fresh_head
     assert other.classifier[3].weight.shape == (7, 64)
 
 
+def test_buffers_of_older_transformers_are_ignored_and_pairs_read_out_both_passes(tmp_path):
+    from safetensors.torch import save_file
+
+    m = build_model("vilt_tiny", 50, 2, head="pair").eval()
+    folder = save_vilt_folder(m, tmp_path / "old")
+    state = load_file(str(folder / "model.safetensors"))
+    state["vilt.embeddings.text_embeddings.position_ids"] = torch.arange(32)[None]  # 4.13 saved it
+    save_file(state, str(folder / "model.safetensors"))
+    again = build_model("vilt_tiny", 50, 2, head="pair", pretrained=str(folder)).eval()
+    b = batch(images=2)
+    an = again.anatomy()
+    with torch.no_grad(), an.capture(again, ["fused"]) as seen:
+        logits = again(b)
+    assert seen["fused"].shape == (3, 64)  # both passes, the classifier's input
+    with torch.no_grad():
+        torch.testing.assert_close(logits, m(b))
+
+
 def test_bad_checkpoints_inputs_and_options_are_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"ViLT checkpoint folder .* lacks \['config.json'.*dandelin"):
+    with pytest.raises(
+        FileNotFoundError, match=r"ViLT checkpoint folder .* lacks \['config.json'.*dandelin"
+    ):
         build_model("vilt_tiny", 50, 13, pretrained=str(tmp_path))
     save_vilt_folder(build_model("vilt_tiny", 50, 13), tmp_path / "t")
     with pytest.raises(ValueError, match=r"hidden_size: checkpoint 32, model 64"):
@@ -129,7 +149,9 @@ def test_bad_checkpoints_inputs_and_options_are_explained(tmp_path):
     with pytest.raises(ValueError, match=r"image_size \(60\) must be a whole number of patches"):
         build_model("vilt_tiny", 50, 13, image_size=60)
     m = build_model("vilt_tiny", 50, 13)
-    with pytest.raises(ValueError, match=r"reads 1 image\(s\) per example, the batch has 2.*head: pair"):
+    with pytest.raises(
+        ValueError, match=r"reads 1 image\(s\) per example, the batch has 2.*head: pair"
+    ):
         m(batch(images=2))
     regions = VLBatch(text_ids=torch.ones(2, 3, dtype=torch.long),
                       text_mask=torch.ones(2, 3, dtype=torch.bool), visual=torch.randn(2, 5, 16))  # fmt: skip

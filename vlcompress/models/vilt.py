@@ -113,7 +113,9 @@ class ViltOptions(ModelOptions):
     image_size: int = positive(384)
     max_image_length: int = -1
     head: Literal["vqa", "pair"] = "vqa"
-    pretrained: str | None = field(default=None, metadata=local_path("file_or_dir"))
+    pretrained: str | None = field(
+        default=None, metadata={**local_path("file_or_dir"), "backbone": True}
+    )
     language_init: Literal["random", "minilm"] = "random"
     pixel_mean: float = 0.5
     pixel_std: float = 0.5
@@ -218,6 +220,7 @@ class ViLT(nn.Module):
             nn.Linear(2 * o.hidden_size, num_answers),
         )
         self.classifier.apply(self.vilt._init_weights)
+        self.fused = nn.Identity()  # the classifier's input (both passes of a pair): a read-out
         self.pooled_dim = width
         self.question_dim = o.hidden_size
         if o.pretrained:
@@ -287,7 +290,7 @@ class ViLT(nn.Module):
             p, text = self.encode(text_ids, text_mask, pixels[:, i],
                                   None if masks is None else masks[:, i], image_type=i + 1)  # fmt: skip
             pooled.append(p)
-        features = torch.cat(pooled, dim=-1)
+        features = self.fused(torch.cat(pooled, dim=-1))
         logits = self.classifier(features)
         if not return_extras:
             return logits
@@ -308,7 +311,7 @@ class ViLT(nn.Module):
             {
                 "language_input": "vilt.embeddings.text_embeddings",
                 "vision_input": "vilt.embeddings.patch_embeddings",
-                "fused": "vilt.pooler",
+                "fused": "fused",
             }
         )
         an.head_modules = ["classifier"]
@@ -392,7 +395,8 @@ def load_vilt_checkpoint(model: ViLT, path: str | Path) -> list[str]:
     raw = read_state_dict(folder)
     if not any(k.startswith("vilt.") for k in raw):  # a bare ViltModel
         raw = {f"vilt.{k}": v for k, v in raw.items()}
-    state = {k: v for k, v in raw.items() if k.startswith(_OURS)}
+    buffers = ("position_ids", "token_type_ids")  # saved by older transformers, not weights
+    state = {k: v for k, v in raw.items() if k.startswith(_OURS) and not k.endswith(buffers)}
     ignored = sorted({k.split(".")[0] for k in raw if not k.startswith(_OURS)})
     ours = model.state_dict()
     types = "vilt.embeddings.token_type_embeddings.weight"
@@ -400,6 +404,15 @@ def load_vilt_checkpoint(model: ViLT, path: str | Path) -> list[str]:
         state[types] = torch.cat([state[types], state[types][1:2]])
         log.info("%s: modality-type table grown to 3 rows (row 2 = row 1) for pairs", where)
     kind = _head_kind(state, model.options.hidden_size)
+    labels = config.get("id2label") or {}
+    named = [v for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))]
+    if named and not all(v == f"LABEL_{i}" for i, v in enumerate(named)) and kind == "vqa":
+        log.warning(
+            "%s: its classifier was fine-tuned for answers in its config.json id2label order "
+            "(%s, ...); it loads by shape, so the data's answer order must be that order (else "
+            "the head starts wrong: start from a pre-training folder such as vilt-b32-mlm)",
+            where, named[:3],
+        )  # fmt: skip
     head = {k: v for k, v in state.items() if k.startswith("classifier.")}
     if head and (
         kind != model.options.head or any(v.shape != ours[k].shape for k, v in head.items())
@@ -447,10 +460,18 @@ def save_vilt_folder(model: ViLT, folder: str | Path) -> Path:
     config = model.options.vilt_config(model.vocab_size).to_dict()
     config["num_labels"] = model.num_answers
     config["vlcompress_options"] = asdict(model.options)
-    tmp = out / ".model.safetensors.tmp"
+    import os
+    import tempfile
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(out / "model.safetensors")
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
     return out
 
