@@ -111,6 +111,11 @@ class EasyVQAOptions(VQADataOptions):
             out of every part (train, val, test): a question family held out, e.g. of a
             backbone's training so that a later task is new to it (``^what (color|is the
             color)``: every colour-naming question).
+        augment: ``pixels`` only: each training image is flipped and / or turned by a multiple
+            of 90 degrees (one of the 8 symmetries of the square, exact on the pixel grid), a
+            different one per epoch, seeded by ``seed``, the epoch and the question: every
+            easy-VQA question (a shape's kind and colour, whether one is there) has the same
+            answer on the transformed image. Validation and test images are left as they are.
     """
 
     text_encoding: str = field(default="words", metadata=choices(*TEXT_ENCODINGS))
@@ -118,9 +123,15 @@ class EasyVQAOptions(VQADataOptions):
     visual_features: Literal["pixels", "efficientnet_grid"] = "pixels"
     grid_image_size: int = positive(128)
     exclude_questions: str | None = None
+    augment: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.augment and self.visual_features != "pixels":
+            raise ValueError(
+                "easy-VQA: augment transforms pixels; the grid features are computed once per "
+                "image. Set visual_features: pixels or augment: false."
+            )
         if self.exclude_questions is not None:
             try:
                 re.compile(self.exclude_questions)
@@ -419,6 +430,22 @@ class EasyVQADataModule(VQADataModule):
         )
 
     # ------------------------------------------------------------------ batches
+    def _augmented(self, rows: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """The training rows' images under one of the square's 8 symmetries each, chosen by
+        (seed, epoch, row): the same on every rank and after a resume."""
+        train = torch.zeros(len(self._answers), dtype=torch.bool)
+        train[torch.as_tensor(self.index["train"])] = True
+        trainer = getattr(self, "trainer", None)
+        epoch = int(trainer.current_epoch) if trainer is not None else 0
+        keys = rows * 1_000_003 + (self.seed * 7_919 + epoch) * 104_729
+        which = (keys * 2_654_435_761 % 4_294_967_291) % 8
+        out = visual.clone()
+        for i in torch.nonzero(train[rows]).flatten().tolist():
+            k = int(which[i])
+            image = torch.rot90(visual[i], k % 4, dims=(1, 2))
+            out[i] = image.flip(2) if k >= 4 else image
+        return out
+
     def batch_rows(self, rows: np.ndarray) -> VLBatch:
         """In-memory tensors indexed a whole batch at a time."""
         r = torch.as_tensor(rows)
@@ -430,6 +457,8 @@ class EasyVQADataModule(VQADataModule):
             boxes = self._grid_boxes.expand(len(r), -1, -1)
         else:
             visual = self._images[images].permute(0, 3, 1, 2).float().div_(255.0)
+            if self.options.augment:
+                visual = self._augmented(r, visual)
         answers = [self._answers[i] for i in r.tolist()]
         return VLBatch(
             text_ids=ids,

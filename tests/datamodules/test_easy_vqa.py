@@ -116,3 +116,25 @@ def test_missing_data_dir_names_path_and_expected_files(tmp_path):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         EasyVQADataModule(**kwargs)
+
+
+def test_augment_turns_training_images_only_and_repeats_exactly():
+    from vlcompress.datamodules import EasyVQADataModule
+
+    plain = EasyVQADataModule(seed=0)
+    plain.setup()
+    aug = EasyVQADataModule(seed=0, augment=True)
+    aug.setup()
+    train, test = aug.index["train"][:64], aug.index["test"][:16]
+    a, p = aug.batch_rows(train).visual, plain.batch_rows(train).visual
+    changed = [not torch.equal(a[i], p[i]) for i in range(64)]
+    assert 30 < sum(changed) < 64  # 7 of 8 symmetries change the image
+    for i in range(64):  # each is a symmetry of the square: the same pixels, moved
+        assert any(
+            torch.equal(a[i], torch.rot90(p[i], k, dims=(1, 2)).flip(2) if f else torch.rot90(p[i], k, dims=(1, 2)))
+            for k in range(4) for f in (False, True)
+        )  # fmt: skip
+    assert torch.equal(aug.batch_rows(train).visual, a)  # seeded: the same again
+    assert torch.equal(aug.batch_rows(test).visual, plain.batch_rows(test).visual)
+    with pytest.raises(ValueError, match="augment transforms pixels"):
+        EasyVQADataModule(augment=True, visual_features="efficientnet_grid")
