@@ -15,7 +15,10 @@ accepted too), ``dev/dev-<set>-<pair>-img{0,1}.png`` and ``test1/test1-...``. (N
 Splits: ``split: standard`` is the published one: train = ``train.json``, **val = dev**,
 **test = test1** (``val_fraction`` is unused; ViLT reports dev and test-P = test1). ``split:
 cp`` pools the three files and re-splits them with changing priors (validation carved from
-train), as every benchmark can.
+train), as every benchmark can, but by **whole image sets**: the statements of one set (the
+``<split>-<set>`` of their identifiers: the same photographs, in several pairs) all go to one
+part, as NLVR2's README asks of any new split (a set is sent where most of its statements fell
+in the changing-priors split; validation is carved from train by sets).
 
 Answers are ``false`` and ``true`` (the order of ViLT's NLVR2 head, answer type
 ``true/false``). **Question types** are a statement's first two words (``there are``, ``the
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -49,6 +53,7 @@ from vlcompress.data import (
     VQADataModule,
     VQADataOptions,
     WordVocab,
+    changing_priors_split,
     question_type_prior,
     tokenize,
 )
@@ -117,6 +122,12 @@ class NLVR2Example:
     def pair(self) -> str:
         """``<split>-<set>-<pair>``: the stem of the two image files."""
         return self.identifier.rsplit("-", 1)[0]
+
+    @property
+    def image_set(self) -> str:
+        """``<split>-<set>``: the image set (its photographs appear in its pairs only; set
+        numbers restart in each published split)."""
+        return "-".join(self.identifier.split("-", 2)[:2])
 
 
 def read_nlvr2(path: str | Path, split: str) -> list[NLVR2Example]:
@@ -195,8 +206,9 @@ class NLVR2Options(VQADataOptions):
             ``other``).
         drop_missing_images: drop examples whose image file is missing (counted in the data
             report; URL downloads miss some) instead of stopping with an error.
-        image_cache_verify: ``checksum`` (each cache shard's SHA-256 once per process) or
-            ``size`` (sizes only).
+        image_cache_verify: ``size`` (each cache shard's size when opened; its SHA-256 is
+            checked once, when it is written) or ``checksum`` (also every shard's SHA-256 in
+            every process: the full check, which reads the whole cache).
     """
 
     image_dir: str | None = None
@@ -211,7 +223,7 @@ class NLVR2Options(VQADataOptions):
     question_type_words: int = positive(2)
     question_type_min_count: int = positive(50)
     drop_missing_images: bool = False
-    image_cache_verify: Literal["checksum", "size"] = "checksum"
+    image_cache_verify: Literal["size", "checksum"] = "size"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -358,7 +370,11 @@ class NLVR2DataModule(VQADataModule):
         return [e for e in examples if e.identifier not in dropped]
 
     def prepare_data(self) -> None:
-        """Read the files, check the images and resize them once into the cache (rank 0).
+        """Read the files, check the images and resize them once into the cache.
+
+        Safe on every rank of a launch at once (``vlcompress.run`` calls it on each): the
+        cache is built under a file lock, so one process resizes the images while the others
+        wait and then reuse them (:class:`~vlcompress.data.images.ImageCache`).
 
         Raises:
             MissingInputsError, FileNotFoundError, ValueError: see the class.
@@ -396,12 +412,14 @@ class NLVR2DataModule(VQADataModule):
         if o.split == "standard":
             self.index = {p: np.flatnonzero(parts == p) for p in ("train", "val", "test")}
         else:
-            self.index = self.split_indices(parts, self._qtypes, self._answers)
+            sets = [e.image_set for e in examples]
+            self.index = self.image_set_split(sets, self._qtypes, self._answers)
         self._text_ids = self._encode(self._texts, self.index["train"])
         report = self.split_report_for(self._qtypes, self._answers, self.index)
         report.update(
             benchmark="nlvr2",
             published_splits="train / dev / test1" if o.split == "standard" else "pooled",
+            split_unit="statement" if o.split == "standard" else "image set",
             dropped_examples_missing_images=self._dropped,
             image_cache=str(self.cache.folder),
             resize=self.cache.rule.key(),
@@ -413,6 +431,47 @@ class NLVR2DataModule(VQADataModule):
             len(self.question_types),
         )  # fmt: skip
         self._ready = True
+
+    def image_set_split(
+        self, sets: Sequence[str], question_types: Sequence[str], answers: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """``split: cp`` by whole image sets: the changing-priors split of the statements
+        (:func:`~vlcompress.data.changing_priors_split`), then each set sent wholly to the part
+        where most of its statements fell (a tie by a seeded coin), and validation carved from
+        the training sets (about ``val_fraction`` of the training statements, at least one set;
+        one set stays in train).
+
+        Args:
+            sets: each statement's image set (:attr:`NLVR2Example.image_set`).
+            question_types, answers: per statement.
+
+        Returns:
+            ``{"train", "val", "test"}`` sorted statement indices; no set in two of them.
+        """
+        o = self.options
+        rng = random.Random(self.seed)
+        _, test = changing_priors_split(question_types, answers, o.cp_test_fraction, o.cp_leak, rng)
+        names, of_set = np.unique(np.asarray(sets), return_inverse=True)
+        size = np.bincount(of_set, minlength=len(names))
+        in_test = np.bincount(of_set[np.asarray(test, dtype=np.int64)], minlength=len(names))
+        coins = np.asarray([rng.random() < 0.5 for _ in names], dtype=bool)
+        test_sets = (2 * in_test > size) | ((2 * in_test == size) & coins)
+        if test_sets.all():  # keep a set to train on
+            test_sets[int(np.argmin(in_test / size))] = False
+        train_sets = np.flatnonzero(~test_sets).tolist()
+        rng.shuffle(train_sets)
+        wanted = max(1, int(round(o.val_fraction * int(size[~test_sets].sum()))))
+        val_sets, held = [], 0
+        for k in train_sets[:-1]:  # one set stays in train
+            if held >= wanted:
+                break
+            val_sets.append(k)
+            held += int(size[k])
+        part = np.where(test_sets, 2, 0)
+        part[val_sets] = 1
+        statement_part = part[of_set]
+        return {name: np.flatnonzero(statement_part == i)
+                for i, name in enumerate(("train", "val", "test"))}  # fmt: skip
 
     def _encode(self, texts: list[str], train: np.ndarray) -> torch.Tensor:
         """``(len(texts), max_question_len)`` token ids (0 pads), each distinct text once."""

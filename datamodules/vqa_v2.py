@@ -148,8 +148,9 @@ class VQAv2Options(RegionsDataOptions):
         image_dir: ``images``: the folder holding COCO's ``train2014/`` and ``val2014/``.
         shorter, longer, size_divisor: ``images``: the resize rule (ViLT: 384, 639, 32; see
             :class:`~vlcompress.data.images.ResizeRule`).
-        image_cache_verify: ``images``: ``checksum`` (each cache shard's SHA-256 once per
-            process) or ``size`` (sizes only).
+        image_cache_verify: ``images``: ``size`` (each cache shard's size when opened; its
+            SHA-256 is checked once, when it is written) or ``checksum`` (also every shard's
+            SHA-256 in every process: the full check, ~80 GB read for COCO).
     """
 
     min_answer_count: int = field(default=9, metadata=in_range(1))
@@ -160,7 +161,7 @@ class VQAv2Options(RegionsDataOptions):
     shorter: int = positive(VILT_SHORTER)
     longer: int = positive(VILT_LONGER)
     size_divisor: int = positive(32)
-    image_cache_verify: Literal["checksum", "size"] = "checksum"
+    image_cache_verify: Literal["size", "checksum"] = "size"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -362,7 +363,12 @@ class RegionsVQADataModule(VQADataModule):
         """Check that the JSON files, the region store and the tokenizer exist (nothing is
         downloaded or converted here: ``python -m vlcompress prepare`` converts the features
         once). With ``visual_features: images``: check every question's image and resize the
-        images once into the cache (rank 0).
+        images once into the cache.
+
+        Safe on every rank of a launch at once (``vlcompress.run`` calls it on each), and with
+        ``vqa_v2`` and ``vqa_cp_v2`` sharing one cache folder: the cache is built under a file
+        lock, so one process resizes the images while the others wait and then reuse them
+        (:class:`~vlcompress.data.images.ImageCache`).
 
         Raises:
             MissingInputsError: (a ``FileNotFoundError``) listing every problem at once.

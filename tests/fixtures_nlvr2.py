@@ -31,6 +31,17 @@ PAIRS = [("train", 10, 0, (0, 1), 3), ("train", 10, 1, (0,), 3), ("train", 11, 2
          ("test1", 0, 1, (0,), None), ("test1", 0, 3, (0, 1), None)]  # fmt: skip
 
 
+def many_sets(sets_per_split: int = 12) -> list[tuple]:
+    """:data:`PAIRS`-style rows for a larger fixture: per split ``sets_per_split`` image sets
+    of two pairs with two statements each (set numbers repeat across splits, as NLVR2's do)."""
+    return [
+        (split, set_id, pair, (0, 1), set_id % 5 if split == "train" else None)
+        for split in ("train", "dev", "test1")
+        for set_id in range(sets_per_split)
+        for pair in (0, 1)
+    ]
+
+
 def example(split: str, ident: str, sentence: str, label: bool, directory: int | None) -> dict:
     """One example with every field NLVR2 publishes (train adds directory)."""
     row = {
@@ -46,13 +57,16 @@ def example(split: str, ident: str, sentence: str, label: bool, directory: int |
     return row
 
 
-def write_nlvr2(root: Path, train_folder: str = "images/train") -> dict:
-    """``root/data/{train,dev,test1}.json`` and ``root/images`` in ViLT's layout."""
+def write_nlvr2(
+    root: Path, train_folder: str = "images/train", pairs: list[tuple] | None = None
+) -> dict:
+    """``root/data/{train,dev,test1}.json`` and ``root/images`` in ViLT's layout, of ``pairs``
+    (default :data:`PAIRS`)."""
     rng = np.random.default_rng(0)
     pick = random.Random(0)
     rows: dict[str, list[dict]] = {"train": [], "dev": [], "test1": []}
     k = 0
-    for split, set_id, pair, sentence_ids, directory in PAIRS:
+    for split, set_id, pair, sentence_ids, directory in PAIRS if pairs is None else pairs:
         stem = f"{split}-{set_id}-{pair}"
         folder = root / "images" / (f"{train_folder}/{directory}" if split == "train" else split)
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,18 @@
 """Images for pixel models: ViLT's resize rule (against transformers' ViltImageProcessor),
-padding with the pixel mask, and the checked cache (reuse, resumption, damage rebuilt)."""
+padding with the pixel mask, and the checked cache (reuse, resumption, damage rebuilt, checked
+when written, built by several processes at once)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import multiprocessing as mp
 import pickle
+import threading
+import time
+import traceback
 
 import numpy as np
 import pytest
@@ -109,6 +116,10 @@ def _cache(source, tmp_path, **kw):
     return ImageCache(source, tmp_path / "cache", RULE, **kw)
 
 
+def _first_shard(cache):
+    return cache.folder / json.loads(cache.manifest_path.read_text())["shards"][0]["file"]
+
+
 def test_cache_serves_the_resized_pixels_and_is_reused(source, tmp_path, monkeypatch):
     src, names = source
     cache = _cache(src, tmp_path, shard_bytes=10_000)  # a few images per shard
@@ -148,7 +159,7 @@ def test_a_damaged_cache_is_named_and_rebuilt(source, tmp_path, damage, caplog):
     cache = _cache(src, tmp_path, shard_bytes=10_000)
     cache.ensure(names)
     expected = [p.clone() for p in cache.read(cache.rows(names))]
-    shard = cache.folder / "shard-00000.u8"
+    shard = _first_shard(cache)
     good = shard.read_bytes()
     if damage == "truncate":
         shard.write_bytes(good[: len(good) // 2])
@@ -158,7 +169,7 @@ def test_a_damaged_cache_is_named_and_rebuilt(source, tmp_path, damage, caplog):
         shard.unlink()
     else:
         cache.manifest_path.write_text(cache.manifest_path.read_text()[:40])
-    fresh = _cache(src, tmp_path)
+    fresh = _cache(src, tmp_path, verify="checksum")
     with caplog.at_level(logging.WARNING, logger="vlcompress.data.images"):
         rebuilt = fresh.ensure(names)
     said = {"truncate": "truncated?", "flip": "corrupt", "delete": "missing",
@@ -172,17 +183,160 @@ def test_a_damaged_cache_is_named_and_rebuilt(source, tmp_path, damage, caplog):
     )  # the damaged shard is gone, not left behind
 
 
-def test_size_only_verification_skips_the_checksum(source, tmp_path):
+def test_opening_checks_sizes_by_default_and_checksums_on_demand(source, tmp_path):
     src, names = source
     cache = _cache(src, tmp_path)
+    assert cache.verify == "size"  # the default: hashing ~80 GB in every process is too much
     cache.ensure(names)
-    shard = cache.folder / "shard-00000.u8"
+    shard = _first_shard(cache)
     data = shard.read_bytes()
     shard.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
-    assert _cache(src, tmp_path, verify="size").missing(names) == []
-    assert _cache(src, tmp_path).missing(names) == names  # the checksum catches it
+    assert _cache(src, tmp_path).missing(names) == []  # sizes only: nothing read
+    assert _cache(src, tmp_path, verify="checksum").missing(names) != []  # the full check
     with pytest.raises(ValueError, match="verify must be"):
         _cache(src, tmp_path, verify="none")
+
+
+def test_each_shard_is_checked_once_when_written(source, tmp_path, monkeypatch):
+    src, names = source
+    real = images_mod.atomic_write_bytes
+
+    def flaky_disk(path, data):  # the shard lands on disk with one byte changed
+        if path.name.startswith("shard-"):
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        real(path, data)
+
+    monkeypatch.setattr(images_mod, "atomic_write_bytes", flaky_disk)
+    cache = _cache(src, tmp_path)
+    with pytest.raises(OSError, match="does not read back as written"):
+        cache.ensure(names)
+    assert not list(cache.folder.glob("shard-*.u8"))  # the bad shard is not left behind
+    monkeypatch.setattr(images_mod, "atomic_write_bytes", real)
+    assert _cache(src, tmp_path).ensure(names) == 6
+    fresh = _cache(src, tmp_path, verify="checksum")  # what was written is what was meant
+    assert fresh.missing(names) == []
+
+
+def test_shards_are_named_by_content_and_a_build_rereads_the_manifest(source, tmp_path):
+    """Two caches on one folder (two benchmarks, as vqa_v2 and vqa_cp_v2 share COCO's), both
+    opened before either built: the second build keeps the first's shards (it re-reads the
+    manifest) and writes its own under new names, so the first still reads its pixels."""
+    src, names = source
+    first, second = _cache(src, tmp_path, shard_bytes=1), _cache(src, tmp_path, shard_bytes=1)
+    assert first.missing(names) == second.missing(names) == names  # both opened empty
+    assert first.ensure(names[:3]) == 3
+    assert second.ensure(names[::-1]) == 3  # only what the first did not build
+    for cache in (first, second):  # the first maps its shards only now, after the second wrote
+        for name, pixels in zip(names[:3], cache.read(cache.rows(names[:3]))):
+            np.testing.assert_array_equal(pixels.numpy(), load_rgb(src / name, RULE))
+    manifest = json.loads(first.manifest_path.read_text())
+    files = [s["file"] for s in manifest["shards"]]
+    assert len(files) == 6 and sorted(files) == sorted(p.name for p in first.folder.glob("shard-*"))
+    assert all(s["file"] == f"shard-{s['sha256'][:32]}.u8" for s in manifest["shards"])
+    fresh = _cache(src, tmp_path, verify="checksum")
+    assert fresh.missing(names) == []
+
+
+def test_a_build_waits_for_the_lock_and_removes_only_unlisted_files(source, tmp_path):
+    src, names = source
+    cache = _cache(src, tmp_path)
+    cache.ensure(names[:2])
+    listed = {p.name for p in cache.folder.glob("shard-*.u8")}
+    (cache.folder / "shard-left-by-a-crash.u8").write_bytes(b"x")
+    (cache.folder / ".shard-abc.u8.q1w2.tmp").write_bytes(b"x")  # an interrupted write
+    with open(cache.folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is building
+        other = _cache(src, tmp_path)
+        builder = threading.Thread(target=other.ensure, args=(names,))
+        builder.start()
+        time.sleep(0.5)
+        assert (
+            builder.is_alive() and len(json.loads(cache.manifest_path.read_text())["shards"]) == 1
+        )
+        # not yet: no shard written, nothing deleted
+        assert (cache.folder / "shard-left-by-a-crash.u8").exists()
+    builder.join(timeout=60)  # closing the file released the lock
+    assert not builder.is_alive() and len(other) == 6
+    left = {p.name for p in cache.folder.iterdir()}
+    assert listed < left and "shard-left-by-a-crash.u8" not in left
+    assert ".shard-abc.u8.q1w2.tmp" not in left
+    assert left - {".lock", "manifest.json"} == {
+        s["file"] for s in json.loads(cache.manifest_path.read_text())["shards"]
+    }
+
+
+def test_without_flock_a_build_goes_on_and_deletes_nothing(source, tmp_path, monkeypatch, caplog):
+    src, names = source
+    cache = _cache(src, tmp_path)
+    cache.ensure(names[:2])
+    (cache.folder / "shard-another-process-is-writing.u8").write_bytes(b"x")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(images_mod.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="vlcompress.data.images"):
+        assert _cache(src, tmp_path).ensure(names) == 4
+    assert "cannot lock" in caplog.text and "-o flock" in caplog.text
+    assert (cache.folder / "shard-another-process-is-writing.u8").exists()
+    assert _cache(src, tmp_path, verify="checksum").missing(names) == []
+
+
+def _build_in_another_process(src, root, names, barrier, results):
+    """One process of :func:`test_processes_building_one_cache_at_once`: open the cache, wait
+    for the other, build with slow decoding (so that the two builds would interleave), read.
+    Puts ``(images decoded, pixels right, pixels)`` or the error's traceback."""
+    try:
+        decoded = []
+        real = images_mod.load_rgb
+
+        def slow(path, rule=None):
+            decoded.append(str(path))
+            time.sleep(0.1)
+            return real(path, rule)
+
+        images_mod.load_rgb = slow
+        cache = ImageCache(src, root, RULE, shard_bytes=10_000)
+        cache.missing(names)  # opened (empty) before either builds, as every rank does
+        barrier.wait(timeout=120)
+        cache.ensure(names)
+        ordered = sorted(names)
+        pixels = [p.numpy() for p in cache.read(cache.rows(ordered))]
+        right = all(np.array_equal(p, real(src / n, RULE)) for p, n in zip(pixels, ordered))
+        results.put((len(decoded), right, [p.tobytes() for p in pixels]))
+    except BaseException:
+        results.put(traceback.format_exc())
+
+
+def test_processes_building_one_cache_at_once(source, tmp_path):
+    """Two processes (two DDP ranks; or vqa_v2 and vqa_cp_v2, which add the same images in
+    other orders) build one cache at once: one resizes, the other waits and reuses it; both
+    read the right pixels and the cache is whole."""
+    src, names = source
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_build_in_another_process,
+                    args=(src, tmp_path / "cache", order, barrier, results))
+        for order in (names, names[::-1])
+    ]  # fmt: skip
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    errors = [g for g in got if isinstance(g, str)]
+    assert not errors, errors[0]
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sum(n for n, _, _ in got) == 6  # every image resized once, by one process
+    assert all(right for _, right, _ in got)
+    assert got[0][2] == got[1][2]
+    cache = _cache(src, tmp_path, verify="checksum")
+    assert cache.missing(names) == []
+    pixels = cache.read(cache.rows(sorted(names)))
+    assert [p.numpy().tobytes() for p in pixels] == got[0][2]
+    files = {s["file"] for s in json.loads(cache.manifest_path.read_text())["shards"]}
+    assert files == {p.name for p in cache.folder.glob("shard-*.u8")}
 
 
 def test_missing_and_unreadable_images_are_named(source, tmp_path):

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_nlvr2 import example, make, write_nlvr2
+from fixtures_nlvr2 import example, make, many_sets, write_nlvr2
 
 from vlcompress.data import check_data_contract
 from vlcompress.data import images as images_mod
 from vlcompress.data.images import ResizeRule, load_rgb
 from vlcompress.data.vqa_files import MissingInputsError
-from vlcompress.datamodules.nlvr2 import question_type
+from vlcompress.datamodules.nlvr2 import NLVR2Options, question_type
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,33 @@ def test_train_images_directly_under_train_and_words_and_cp(tmp_path):
     assert (
         dm.info().text_encoding == "words" and next(iter(dm.train_dataloader())).visual.dim() == 5
     )
+
+
+def test_cp_keeps_each_image_set_in_one_part(tmp_path):
+    """NLVR2's README: a new split must not put one image set in two parts (the same
+    photographs in train and test). ``split: cp`` re-splits by whole sets."""
+    rows = write_nlvr2(tmp_path, pairs=many_sets(12))
+    idents = [r["identifier"] for part in rows.values() for r in part]
+    for seed in (0, 1, 2):
+        dm = make(tmp_path, tmp_path / "c", split="cp", val_fraction=0.2)
+        dm.seed = seed
+        dm.setup()
+        part_of_set: dict[str, set[str]] = {}
+        for part in ("train", "val", "test"):
+            assert len(dm.index[part]) > 0
+            for i in dm.index[part]:
+                part_of_set.setdefault("-".join(dm.identifiers[i].split("-")[:2]), set()).add(part)
+        straddling = {s: p for s, p in part_of_set.items() if len(p) > 1}
+        assert not straddling, f"seed {seed}: image sets in several parts: {straddling}"
+        assert len(part_of_set) == 36  # train-3 and dev-3 are different sets
+        assert sorted(np.concatenate(list(dm.index.values())).tolist()) == list(range(len(idents)))
+        assert dm.split_report["split_unit"] == "image set"
+        assert 0.25 < len(dm.index["test"]) / len(idents) < 0.75  # ~half, as per statement
+
+
+def test_the_image_cache_checks_sizes_by_default():
+    assert NLVR2Options().image_cache_verify == "size"
+    assert NLVR2Options(image_cache_verify="checksum").image_cache_verify == "checksum"
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -4,6 +4,7 @@ padded pixels with their mask; no region store needed; a ViLT VQA head reads a b
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -17,6 +18,7 @@ from vlcompress.data import check_data_contract
 from vlcompress.data import images as images_mod
 from vlcompress.data.images import ResizeRule, load_rgb
 from vlcompress.data.vqa_files import MissingInputsError
+from vlcompress.datamodules.vqa_v2 import VQAv2Options
 from vlcompress.utils.assets import minilm_package_dir
 
 RULE = ResizeRule(48, 80, 16)
@@ -122,6 +124,41 @@ def test_vqa_cp_v2_reads_the_images_of_both_coco_splits(root):
     splits = {s for s in np.asarray([f.split("/")[0] for f in dm.image_files(_part(dm))])}
     assert splits == {"train2014", "val2014"}
     assert next(iter(dm.train_dataloader())).visual.dim() == 4
+
+
+def test_vqa_v2_and_vqa_cp_v2_extend_their_shared_cache(tmp_path, monkeypatch):
+    """The two benchmarks read one COCO folder with one rule, so they share a cache folder and
+    add the images in other orders; one opened it before the other built it: neither's
+    pixels are replaced under it and nothing is resized twice."""
+    write_vqa_v2(tmp_path / "json")
+    write_vqa_cp_v2(tmp_path / "cp")
+    write_coco_images(tmp_path / "coco")
+    v2 = make(tmp_path)
+    cp = make(tmp_path, "vqa_cp_v2", data_dir=str(tmp_path / "cp"))
+    assert v2.image_cache.folder == cp.image_cache.folder
+    assert len(v2.image_cache) == 0  # vqa_v2 opened the cache before vqa_cp_v2 built it
+    cp.prepare_data()
+    cp.setup()
+    built = json.loads(cp.image_cache.manifest_path.read_text())["shards"]
+    with monkeypatch.context() as m:
+        m.setattr(images_mod, "load_rgb", _no_decoding)  # vqa_cp_v2 built every image
+        v2.prepare_data()
+        v2.setup()
+    assert json.loads(v2.image_cache.manifest_path.read_text())["shards"] == built
+    for dm, benchmark, data in ((v2, "vqa_v2", "json"), (cp, "vqa_cp_v2", "cp")):
+        ref = make(tmp_path, benchmark, data_dir=str(tmp_path / data),
+                   cache_dir=str(tmp_path / "alone"))  # fmt: skip
+        ref.setup()
+        rows = np.arange(len(dm._question_ids))
+        assert torch.equal(dm.batch_rows(rows).visual, ref.batch_rows(rows).visual), benchmark
+
+
+def _no_decoding(*a, **k):
+    raise AssertionError("images were resized again")
+
+
+def test_the_image_cache_checks_sizes_by_default():
+    assert VQAv2Options().image_cache_verify == "size"
 
 
 def _part(dm):

@@ -4,8 +4,11 @@ table, position interpolation, tower initialisation, errors, anatomy, skipping o
 adapters."""
 
 import argparse
+import dataclasses
 import logging
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,6 +258,50 @@ def test_forward_extras_and_padding():
         torch.testing.assert_close(m(wide), logits)
         big = F.interpolate(b.visual, size=(64, 64), mode="nearest")
         assert m(VLBatch(text_ids=b.text_ids, text_mask=b.text_mask, visual=big)).shape == (3, 7)
+
+
+def test_padded_images_are_refused_and_whole_ones_read():
+    """METER has no pixel mask: padding (images of different sizes padded to one, as nlvr2 and
+    vqa_v2 serve them) would be stretched into the picture with the image."""
+    m = tiny()
+    b = batch()
+    full = torch.ones(3, 32, 32, dtype=torch.bool)
+    padded = full.clone()
+    padded[1, :, 24:] = False
+    with torch.no_grad():
+        logits = m(b)
+        torch.testing.assert_close(m(dataclasses.replace(b, visual_mask=full)), logits)
+        with pytest.raises(ValueError, match=r"no pixel mask.*stretched.*one fixed square"):
+            m(dataclasses.replace(b, visual_mask=padded))
+        pair = tiny(answers=2, head="pair")
+        p = batch(images=2)
+        pmask = torch.ones(3, 2, 32, 32, dtype=torch.bool)
+        pair(dataclasses.replace(p, visual_mask=pmask))
+        pmask[0, 1, 30:] = False
+        with pytest.raises(ValueError, match=r"no pixel mask.*padded to \(32, 32\)"):
+            pair(dataclasses.replace(p, visual_mask=pmask))
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_meter_checkpoint(tiny(), tmp_path / "m.ckpt")
+    before = path.read_bytes()
+    real = torch.save
+
+    def dies_half_way(obj, f, *a, **k):  # what a crash or a full disk leaves
+        if isinstance(f, (str, os.PathLike)):
+            Path(f).write_bytes(b"half a checkpoint")
+        else:
+            f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        save_meter_checkpoint(tiny(answers=5), path)
+    monkeypatch.setattr(torch, "save", real)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    again = tiny(answers=3)
+    path = save_meter_checkpoint(again, path)  # replaced whole
+    assert torch.load(path, weights_only=True)["state_dict"]["vqa_classifier.3.bias"].shape == (3,)
 
 
 @pytest.mark.parametrize("before,after", [(16, 32), (32, 48)])

@@ -16,20 +16,41 @@ SHA-256). Shards rather than one file per image: a few hundred files instead of 
 thousands (COCO, NLVR2), one checksum per shard, bounded atomic writes, and a build that
 resumes after an interruption (the manifest is rewritten after each shard). Raw pixels rather
 than re-encoded PNG / JPEG: a batch is read through memory maps with no decoding and no loss,
-at about 0.65 MB per image at 384 px (~80 GB for COCO train2014 + val2014). Every shard is
-checked when the cache is opened (its size always; its checksum once per process with
-``verify="checksum"``); a missing, truncated or corrupt shard is dropped with a warning and
-its images are rebuilt. The cache folder is keyed by the source folder and the resize rule.
+at about 0.65 MB per image at 384 px (~80 GB for COCO train2014 + val2014). The cache folder
+is keyed by the source folder and the resize rule (so ``vqa_v2`` and ``vqa_cp_v2``, which
+read the same COCO folder, share one and extend it in turn).
+
+**Checks**: each shard's SHA-256 is computed once, when it is written (the file is read back
+and compared with the bytes meant for it; a mismatch stops the build with an ``OSError``).
+Opening the cache then checks only each shard's size (``verify="size"``, the default: a
+process reads no pixel until a batch needs it); ``verify="checksum"`` also hashes every shard
+once per process (the full check, ~80 GB read for COCO; ask for it after a disk problem).
+A missing, truncated or corrupt shard is dropped with a warning and its images are rebuilt.
+
+**Several processes** (every rank of a DDP launch runs ``prepare_data``; two benchmarks sharing
+a folder) may open and build one cache at once: a build holds an exclusive ``fcntl.flock`` on
+``<folder>/.lock`` (the others wait, then find the images built), re-reads the on-disk
+manifest under the lock and extends it; shards are named by their content's SHA-256
+(``shard-<hash>.u8``), so a name is never reused for other content and a shard another process
+memory-mapped never changes under it; a build deletes only the shards the on-disk manifest
+does not list (dropped as damaged, or left by an interrupted build) and the temporary files of
+interrupted writes. Readers take no lock (the manifest is replaced atomically). On a file
+system without ``flock`` (some Lustre mounts: mount with ``-o flock``) a build goes on without
+the lock, warns, and deletes nothing: correct, but concurrent processes may resize the same
+images twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +78,7 @@ VILT_LONGER = int(1333 / 800 * VILT_SHORTER)
 """ViLT's longer-side limit, 639: ``pixelbert_transform`` derives it as ``int(1333 / 800 *
 shorter)``, as transformers' ``ViltImageProcessor`` does."""
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 CACHE_VERSION = 1
 _VERIFIED: set[tuple[str, int, int]] = set()  # (shard path, size, mtime_ns) checked this process
 
@@ -192,8 +214,9 @@ class ImageCache:
         cache_dir: the cache root; this cache is ``<cache_dir>/images/<folder>-<rule>-<key>``,
             keyed by the resolved ``source`` and ``rule``.
         rule: the resize rule.
-        verify: ``checksum`` (each shard's size, and its SHA-256 once per process) or
-            ``size`` (sizes only: opening a large cache then reads nothing).
+        verify: ``size`` (the default: each shard's size when the cache is opened; its SHA-256
+            was checked when it was written) or ``checksum`` (also each shard's SHA-256, once
+            per process: the full check, which reads the whole cache).
         shard_bytes: the largest shard (a shard holds at least one image).
 
     Example::
@@ -210,11 +233,11 @@ class ImageCache:
         cache_dir: str | Path,
         rule: ResizeRule | None = None,
         *,
-        verify: Literal["checksum", "size"] = "checksum",
+        verify: Literal["checksum", "size"] = "size",
         shard_bytes: int = 256 << 20,
     ) -> None:
         if verify not in ("checksum", "size"):
-            raise ValueError(f"ImageCache verify must be 'checksum' or 'size', not {verify!r}.")
+            raise ValueError(f"ImageCache verify must be 'size' or 'checksum', not {verify!r}.")
         self.source = Path(source).expanduser()
         self.rule = rule or ResizeRule()
         self.verify, self.shard_bytes = verify, int(shard_bytes)
@@ -227,6 +250,9 @@ class ImageCache:
         self._entries = np.zeros((0, 4), np.int64)  # row -> (shard, offset, h, w)
         self._row: dict[str, int] = {}
         self._maps: dict[int, np.ndarray] = {}
+        self._listed: list[str] | None = None  # shards the manifest read last lists (None: none
+        # of ours: absent, unreadable or for other settings)
+        self._warned: set[str] = set()  # problems already reported (a build reloads)
 
     # ------------------------------------------------------------------ manifest
     @property
@@ -267,31 +293,38 @@ class ImageCache:
         if self._loaded:
             return
         self._loaded = True
-        self._shards = []
+        self._shards, self._listed = [], None
         if self.manifest_path.is_file():
             try:
                 manifest = json.loads(self.manifest_path.read_text())
                 settings_ok = {k: manifest.get(k) for k in self._settings()} == self._settings()
             except (OSError, ValueError, AttributeError) as e:
-                log.warning(
+                self._warn(
                     "image cache manifest %s is unreadable (%s); rebuilding the cache",
                     self.manifest_path, e,
                 )  # fmt: skip
                 manifest, settings_ok = {}, False
             if manifest and not settings_ok:
-                log.warning(
-                    "image cache %s was made for other settings; rebuilding it", self.folder
-                )
+                self._warn("image cache %s was made for other settings; rebuilding it",
+                           self.folder)  # fmt: skip
+            if settings_ok:
+                self._listed = [shard["file"] for shard in manifest.get("shards", [])]
             for shard in manifest.get("shards", []) if settings_ok else []:
                 problem = self._shard_problem(shard)
                 if problem is None:
                     self._shards.append(shard)
                 else:
-                    log.warning(
+                    self._warn(
                         "image cache shard %s is unusable (%s); its %d image(s) will be rebuilt",
                         self.folder / shard["file"], problem, len(shard["images"]),
                     )  # fmt: skip
         self._reindex()
+
+    def _warn(self, message: str, *args: Any) -> None:
+        text = message % args
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning(text)
 
     def _reindex(self) -> None:
         rows, self._row = [], {}
@@ -312,6 +345,84 @@ class ImageCache:
         return list(dict.fromkeys(n for n in names if n not in self._row))
 
     # ------------------------------------------------------------------ building
+    @contextlib.contextmanager
+    def _build_lock(self) -> Iterator[bool]:
+        """Hold an exclusive ``flock`` on ``<folder>/.lock`` (waiting for another process's
+        build); yields whether the lock is held (``False``: the file system has no ``flock``)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                log.info("image cache %s: another process is building it; waiting for it",
+                         self.folder)  # fmt: skip
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                log.warning(
+                    "image cache %s: the file system cannot lock %s (%s); building without "
+                    "the lock (nothing is deleted; processes building at once may resize the "
+                    "same images twice). On Lustre, mount with -o flock; or run prepare_data "
+                    "once before the launch.", self.folder, LOCK, e,
+                )  # fmt: skip
+                locked = False
+            yield locked
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write_manifest(self) -> None:
+        manifest = {**self._settings(), "shards": self._shards}
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest).encode())
+        self._listed = [s["file"] for s in self._shards]
+
+    def _remove_unlisted(self) -> None:
+        """Under the lock: delete the shards the on-disk manifest does not list and the
+        temporary files of interrupted writes (no other process writes while the lock is
+        held)."""
+        listed = set(self._listed or ())
+        for path in self.folder.iterdir():
+            shard = path.name.startswith("shard-") and path.name.endswith(".u8")
+            partial = path.name.startswith((".shard-", f".{MANIFEST}.")) and path.name.endswith(
+                ".tmp"
+            )
+            if (shard and path.name not in listed) or partial:
+                log.info("image cache %s: removing %s (not in the manifest)", self.folder,
+                         path.name)  # fmt: skip
+                path.unlink(missing_ok=True)
+
+    def _write_shard(self, data: bytes) -> tuple[str, str]:
+        """Write one shard under its content's name and check it as written.
+
+        Returns:
+            Its file name and SHA-256.
+
+        Raises:
+            OSError: the file does not read back as written (the file is removed).
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        name = f"shard-{digest[:32]}.u8"
+        path = self.folder / name
+        atomic_write_bytes(path, data)
+        check = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                check.update(block)
+        if check.hexdigest() != digest:
+            path.unlink(missing_ok=True)
+            raise OSError(
+                f"image cache shard {str(path)!r} does not read back as written (SHA-256 "
+                f"{check.hexdigest()} instead of {digest}); the disk or file system under "
+                f"{str(self.folder)!r} is faulty: set cache_dir (or $VLCOMPRESS_CACHE) to another "
+                "disk."
+            )
+        st = path.stat()
+        _VERIFIED.add((str(path), st.st_size, st.st_mtime_ns))
+        return name, digest
+
     def ensure(
         self,
         names: Sequence[str],
@@ -321,6 +432,10 @@ class ImageCache:
     ) -> int:
         """Resize and store the images of ``names`` the cache lacks (a rich progress bar while
         building); the manifest is rewritten after each shard, so an interrupted build resumes.
+
+        Safe in several processes at once (see the module docstring): the build holds the
+        cache's lock, re-reads the on-disk manifest first (images another process built are
+        not resized again) and extends it.
 
         Args:
             names: image names relative to ``source``.
@@ -333,56 +448,56 @@ class ImageCache:
         Raises:
             FileNotFoundError, ValueError: from :func:`load_rgb` (a missing or unreadable
                 image, named).
+            OSError: a shard does not read back as written.
         """
-        todo = self.missing(names)
-        if not todo:
+        if not self.missing(names):
             return 0
+        with self._build_lock() as locked:
+            self._loaded = False
+            self.load()  # the on-disk manifest now: what other processes built meanwhile
+            if self._listed != [s["file"] for s in self._shards]:
+                self._write_manifest()  # damaged shards dropped, or a manifest to replace
+            if locked:
+                self._remove_unlisted()
+            todo = self.missing(names)
+            if not todo:
+                return 0
+            self._build(todo, description, path_of or (lambda n: self.source / n))
+        return len(todo)
+
+    def _build(self, todo: list[str], description: str, where: Callable[[str], Path]) -> None:
         from rich.progress import track
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        used = {s["file"] for s in self._shards}
-        for stale in self.folder.glob("shard-*.u8"):  # dropped or unlisted shards
-            if stale.name not in used:
-                stale.unlink(missing_ok=True)
-        numbers = [int(f[6:-3]) for f in used]
-        next_number = max(numbers, default=-1) + 1
         chunks: list[bytes] = []
         images: list[list[Any]] = []
         size = 0
 
         def flush() -> None:
-            nonlocal next_number, size
+            nonlocal size
             data = b"".join(chunks)
-            name = f"shard-{next_number:05d}.u8"
-            path = self.folder / name
-            atomic_write_bytes(path, data)
-            st = path.stat()
-            _VERIFIED.add((str(path), st.st_size, st.st_mtime_ns))
-            self._shards.append({"file": name, "bytes": len(data),
-                                 "sha256": hashlib.sha256(data).hexdigest(),
+            name, digest = self._write_shard(data)
+            self._shards.append({"file": name, "bytes": len(data), "sha256": digest,
                                  "images": list(images)})  # fmt: skip
-            manifest = {**self._settings(), "shards": self._shards}
-            atomic_write_bytes(self.manifest_path, json.dumps(manifest).encode())
-            next_number += 1
+            self._write_manifest()
             chunks.clear()
             images.clear()
             size = 0
 
-        where = path_of or (lambda n: self.source / n)
-        for name in track(todo, description=description, transient=True):
-            pixels = load_rgb(where(name), self.rule)
-            data = pixels.tobytes()
-            if chunks and size + len(data) > self.shard_bytes:
+        try:
+            for name in track(todo, description=description, transient=True):
+                pixels = load_rgb(where(name), self.rule)
+                data = pixels.tobytes()
+                if chunks and size + len(data) > self.shard_bytes:
+                    flush()
+                images.append([name, size, int(pixels.shape[1]), int(pixels.shape[2])])
+                chunks.append(data)
+                size += len(data)
+            if chunks:
                 flush()
-            images.append([name, size, int(pixels.shape[1]), int(pixels.shape[2])])
-            chunks.append(data)
-            size += len(data)
-        if chunks:
-            flush()
-        self._reindex()
+        finally:
+            self._reindex()
         log.info("image cache %s: resized %d image(s) (%s)", self.folder, len(todo),
                  self.rule.key())  # fmt: skip
-        return len(todo)
 
     # ------------------------------------------------------------------ reading
     def rows(self, names: Sequence[str]) -> np.ndarray:

@@ -29,8 +29,11 @@ checkpoint (``torch.load(path)["state_dict"]``) loads by name (:func:`load_meter
   LayerNorm -> GELU -> Linear(2H, 2).
 
 Images come as pixels in [0, 1] (``(B, 3, H, W)``; pairs ``(B, 2, 3, H, W)``), resized to
-``image_size`` (bicubic) and normalised with CLIP's mean and std inside the model; METER attends
-to every patch, so a pixel mask (``batch.visual_mask``) is not used. The CLIP position table
+``image_size`` (bicubic) and normalised with CLIP's mean and std inside the model. METER attends
+to every patch and has no pixel mask: a batch whose ``visual_mask`` marks padding (images of
+different sizes padded to one, as ``nlvr2`` and ``vqa_v2`` with ``visual_features: images``
+serve them) is refused with a ``ValueError``, since the resize would stretch the padding into
+the picture; an all-True mask is accepted. The CLIP position table
 is kept at ``image_size`` (METER's 224 px CLIP table interpolated bicubically to 288 / 384 /
 576 px); a table of another size in a checkpoint is interpolated the same way when it loads.
 
@@ -50,8 +53,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -556,7 +561,17 @@ class METER(nn.Module):
         """CLIP-normalised pixels ``(B, I, 3, H, W)`` (``I`` = 1, or 2 for pairs), resized to
         ``image_size`` with ``resize_images``
         (:func:`~vlcompress.models.image_input.image_stack`)."""
-        visual, _ = image_stack(batch, "METER", self.options.head, self.reads_pairs)
+        visual, mask = image_stack(batch, "METER", self.options.head, self.reads_pairs)
+        if mask is not None and not bool(mask.all()):
+            raise ValueError(
+                "METER has no pixel mask: it resizes each whole image to image_size x "
+                "image_size, so the batch's padding (visual_mask False: images of different "
+                f"sizes padded to {tuple(visual.shape[-2:])}) would be stretched into the "
+                "picture. Give it images of one size, unpadded: resize every image to one fixed "
+                "square in the data module (nlvr2 and vqa_v2 with visual_features: images keep "
+                "each image's aspect ratio and pad), or use a data module whose images share "
+                "one size (easy_vqa, easy_pairs)."
+            )
         o = self.options
         size = o.image_size if o.resize_images else None
         return torch.stack([clip_input(visual[:, i], size) for i in range(visual.shape[1])], 1)
@@ -607,8 +622,8 @@ class METER(nn.Module):
         the masked mean of the text tower's output ``(B, text_hidden_size)`` (before fusion).
 
         Raises:
-            ValueError: for region features, the wrong number of images per example, or text
-                longer than ``max_text_len``.
+            ValueError: for region features, the wrong number of images per example, padded
+                images (a ``visual_mask`` not all True), or text longer than ``max_text_len``.
         """
         text_ids, text_mask = self._text(batch)
         pixels = self._images(batch)
@@ -868,6 +883,8 @@ def load_meter_checkpoint(model: METER, path: str | Path) -> list[str]:
 def save_meter_checkpoint(model: METER, path: str | Path) -> Path:
     """Write ``model`` as METER's Lightning checkpoint layout (``{"state_dict": {...}}``, METER's
     key names), which :func:`load_meter_checkpoint` (``model.options.pretrained``) reads back.
+    The write is atomic (a temporary file in the same folder, then ``os.replace``): an
+    interrupted save leaves the previous file, never a truncated one.
 
     Returns:
         The file.
@@ -875,8 +892,24 @@ def save_meter_checkpoint(model: METER, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state}, out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"state_dict": state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_roberta(model: METER, path: str | Path) -> list[str]:
