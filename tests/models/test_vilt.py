@@ -205,3 +205,16 @@ def test_tiny_trains_on_real_images_and_pairs(easy_vqa_dm):
     p = build_model("vilt_tiny", len(pairs.word_vocab), 2, head="pair")
     losses = bce_losses(p, next(iter(pairs.train_dataloader())), steps=40)
     assert losses[0] > 0.6 and max(losses[-3:]) < 0.2, losses  # from chance to fitting the pairs
+
+
+def test_sincos_positions_tell_every_patch_apart():
+    from vlcompress.models.vilt import sincos_2d
+
+    table = sincos_2d(32, 4)
+    assert table.shape == (16, 32) and table.abs().max() <= 1.0
+    assert torch.cdist(table, table).add(torch.eye(16)).min() > 0.1  # all distinct
+    m = build_model("vilt_tiny", 50, 13, position_init="sincos")
+    torch.testing.assert_close(m.vilt.embeddings.position_embeddings[0, 1:], table)
+    assert build_model("vilt_tiny", 50, 13).vilt.embeddings.position_embeddings.abs().max() == 0
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(30, 4)
