@@ -27,13 +27,13 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from vlcompress.data import AnswerVocab, VLBatch, question_type_prior
+from vlcompress.data import AnswerVocab, VLBatch
 from vlcompress.data.contract import PAIR_ANSWERS
 from vlcompress.datamodules.easy_vqa import EasyVQADataModule, EasyVQAOptions
 from vlcompress.options import in_range
@@ -212,15 +212,7 @@ class EasyPairsDataModule(EasyVQADataModule):
 
     visual_input = "pixel_pairs"
     registered_name = "easy_pairs"
-
-    def __init__(
-        self, options: EasyPairsOptions | None = None, seed: int = 0, **overrides: Any
-    ) -> None:
-        options = options or EasyPairsOptions()
-        if overrides:
-            options = replace(options, **overrides)
-        super().__init__(options, seed)
-        self.visual_input = "pixel_pairs"
+    options_type = EasyPairsOptions
 
     def setup(self, stage: str | None = None) -> None:
         """Read the images' attributes and generate the statements (idempotent)."""
@@ -261,15 +253,6 @@ class EasyPairsDataModule(EasyVQADataModule):
                  len(self.index["train"]), len(self.index["val"]), len(self.index["test"]),
                  len(TEMPLATES))  # fmt: skip
         self._ready = True
-
-    def question_type_prior(self) -> torch.Tensor:
-        """Per template, the mean soft score of False and True over the training statements."""
-        if not self._ready:
-            self.setup()
-        train = torch.as_tensor(self.index["train"])
-        return question_type_prior(
-            self._targets[train], self._qtype_ids[train], len(self.question_types)
-        )
 
     def batch_rows(self, rows: np.ndarray) -> VLBatch:
         """The statements ``rows`` with their image pairs ``(B, 2, 3, 64, 64)``."""

@@ -38,8 +38,6 @@ from vlcompress.data import (
     VLBatch,
     VQADataModule,
     VQADataOptions,
-    WordVocab,
-    question_type_prior,
     tokenize,
 )
 from vlcompress.data.clip_grid import cell_boxes
@@ -172,11 +170,13 @@ class EasyVQADataModule(VQADataModule):
     visual_input = "pixels"
     registered_name = "easy_vqa"
     """The name errors start with (a subclass registered under another name sets its own)."""
+    options_type: type[EasyVQAOptions] = EasyVQAOptions
+    """The options built when none are given (a subclass with its own options sets them)."""
 
     def __init__(
         self, options: EasyVQAOptions | None = None, seed: int = 0, **overrides: Any
     ) -> None:
-        options = options or EasyVQAOptions()
+        options = options or self.options_type()
         if overrides:
             options = replace(options, **overrides)
         super().__init__(options, seed)
@@ -403,31 +403,6 @@ class EasyVQADataModule(VQADataModule):
             len(self.question_types), self.split_report["mean_tv_distance"],
         )  # fmt: skip
         self._ready = True
-
-    def encode_texts(self, texts: list[str], train: np.ndarray) -> torch.Tensor:
-        """``(len(texts), max_question_len)`` token ids of ``texts`` (0 = padding): with
-        ``words``, a vocabulary built on the ``train`` rows (set as ``word_vocab``); with
-        ``wordpiece``, ``[CLS] ... [SEP]`` of the tokenizer (set as ``tokenizer``)."""
-        if self.text_encoding == "words":
-            self.word_vocab = WordVocab.build(texts[i] for i in train)
-            return self.word_vocab.encode(texts, self.options.max_question_len)
-        self.tokenizer = wordpiece_tokenizer(self.options.tokenizer)
-        unique = sorted(set(texts))  # the texts repeat: encode each once
-        row = {q: i for i, q in enumerate(unique)}
-        encoded = self.tokenizer(
-            unique, padding="max_length", truncation=True,
-            max_length=self.options.max_question_len, return_tensors="pt",
-        )["input_ids"]  # fmt: skip
-        return encoded[torch.tensor([row[q] for q in texts])]
-
-    def question_type_prior(self) -> torch.Tensor:
-        """Per question type, the mean soft score of each answer over the training questions."""
-        if not self._ready:
-            self.setup()
-        train = torch.as_tensor(self.index["train"])
-        return question_type_prior(
-            self._targets[train], self._qtype_ids[train], len(self.question_types)
-        )
 
     # ------------------------------------------------------------------ batches
     def _augmented(self, rows: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

@@ -52,9 +52,7 @@ from vlcompress.data import (
     VLBatch,
     VQADataModule,
     VQADataOptions,
-    WordVocab,
     changing_priors_split,
-    question_type_prior,
     tokenize,
 )
 from vlcompress.data.contract import TEXT_ENCODINGS
@@ -66,7 +64,6 @@ from vlcompress.data.images import (
     default_cache_dir,
     pad_images,
 )
-from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.data.vqa_files import MissingInputsError, data_dir_problems, tokenizer_problems
 from vlcompress.options import choices, positive
 from vlcompress.registry import register
@@ -414,7 +411,7 @@ class NLVR2DataModule(VQADataModule):
         else:
             sets = [e.image_set for e in examples]
             self.index = self.image_set_split(sets, self._qtypes, self._answers)
-        self._text_ids = self._encode(self._texts, self.index["train"])
+        self._text_ids = self.encode_texts(self._texts, self.index["train"])
         report = self.split_report_for(self._qtypes, self._answers, self.index)
         report.update(
             benchmark="nlvr2",
@@ -472,28 +469,6 @@ class NLVR2DataModule(VQADataModule):
         statement_part = part[of_set]
         return {name: np.flatnonzero(statement_part == i)
                 for i, name in enumerate(("train", "val", "test"))}  # fmt: skip
-
-    def _encode(self, texts: list[str], train: np.ndarray) -> torch.Tensor:
-        """``(len(texts), max_question_len)`` token ids (0 pads), each distinct text once."""
-        o: NLVR2Options = self.options  # type: ignore[assignment]
-        if o.text_encoding == "words":
-            self.word_vocab = WordVocab.build(texts[i] for i in train)
-            return self.word_vocab.encode(texts, o.max_question_len)
-        self.tokenizer = wordpiece_tokenizer(o.tokenizer)
-        unique = sorted(set(texts))
-        row = {t: i for i, t in enumerate(unique)}
-        ids = self.tokenizer(unique, padding="max_length", truncation=True,
-                             max_length=o.max_question_len, return_tensors="pt")["input_ids"]  # fmt: skip
-        return ids[torch.tensor([row[t] for t in texts], dtype=torch.long)].long()
-
-    def question_type_prior(self) -> torch.Tensor:
-        """Per question type, the mean soft score of False and True over the training split."""
-        if not self._ready:
-            self.setup()
-        train = torch.as_tensor(self.index["train"])
-        return question_type_prior(
-            self._targets[train], self._qtype_ids[train], len(self.question_types)
-        )
 
     def question_id_strings(self, question_id: torch.Tensor | Sequence[int]) -> list[str]:
         """NLVR2's identifiers (``"dev-850-0-0"``, what its ``eval/metrics.py`` reads) of a

@@ -144,8 +144,37 @@ class VQADataModule(L.LightningDataModule):
         self.split_report: dict[str, Any] = {}
 
     def question_type_prior(self) -> torch.Tensor:
-        """``(len(question_types), len(answers))`` mean soft scores over the training split."""
-        raise NotImplementedError
+        """``(len(question_types), len(answers))`` mean soft scores over the training split.
+
+        This default reads the dense per-row soft scores ``_targets`` and question-type indices
+        ``_qtype_ids`` that a module keeping them in memory sets in ``setup()``; a module that
+        stores its targets otherwise overrides it."""
+        from vlcompress.data.priors import question_type_prior
+
+        if not getattr(self, "_ready", False):
+            self.setup()
+        train = torch.as_tensor(self.index["train"])
+        return question_type_prior(
+            self._targets[train], self._qtype_ids[train], len(self.question_types)
+        )
+
+    def encode_texts(self, texts: list[str], train: np.ndarray) -> torch.Tensor:
+        """``(len(texts), max_question_len)`` token ids of ``texts`` (0 = padding): with
+        ``words``, a vocabulary built on the ``train`` rows (set as ``word_vocab``); with
+        ``wordpiece``, ``[CLS] ... [SEP]`` of the tokenizer in ``options.tokenizer`` (unset: the
+        uncased WordPieces of MiniLM; set as ``tokenizer``). Each distinct text is encoded once."""
+        from vlcompress.data.text import WordVocab, wordpiece_tokenizer
+
+        length = self.options.max_question_len
+        if self.text_encoding == "words":
+            self.word_vocab = WordVocab.build(texts[i] for i in train)
+            return self.word_vocab.encode(texts, length)
+        self.tokenizer = wordpiece_tokenizer(getattr(self.options, "tokenizer", None))
+        unique = sorted(set(texts))
+        row = {t: i for i, t in enumerate(unique)}
+        encoded = self.tokenizer(unique, padding="max_length", truncation=True,
+                                 max_length=length, return_tensors="pt")["input_ids"]  # fmt: skip
+        return encoded[torch.tensor([row[t] for t in texts], dtype=torch.long)].long()
 
     def batch_rows(self, rows: np.ndarray) -> VLBatch:
         """The batch of the question rows ``rows`` (int64 indices into the module's arrays)."""
