@@ -41,8 +41,12 @@ def test_skipping_run_reports_and_exports(tmp_path, capsys):
     assert (out / "skipping_gates.png").is_file()
 
     folder = tmp_path / "export"
-    assert main(["export", str(out), "--out", str(folder)]) == 0
-    assert "skipped" in capsys.readouterr().out
+    assert (
+        main(["export", str(out), "--out", str(folder), "--large-batch", "8", "--repeats", "3"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "CPU latency at batch 8" in printed
     exported = ExportedModel.load(folder)
     state = exported.model.state_dict()
     skipped = rep["chosen"][0]
@@ -50,6 +54,14 @@ def test_skipping_run_reports_and_exports(tmp_path, capsys):
     assert any(k.startswith(f"{skipped}.adapters.0.") for k in state)  # its skip adapter
     record = json.loads((folder / "export.json").read_text())
     assert record["reload_max_abs_diff"] < 1e-5
+    # the export timed against the full model (no adapters, nothing skipped), interleaved
+    assert set(record["latency"]) == {"batch_1", "batch_8"}
+    for row in record["latency"].values():
+        assert row["full_p10_ms"] <= row["full_ms"] <= row["full_p90_ms"]
+        assert (
+            row["ratio"] == round(row["exported_ms"] / row["full_ms"], 4)
+            or abs(row["ratio"] - row["exported_ms"] / row["full_ms"]) < 1e-3
+        )
     # a search-only run has nothing to export, and says so
     early = tmp_path / "early"
     run_experiment(*load_experiment("default", [*TINY_RUN, "model.options.num_layers=2", SKIP.replace("search_epochs: 1", "search_epochs: 2"), f"output_dir={early}", "trainer.max_epochs=1"]))  # fmt: skip
@@ -78,12 +90,13 @@ def test_skipping_a_vilt_on_image_pairs_exports_a_smaller_model(tmp_path, capsys
     assert rep["macs_per_example"]["skipped"] < rep["macs_per_example"]["full"]
     assert results["test"]["questions"] == 60
     folder = tmp_path / "export"
-    assert main(["export", str(out), "--out", str(folder)]) == 0
-    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(folder), "--no-latency"]) == 0
+    assert "CPU latency" not in capsys.readouterr().out
     exported = ExportedModel.load(folder)
     state = exported.model.state_dict()
     skipped = rep["chosen"][0]
     assert not any(k.startswith(f"{skipped}.attention.") for k in state)
     assert any(k.startswith(f"{skipped}.adapters.0.") for k in state)
-    assert json.loads((folder / "export.json").read_text())["reload_max_abs_diff"] < 1e-5
+    record = json.loads((folder / "export.json").read_text())
+    assert record["reload_max_abs_diff"] < 1e-5 and "latency" not in record
     assert exported.model.reads_pairs

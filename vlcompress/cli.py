@@ -297,7 +297,8 @@ def _export_command(args: argparse.Namespace, console: Console) -> int:
             return fail("a skipping run exports its one adapted model: give no width=, "
                         "depth=, budget=, --table or --separate")  # fmt: skip
         try:
-            result = export_skipping_run(args.run, out=args.out)
+            result = export_skipping_run(args.run, out=args.out, latency=not args.no_latency,
+                                         large_batch=args.large_batch, repeats=args.repeats)  # fmt: skip
         except (FileNotFoundError, ValueError, ConfigError) as e:
             return fail(e)
         rec = result["record"]
@@ -305,6 +306,10 @@ def _export_command(args: argparse.Namespace, console: Console) -> int:
               f"({rec['parameters']:,} parameters) to {result['export']} (reloaded: max |diff| "
               f"{rec['reload_max_abs_diff']:.2e}); answer questions with "
               f"ExportedModel.load({str(result['export'])!r}).predict(questions, images)")  # fmt: skip
+        for key, row in rec.get("latency", {}).items():
+            print(f"CPU latency at {key.replace('_', ' ')} ({row['threads']} threads): full "
+                  f"{row['full_ms']:.2f} ms, exported {row['exported_ms']:.2f} ms "
+                  f"(ratio {row['ratio']:.3f})")  # fmt: skip
         return 0
     if not settings and not args.table and not args.separate:
         return fail("nothing to do: give width= and depth=, budget=..., --table or --separate")

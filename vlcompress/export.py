@@ -26,8 +26,10 @@ per-submodel table, else from profiling.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import statistics
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from vlcompress.compress.submodels import (
     select,
 )
 from vlcompress.config import load_experiment
-from vlcompress.utils.flops import resize_batch
+from vlcompress.utils.flops import interleaved_latency, resize_batch
 from vlcompress.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -537,15 +539,31 @@ def is_skipping_run(run: str | Path) -> bool:
     return any(c.get("name") == SKIPPING for c in raw.get("callbacks") or [] if isinstance(c, dict))
 
 
-def export_skipping_run(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def export_skipping_run(
+    run: str | Path,
+    out: str | Path | None = None,
+    latency: bool = True,
+    large_batch: int = 64,
+    repeats: int = 20,
+) -> dict[str, Any]:
     """Export the adapted model of an ``architecture_skipping`` run as a standalone model: its
     best checkpoint's weights, the parallel adapters installed as a submodule and the chosen
     layers *removed*, each replaced by its skip adapter
     (:func:`~vlcompress.compress.adapters.install_adapters`). The reloaded export is checked
     against the callback's model on one validation batch.
 
+    Args:
+        run: the run folder.
+        out: the export folder (default ``<run>/export/skipped``).
+        latency: also time the reloaded export against the full model (the backbone with the
+            run's weights, no adapters, nothing skipped) on this machine's CPU, at batch 1 and
+            ``large_batch``, calls interleaved in one run (median and p10-p90, ms; their ratio).
+        large_batch: the second batch size.
+        repeats: timed calls of each model per batch size.
+
     Returns:
-        ``{"export": folder, "record": ...}``.
+        ``{"export": folder, "record": ...}``; the record's ``latency`` (when measured) is also
+        in ``export.json``.
 
     Raises:
         FileNotFoundError: no run folder or checkpoint.
@@ -584,6 +602,7 @@ def export_skipping_run(run: str | Path, out: str | Path | None = None) -> dict[
     with torch.no_grad():
         want = model(batch)
     cb.teardown(_Shim(model), task, "validate")
+    full = copy.deepcopy(model).eval() if latency else None
     spec = {"bottleneck": int(cb.bottleneck),
             "skipped": {name: int(cb.skip_bottleneck) for name in state["chosen"]}}  # fmt: skip
     weights = {k: v for k, v in entry["owned"]["modules"].items()}
@@ -606,14 +625,37 @@ def export_skipping_run(run: str | Path, out: str | Path | None = None) -> dict[
     with torch.no_grad():
         diff = float((again(batch) - want).abs().max())
     record["reload_max_abs_diff"] = diff
-    atomic_write_json(folder / "export.json", {**json.loads((folder / "export.json").read_text()),
-                                               "reload_max_abs_diff": diff})  # fmt: skip
+    if full is not None and diff <= 1e-4:
+        record["latency"] = _paired_latency(full, again, batch, large_batch, repeats)
+    extra = {k: record[k] for k in ("reload_max_abs_diff", "latency") if k in record}
+    atomic_write_json(folder / "export.json",
+                      {**json.loads((folder / "export.json").read_text()), **extra})  # fmt: skip
     if diff > 1e-4:  # keep it for inspection, under a name nobody loads by mistake
         failed = folder.with_name(f"{folder.name}.failed")
         folder.rename(failed)
         raise ValueError(f"the reloaded export differs from the run's model by {diff:.2e}; "
                          f"it is kept in {failed} for inspection")  # fmt: skip
     return {"export": folder, "record": record}
+
+
+def _paired_latency(
+    full: torch.nn.Module, small: torch.nn.Module, batch: Any, large: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """CPU latency of the full and the exported model, interleaved, at batch 1 and ``large``."""
+    out = {}
+    for size in (1, large):
+        b = resize_batch(batch, size)
+        times = interleaved_latency({"full": lambda b=b: full(b), "exported": lambda b=b: small(b)},
+                                    repeats)  # fmt: skip
+        row = {}
+        for k, v in times.items():
+            q = statistics.quantiles(v, n=10) if len(v) > 1 else [v[0]] * 9
+            row.update({f"{k}_ms": statistics.median(v) * 1e3,
+                        f"{k}_p10_ms": q[0] * 1e3, f"{k}_p90_ms": q[-1] * 1e3})  # fmt: skip
+        row["ratio"] = row["exported_ms"] / row["full_ms"]
+        row["threads"] = torch.get_num_threads()
+        out[f"batch_{size}"] = {k: round(v, 4) for k, v in row.items()}
+    return out
 
 
 class _Shim:

@@ -164,6 +164,25 @@ def latency_samples(
     return times
 
 
+def interleaved_latency(
+    fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Wall times (seconds) of several calls timed in turn, ``repeats`` rounds of one call each
+    after ``warmup`` untimed rounds, so that a noisy machine slows them all alike (compare
+    medians of one such run, never numbers of separate runs)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    return times
+
+
 def measure_latency(
     fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, device: torch.device | None = None
 ) -> float:
