@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import time
 
 import torch
 
@@ -40,7 +39,7 @@ from vlcompress.compress.adapters import (
 )
 from vlcompress.data.batch import VLBatch
 from vlcompress.models import build_model
-from vlcompress.utils.flops import count_compute
+from vlcompress.utils.flops import count_compute, interleaved_latency
 
 PAPER_METER_SAVING = 0.1197
 
@@ -125,14 +124,7 @@ def vilt_table() -> None:
 
 def _interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     """Median seconds of each function, timed in turn (noise hits all alike)."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+    times = interleaved_latency(fns, repeats, warmup=1)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

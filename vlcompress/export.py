@@ -645,8 +645,9 @@ def _paired_latency(
     out = {}
     for size in (1, large):
         b = resize_batch(batch, size)
-        times = interleaved_latency({"full": lambda b=b: full(b), "exported": lambda b=b: small(b)},
-                                    repeats)  # fmt: skip
+        with torch.inference_mode():
+            times = interleaved_latency({"full": lambda b=b: full(b),
+                                         "exported": lambda b=b: small(b)}, repeats)  # fmt: skip
         row = {}
         for k, v in times.items():
             q = statistics.quantiles(v, n=10) if len(v) > 1 else [v[0]] * 9

@@ -169,17 +169,17 @@ def interleaved_latency(
 ) -> dict[str, list[float]]:
     """Wall times (seconds) of several calls timed in turn, ``repeats`` rounds of one call each
     after ``warmup`` untimed rounds, so that a noisy machine slows them all alike (compare
-    medians of one such run, never numbers of separate runs)."""
+    medians of one such run, never numbers of separate runs). Grad mode is the caller's: wrap
+    the call in ``torch.inference_mode()`` to time inference."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
     return times
 
 
