@@ -307,7 +307,7 @@ def _export_command(args: argparse.Namespace, console: Console) -> int:
               f"{rec['reload_max_abs_diff']:.2e}); answer questions with "
               f"ExportedModel.load({str(result['export'])!r}).predict(questions, images)")  # fmt: skip
         for key, row in rec.get("latency", {}).items():
-            print(f"CPU latency at {key.replace('_', ' ')} ({row['threads']} threads): full "
+            print(f"CPU latency at {key.replace('_', ' ')} (fp32, {row['threads']} threads): full "
                   f"{row['full_ms']:.2f} ms, exported {row['exported_ms']:.2f} ms "
                   f"(ratio {row['ratio']:.3f})")  # fmt: skip
         return 0

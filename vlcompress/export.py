@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import statistics
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from omegaconf import OmegaConf
 
 from vlcompress.compress.slimmable import Slimmable, Submodel, parse_space
 from vlcompress.compress.submodels import (
+    latency_columns,
     latency_spread_problems,
     load_export,
     noisy_latency_message,
@@ -556,8 +556,9 @@ def export_skipping_run(
         run: the run folder.
         out: the export folder (default ``<run>/export/skipped``).
         latency: also time the reloaded export against the full model (the backbone with the
-            run's weights, no adapters, nothing skipped) on this machine's CPU, at batch 1 and
-            ``large_batch``, calls interleaved in one run (median and p10-p90, ms; their ratio).
+            run's weights, no adapters, nothing skipped) in fp32 on this machine's CPU, at batch
+            1 and ``large_batch``, calls interleaved in one run (median and p10-p90, ms; their
+            ratio). A timing that fails is logged and left out; the export stays.
         large_batch: the second batch size.
         repeats: timed calls of each model per batch size.
 
@@ -567,8 +568,12 @@ def export_skipping_run(
 
     Raises:
         FileNotFoundError: no run folder or checkpoint.
-        ValueError: a run that did not finish its search (no skipped layers yet).
+        ValueError: a run that did not finish its search (no skipped layers yet), or
+            ``large_batch`` / ``repeats`` below 1.
     """
+    if large_batch < 1 or repeats < 1:
+        raise ValueError(f"--large-batch and --repeats must be at least 1, got {large_batch} "
+                         f"and {repeats}.")  # fmt: skip
     from vlcompress.callbacks import ArchitectureSkipping
     from vlcompress.compress.adapters import install_adapters
     from vlcompress.models.anatomy import anatomy_of
@@ -625,37 +630,48 @@ def export_skipping_run(
     with torch.no_grad():
         diff = float((again(batch) - want).abs().max())
     record["reload_max_abs_diff"] = diff
-    if full is not None and diff <= 1e-4:
-        record["latency"] = _paired_latency(full, again, batch, large_batch, repeats)
-    extra = {k: record[k] for k in ("reload_max_abs_diff", "latency") if k in record}
-    atomic_write_json(folder / "export.json",
-                      {**json.loads((folder / "export.json").read_text()), **extra})  # fmt: skip
+    _add_to_record(folder, {"reload_max_abs_diff": diff})
     if diff > 1e-4:  # keep it for inspection, under a name nobody loads by mistake
         failed = folder.with_name(f"{folder.name}.failed")
         folder.rename(failed)
         raise ValueError(f"the reloaded export differs from the run's model by {diff:.2e}; "
                          f"it is kept in {failed} for inspection")  # fmt: skip
+    if full is not None:
+        try:
+            record["latency"] = _paired_latency(full, again, batch, large_batch, repeats)
+        except (RuntimeError, MemoryError) as e:  # the export is done; the timing is extra
+            log.warning("export %s: the latency could not be measured: %s", folder, e)
+        else:
+            _add_to_record(folder, {"latency": record["latency"]})
     return {"export": folder, "record": record}
+
+
+def _add_to_record(folder: Path, extra: dict[str, Any]) -> None:
+    """Merge ``extra`` into the export's ``export.json`` (atomically)."""
+    atomic_write_json(folder / "export.json",
+                      {**json.loads((folder / "export.json").read_text()), **extra})  # fmt: skip
 
 
 def _paired_latency(
     full: torch.nn.Module, small: torch.nn.Module, batch: Any, large: int, repeats: int
 ) -> dict[str, dict[str, float]]:
-    """CPU latency of the full and the exported model, interleaved, at batch 1 and ``large``."""
-    out = {}
-    for size in (1, large):
+    """CPU latency (fp32) of the full and the exported model, interleaved, at batch 1 and
+    ``large``; a wide p10-p90 spread (a noisy machine) is warned about."""
+    out: dict[str, dict[str, Any]] = {}
+    for size in sorted({1, large}):
         b = resize_batch(batch, size)
         with torch.inference_mode():
             times = interleaved_latency({"full": lambda b=b: full(b),
                                          "exported": lambda b=b: small(b)}, repeats)  # fmt: skip
-        row = {}
+        row: dict[str, Any] = {"submodel": f"batch {size}"}
         for k, v in times.items():
-            q = statistics.quantiles(v, n=10) if len(v) > 1 else [v[0]] * 9
-            row.update({f"{k}_ms": statistics.median(v) * 1e3,
-                        f"{k}_p10_ms": q[0] * 1e3, f"{k}_p90_ms": q[-1] * 1e3})  # fmt: skip
-        row["ratio"] = row["exported_ms"] / row["full_ms"]
+            row.update(latency_columns(k, v))
+        row["ratio"] = round(row["exported_ms"] / row["full_ms"], 4)
         row["threads"] = torch.get_num_threads()
-        out[f"batch_{size}"] = {k: round(v, 4) for k, v in row.items()}
+        out[f"batch_{size}"] = row
+    problems = latency_spread_problems(out.values(), keys=("full_ms", "exported_ms"))
+    if problems:
+        log.warning("export latency: %s", noisy_latency_message(problems))
     return out
 
 

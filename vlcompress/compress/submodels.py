@@ -112,7 +112,7 @@ def profile_submodels(
                 if x is not None:
                     x = _to(x, device)
                     times = latency_samples(lambda x=x, m=small: m(x), repeats, device=device)
-                    row.update(_latency_columns(key, times))
+                    row.update(latency_columns(key, times))
         rows.append(row)
         log.info("%s: %s", sub.name, {k: v for k, v in row.items() if k != "submodel"})
     problems = latency_spread_problems(rows)
@@ -121,7 +121,7 @@ def profile_submodels(
     return rows
 
 
-def _latency_columns(key: str, seconds: Sequence[float]) -> dict[str, float]:
+def latency_columns(key: str, seconds: Sequence[float]) -> dict[str, float]:
     """``{key}_ms`` (median), ``{key}_p10_ms`` and ``{key}_p90_ms`` of ``seconds``."""
     ms = sorted(1e3 * t for t in seconds)
     if len(ms) > 1:
