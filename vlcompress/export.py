@@ -312,9 +312,7 @@ def export_from_run(
         raise ValueError("give both width= and depth= (e.g. width=1/2 depth=1/3), or budget=.")
     if budget is not None and width is not None:
         raise ValueError("give either budget= or width= and depth=, not both.")
-    if large_batch < 1 or repeats < 1:
-        raise ValueError(f"--large-batch and --repeats must be at least 1, got {large_batch} "
-                         f"and {repeats}.")  # fmt: skip
+    _check_timing(large_batch, repeats)
     bounds = parse_budget(budget) if budget is not None else None
     asked = None
     if width is not None and depth is not None:
@@ -431,8 +429,7 @@ def _export(
     with torch.no_grad(), slim.submodel(chosen):
         diff = float((again(batch) - model(batch)).abs().max())
     record["reload_max_abs_diff"] = diff
-    written = json.loads((folder / "export.json").read_text())  # + the model's digest
-    atomic_write_json(folder / "export.json", {**written, "reload_max_abs_diff": diff})
+    _add_to_record(folder, {"reload_max_abs_diff": diff})
     if not diff <= 1e-4:
         raise ValueError(
             f"the reloaded export in {folder} differs from the slimmed model by {diff:.3g} "
@@ -571,9 +568,7 @@ def export_skipping_run(
         ValueError: a run that did not finish its search (no skipped layers yet), or
             ``large_batch`` / ``repeats`` below 1.
     """
-    if large_batch < 1 or repeats < 1:
-        raise ValueError(f"--large-batch and --repeats must be at least 1, got {large_batch} "
-                         f"and {repeats}.")  # fmt: skip
+    _check_timing(large_batch, repeats)
     from vlcompress.callbacks import ArchitectureSkipping
     from vlcompress.compress.adapters import install_adapters
     from vlcompress.models.anatomy import anatomy_of
@@ -646,8 +641,16 @@ def export_skipping_run(
     return {"export": folder, "record": record}
 
 
+def _check_timing(large_batch: int, repeats: int) -> None:
+    """Refuse latency settings below 1 (before any work)."""
+    if large_batch < 1 or repeats < 1:
+        raise ValueError(f"--large-batch and --repeats must be at least 1, got {large_batch} "
+                         f"and {repeats}.")  # fmt: skip
+
+
 def _add_to_record(folder: Path, extra: dict[str, Any]) -> None:
-    """Merge ``extra`` into the export's ``export.json`` (atomically)."""
+    """Merge ``extra`` into the export's ``export.json`` (atomically; the digest and the
+    record written with the model stay)."""
     atomic_write_json(folder / "export.json",
                       {**json.loads((folder / "export.json").read_text()), **extra})  # fmt: skip
 
@@ -663,13 +666,14 @@ def _paired_latency(
         with torch.inference_mode():
             times = interleaved_latency({"full": lambda b=b: full(b),
                                          "exported": lambda b=b: small(b)}, repeats)  # fmt: skip
-        row: dict[str, Any] = {"submodel": f"batch {size}"}
+        row: dict[str, Any] = {}
         for k, v in times.items():
             row.update(latency_columns(k, v))
         row["ratio"] = round(row["exported_ms"] / row["full_ms"], 4)
         row["threads"] = torch.get_num_threads()
         out[f"batch_{size}"] = row
-    problems = latency_spread_problems(out.values(), keys=("full_ms", "exported_ms"))
+    named = [{"submodel": k.replace("_", " "), **v} for k, v in out.items()]
+    problems = latency_spread_problems(named, keys=("full_ms", "exported_ms"))
     if problems:
         log.warning("export latency: %s", noisy_latency_message(problems))
     return out
