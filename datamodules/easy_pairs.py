@@ -159,6 +159,11 @@ class EasyPairsOptions(EasyVQAOptions):
             raise ValueError(
                 "easy_pairs serves image pairs as pixels; set data.options.visual_features: pixels."
             )
+        if self.balance_answers:
+            raise ValueError(
+                "easy_pairs statements are True and False equally often by construction: "
+                "balance_answers does not apply; drop it."
+            )
 
 
 def generate_pairs(

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from vlcompress.data import (
 )
 from vlcompress.data.clip_grid import cell_boxes
 from vlcompress.data.contract import TEXT_ENCODINGS
+from vlcompress.data.sampler import balanced_weights
 from vlcompress.data.text import wordpiece_tokenizer
 from vlcompress.data.vqa_files import MissingInputsError, data_dir_problems, tokenizer_problems
 from vlcompress.options import choices, positive
@@ -71,6 +73,13 @@ def default_data_dir() -> Path:
             "data.options.data_dir to a folder holding answers.txt, train/ and test/."
         ) from e
     return Path(easy_vqa.__file__).parent / "data"
+
+
+def question_templates(questions: Sequence[str], content_words: frozenset[str]) -> list[str]:
+    """Each question lower-cased with its content words (the answers) blanked as ``_``:
+    "is there a red shape?" -> "is there a _ shape?"."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(content_words))) + r")\b")
+    return [pattern.sub("_", q.lower()) for q in questions]
 
 
 def question_type(question: str, content_words: frozenset[str], max_words: int = 3) -> str:
@@ -114,6 +123,12 @@ class EasyVQAOptions(VQADataOptions):
             different one per epoch, seeded by ``seed``, the epoch and the question: every
             easy-VQA question (a shape's kind and colour, whether one is there) has the same
             answer on the transformed image. Validation and test images are left as they are.
+        balance_answers: training questions are drawn (with replacement, seeded per epoch) so
+            that within each question template (the question with its answer words blanked:
+            "is there a _ shape?") every answer is equally likely, each template keeping its
+            share: the colour yes/no questions, "yes" 12% of the time as published, come half
+            the time "yes", so their prior no longer answers them. Validation and test keep the
+            published distribution.
     """
 
     text_encoding: str = field(default="words", metadata=choices(*TEXT_ENCODINGS))
@@ -122,6 +137,7 @@ class EasyVQAOptions(VQADataOptions):
     grid_image_size: int = positive(128)
     exclude_questions: str | None = None
     augment: bool = False
+    balance_answers: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -373,6 +389,7 @@ class EasyVQADataModule(VQADataModule):
             self._grid_boxes = torch.from_numpy(cell_boxes(side, side, 1, 1))
         self._image_index = torch.tensor(images, dtype=torch.long)
         self._answers = answers
+        self._templates = question_templates(questions, content)
         self._qtypes = [question_type(q, content) for q in questions]
         self._atypes = [
             "yes/no" if a in YES_NO else ("number" if a.isdigit() else "other") for a in answers
@@ -403,6 +420,16 @@ class EasyVQADataModule(VQADataModule):
             len(self.question_types), self.split_report["mean_tv_distance"],
         )  # fmt: skip
         self._ready = True
+
+    def train_weights(self) -> torch.Tensor | None:
+        """With ``balance_answers``: the training rows' weights, every answer of a question
+        template equally likely (:func:`balanced_weights`); otherwise ``None``."""
+        if not self.options.balance_answers:
+            return None
+        train = self.index["train"].tolist()
+        return balanced_weights(
+            [self._templates[i] for i in train], [self._answers[i] for i in train]
+        )
 
     # ------------------------------------------------------------------ batches
     def _augmented(self, rows: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

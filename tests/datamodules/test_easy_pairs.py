@@ -95,6 +95,8 @@ def test_bad_options_are_explained():
         EasyPairsDataModule(num_train=201)
     with pytest.raises(ValueError, match=r"exclude_questions does not apply"):
         EasyPairsDataModule(exclude_questions="^what")
+    with pytest.raises(ValueError, match=r"balance_answers does not apply"):
+        EasyPairsDataModule(balance_answers=True)
 
 
 def test_a_pair_run_end_to_end_and_single_image_models_are_refused(tmp_path, tiny_run):

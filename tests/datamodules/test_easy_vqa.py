@@ -138,3 +138,56 @@ def test_augment_turns_training_images_only_and_repeats_exactly():
     assert torch.equal(aug.batch_rows(test).visual, plain.batch_rows(test).visual)
     with pytest.raises(ValueError, match="augment transforms pixels"):
         EasyVQADataModule(augment=True, visual_features="efficientnet_grid")
+
+
+def test_balanced_weights_equalise_answers_within_each_group():
+    from vlcompress.data.sampler import balanced_weights
+
+    groups = ["a"] * 8 + ["b"] * 2
+    answers = ["yes"] * 2 + ["no"] * 6 + ["x", "y"]
+    w = balanced_weights(groups, answers)
+    assert float(w.sum()) == pytest.approx(10.0)  # each group keeps its share
+    assert float(w[:2].sum()) == pytest.approx(float(w[2:8].sum())) == pytest.approx(4.0)
+    assert float(w[8]) == float(w[9]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one group per answer"):
+        balanced_weights(["a"], [])
+
+
+def test_weighted_sampler_is_seeded_sharded_and_resumable():
+    weights = torch.tensor([0.0] * 10 + [1.0] * 10)
+    s = EpochShuffleSampler(20, seed=1, weights=weights)
+    s.set_epoch(3)
+    drawn = list(s)
+    assert len(drawn) == 20 and min(drawn) >= 10  # zero weight: never drawn; with replacement
+    assert list(s) == drawn
+    s.set_epoch(4)
+    assert list(s) != drawn
+    ranks = [EpochShuffleSampler(20, seed=1, rank=r, world_size=2, weights=weights) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(3)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(drawn)
+    resumed = EpochShuffleSampler(20, seed=1, position=lambda: 5, weights=weights)
+    resumed.set_epoch(3)
+    assert list(resumed) == drawn[5:]
+    with pytest.raises(ValueError, match="non-negative"):
+        EpochShuffleSampler(3, seed=0, weights=torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_balance_answers_draws_yes_and_no_equally_per_template(easy_vqa_dm):
+    from collections import Counter
+
+    from vlcompress.datamodules.easy_vqa import question_templates
+
+    dm = EasyVQADataModule(split="standard", balance_answers=True)
+    dm.setup()
+    assert easy_vqa_dm.train_weights() is None
+    sampler = dm.train_dataloader().sampler
+    sampler.set_epoch(0)
+    rows = dm.index["train"][np.asarray(list(sampler))]
+    assert len(rows) == len(dm.index["train"])
+    template = "is there a _ shape?"  # colours: "yes" 12% of the time as published
+    published = Counter(dm._answers[i] for i in dm.index["train"] if dm._templates[i] == template)
+    drawn = Counter(dm._answers[i] for i in rows if dm._templates[i] == template)
+    assert published["yes"] / sum(published.values()) < 0.2
+    assert 0.45 < drawn["yes"] / sum(drawn.values()) < 0.55
+    assert question_templates(["Is there a red shape?"], frozenset({"red"})) == [template]

@@ -259,11 +259,18 @@ class VQADataModule(L.LightningDataModule):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return int(done) * self.options.batch_size
 
+    def train_weights(self) -> torch.Tensor | None:
+        """Sampling weights of the training rows (``None``: each row once per epoch); a
+        module with an answer-balancing option returns them (see :func:`balanced_weights`)."""
+        return None
+
     def train_sampler(self, n: int) -> EpochShuffleSampler:
         """The training sampler over ``n`` examples: seeded per epoch, sharded over the ranks,
-        resumable in the middle of an epoch."""
+        resumable in the middle of an epoch, weighted by :meth:`train_weights`."""
         rank, world = self._ranks()
-        return EpochShuffleSampler(n, self.seed, rank, world, position=self._consumed)
+        return EpochShuffleSampler(
+            n, self.seed, rank, world, position=self._consumed, weights=self.train_weights()
+        )
 
     def eval_sampler(self, n: int) -> ShardSampler:
         """The validation / test sampler: this rank's shard, every example exactly once."""
