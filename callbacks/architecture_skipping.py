@@ -399,7 +399,7 @@ class ArchitectureSkipping(CompressionCallback):
         trainer = self._trainer
         global_step = int(trainer.global_step)
         if self._due_probe(trainer):  # once per optimiser step, before its first micro-batch
-            self._probe(step, args, kwargs)
+            self._probe(step)
         arms = self.gates.draw(self.generator(global_step, salt="train"))
         self._skip([self.gates.arms[i] for i in arms])
         try:
@@ -441,7 +441,23 @@ class ArchitectureSkipping(CompressionCallback):
                     skip = 0
                 yield batch
 
-    def _probe(self, step: Any, args: tuple, kwargs: dict) -> None:
+    def _probe(self, step: Any) -> None:
+        """Score ``probes`` skip sets on the next reward batch and update the gates. It runs on
+        its own random stream, seeded by the step: it neither draws from the global RNG
+        (the training stream goes on as without probes) nor depends on it. A model that draws
+        in its forward (ViLT orders its patches by ``torch.multinomial``) and a resumed run
+        whose reward stream starts a new data iterator (one draw) score the same."""
+        device = next(iter(self._trainer.lightning_module.parameters()), torch.empty(0)).device
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):
+            torch.random.default_generator.manual_seed(
+                self.generator(salt="probe-rng").initial_seed()
+            )
+            if device.type == "cuda":
+                torch.cuda.manual_seed(self.generator(salt="probe-rng-cuda").initial_seed())
+            self._scored_probe(step)
+
+    def _scored_probe(self, step: Any) -> None:
         trainer, pl_module = self._trainer, self._trainer.lightning_module
         if self.seed_compatible:  # the same (first) batch every time
             batch = next(self._reward_batches(start=0))

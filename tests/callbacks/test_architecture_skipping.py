@@ -314,3 +314,47 @@ def test_adapters_only_and_the_control_choices(tmp_path):
     assert len(picks) > 1  # seeded, not fixed
     with pytest.raises(ValueError, match="choose"):
         ArchitectureSkipping(choose="best")
+
+
+class NoisyToy(Toy):
+    """Draws from the global RNG in every forward, as ViLT does (its patches are ordered by
+    ``torch.multinomial``): the loss moves with the draw, the gradients do not."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-3 * torch.rand(())
+
+
+class DrawAt(lp.Callback):
+    """Consumes the global RNG once before training step ``at`` (as a resumed run's new data
+    iterator does)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at:
+            torch.rand(7)
+
+
+def test_probes_neither_depend_on_nor_consume_the_global_rng(tmp_path):
+    histories, states = [], []
+    for extra in ([], [DrawAt(STEPS + 1)]):
+        cb = _callback()
+        trainer = lp.Trainer(
+            **trainer_kwargs(tmp_path, max_epochs=2, num_sanity_val_steps=0),
+            callbacks=[cb, *extra],
+        )
+        torch.manual_seed(5)
+        trainer.fit(NoisyToy())
+        histories.append(cb.report()["gate_history"])
+        states.append(torch.get_rng_state())
+    assert len(histories[0]) == STEPS + 1
+    assert histories[0] == histories[1]  # the extra draw did not move a single gate
+    # probes leave the training stream alone: with fewer probes, the same RNG state at the end
+    cb = _callback(interval=STEPS + 5)  # warm-up only, then one probe per search epoch
+    trainer = lp.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, num_sanity_val_steps=0), callbacks=[cb]
+    )
+    torch.manual_seed(5)
+    trainer.fit(NoisyToy())
+    assert torch.equal(torch.get_rng_state(), states[0])
